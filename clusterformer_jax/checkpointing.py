@@ -1,0 +1,143 @@
+"""Orbax checkpoints holding the train state and the grain iterator position together.
+
+A checkpoint directory (``<workdir>/checkpoints``) contains numbered steps, each with two items:
+'state' (the sharded train state) and 'data' (every process's grain iterator state). Restoring both makes
+a restarted run continue bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+STATE = 'state'
+DATA = 'data'
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, 'checkpoints')
+
+
+class Checkpointer:
+  """Async, keep-last-N CheckpointManager over the items ('state', 'data')."""
+
+  def __init__(
+      self,
+      directory: str,
+      *,
+      max_to_keep: int | None = 3,
+      save_interval_steps: int = 1000,
+      async_save: bool = True,
+      read_only: bool = False,
+  ):
+    self.directory = os.fspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,
+        save_interval_steps=max(int(save_interval_steps), 1),
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    """True at the configured save interval (and whenever Orbax would save anyway)."""
+    return self._manager.should_save(step)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once the cluster has signalled a preemption (synchronised by JAX)."""
+    return self._manager.reached_preemption(step)
+
+  def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False) -> bool:
+    """Starts saving ``state`` (and the iterator position) at ``step``; returns whether a save started.
+
+    The device-to-host copy finishes before this returns, so ``state`` may be donated right after.
+    """
+    items = {STATE: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info('Checkpoint of step %d started in %s', step, self.directory)
+    return saved
+
+  def has_item(self, step: int, item: str) -> bool:
+    return epath.Path(self.directory, str(step), item).exists()
+
+  def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> Any:
+    """Restores the state onto the shardings of ``abstract_state`` (ShapeDtypeStructs with sharding).
+
+    The iterator is restored in place when given and the checkpoint holds one.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None and self.has_item(step, DATA):
+      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info('Restored step %d from %s', step, self.directory)
+    return restored[STATE]
+
+  def restore_subtree(self, abstract_subtree: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+    """Restores only the top-level state fields in ``abstract_subtree`` (e.g. {'params': ...})."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+    args = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
+    return self._manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+
+  def item_shapes(self, step: int) -> Any:
+    """The stored state's tree with each array replaced by its shape tuple."""
+    metadata = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), STATE))
+    tree = getattr(metadata, 'item_metadata', metadata)
+    tree = getattr(tree, 'tree', tree)
+    return jax.tree.map(lambda m: tuple(m.shape), tree)
+
+  def wait(self) -> None:
+    """Blocks until every pending asynchronous save is committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def locate(path: str) -> tuple[str, int | None]:
+  """Splits a user-given checkpoint path into (manager directory, step).
+
+  Accepts a run's workdir (uses its 'checkpoints'), a checkpoints directory (latest step) or one step's
+  directory ('.../checkpoints/1200').
+  """
+  path = os.fspath(path).rstrip('/')
+  p = epath.Path(path)
+  if (p / STATE).exists() and p.name.isdigit():
+    return os.fspath(p.parent), int(p.name)
+  if (p / 'checkpoints').exists():
+    return os.fspath(p / 'checkpoints'), None
+  return path, None
+
+
+def open_readonly(path: str) -> tuple[Checkpointer, int]:
+  """A read-only Checkpointer on ``path`` (see ``locate``) and the step to restore."""
+  directory, step = locate(path)
+  if not epath.Path(directory).exists():
+    raise FileNotFoundError(f'checkpoint path {path!r} does not exist')
+  ckpt = Checkpointer(directory, async_save=False, read_only=True, max_to_keep=None)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint found under {path!r}')
+  return ckpt, step

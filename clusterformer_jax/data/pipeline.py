@@ -1,0 +1,383 @@
+"""Input pipeline: tfds array_record data sources read with grain.
+
+The trainer calls `get_dataset_info`, `create_train_iterator` and
+`create_eval_iterator` with the `config.input` ConfigDict. Fields read (all
+optional except `dataset`):
+
+    dataset            'digits' | 'imagenet2012'.
+    data_dir           tfds data dir; None -> tfds default (`$TFDS_DATA_DIR` or
+                                          `~/tensorflow_datasets`). `~` is expanded.
+    manual_dir         imagenet2012 only: directory holding
+                                          ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.
+                                          None -> the dataset must already be prepared.
+    train_split        default 'train'. tfds slicing ('train[:99%]') works.
+    eval_split         default 'test' (digits) / 'validation' (imagenet2012).
+    image_size         output height = width; default 32 (digits) / 224.
+    train_augment      'inception_crop' (RandomResizedCrop, scale (0.08, 1)) or
+                                          'resize' (plain resize to image_size); default 'resize'
+                                          (digits) / 'inception_crop'. Eval uses a plain resize when
+                                          this is 'resize', else shorter-side resize + centre crop.
+    eval_crop_pct      default 0.875 (ClusterFormer recipe: 224 / 248).
+    resize_method      'bicubic' (default) | 'bilinear'.
+    hflip              random horizontal flip in training; default True
+                                          (imagenet2012) / False (digits, where True is an error).
+    randaugment        None (default) or a timm spec like 'rand-m9-mstd0.5-inc1'.
+    random_erase_prob  default 0.0 (off); mode 'rand', area (0.02, 1/3).
+    mean, std          per-channel, 0..255 scale; default ImageNet
+                                          (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375).
+    num_threads        grain reader threads per process; default 2.
+    prefetch_buffer_size  elements prefetched by grain; default 2 * local batch.
+
+Elements are `{'image': float32 (B, H, W, 3), 'label': int32 (B,)}` (plus
+`'mask': float32 (B,)` in eval), with B = global_batch_size // process_count.
+
+Preparing ImageNet (once, before training; needs the two ILSVRC2012 tars):
+
+    python -m clusterformer_jax.data.pipeline --dataset=imagenet2012 \
+            --data_dir=DATA_DIR --manual_dir=MANUAL_DIR
+
+(`tfds build` would do the same but its CLI needs apache_beam.) If the
+dataset is missing and `manual_dir` is set, the pipeline prepares it itself;
+on a multi-host job prepare it beforehand so hosts do not race.
+
+Records that fail to read or decode are skipped (train) or masked out (eval),
+counted in `skipped_examples()` and logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from clusterformer_jax.data import digits as digits_lib
+from clusterformer_jax.data import transforms as T
+
+_log = logging.getLogger(__name__)
+
+DATASETS = ('digits', 'imagenet2012')
+_DEFAULTS: dict[str, dict[str, Any]] = {
+        'digits': dict(
+                eval_split='test', image_size=32, train_augment='resize', hflip=False
+        ),
+        'imagenet2012': dict(
+                eval_split='validation', image_size=224, train_augment='inception_crop', hflip=True
+        ),
+}
+# Consecutive unreadable records after which the split is declared broken.
+_MAX_CONSECUTIVE_FAILURES = 1000
+
+_skip_lock = threading.Lock()
+_skipped = 0
+
+
+def skipped_examples() -> int:
+    """Number of records skipped in this process because they failed to load."""
+    return _skipped
+
+
+def _dataset_name(cfg: Mapping[str, Any]) -> str:
+    name = cfg.get('dataset')
+    if name not in DATASETS:
+        raise ValueError(
+                f'Unknown dataset {name!r} (data_dir={cfg.get("data_dir")!r}); set'
+                f' config.input.dataset to one of {", ".join(DATASETS)}.'
+        )
+    return name
+
+
+def _field(cfg: Mapping[str, Any], name: str, default: Any = None) -> Any:
+    """`cfg[name]`, else the dataset's default, else `default`."""
+    value = cfg.get(name)
+    if value is not None:
+        return value
+    return _DEFAULTS[_dataset_name(cfg)].get(name, default)
+
+
+def _prepare_command(cfg: Mapping[str, Any]) -> str:
+    return (
+            f'python -m clusterformer_jax.data.pipeline --dataset={cfg["dataset"]}'
+            f' --data_dir={cfg.get("data_dir") or "DATA_DIR"}'
+            + (' --manual_dir=MANUAL_DIR' if cfg['dataset'] == 'imagenet2012' else '')
+    )
+
+
+def _data_dir(cfg: Mapping[str, Any]) -> str | None:
+    data_dir = cfg.get('data_dir')
+    return os.path.expanduser(data_dir) if data_dir else None
+
+
+def _builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
+    """Returns the prepared (array_record) builder for `cfg.dataset`."""
+    name = _dataset_name(cfg)
+    data_dir = _data_dir(cfg)
+    if name == 'digits':
+        return digits_lib.prepare_digits(data_dir)
+    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    if not builder.is_prepared():
+        manual_dir = cfg.get('manual_dir')
+        if not manual_dir:
+            raise ValueError(
+                    f'Dataset {name!r} is not prepared in {builder.data_dir} and'
+                    f' config.input.manual_dir is unset; run: {_prepare_command(cfg)}'
+            )
+        builder.download_and_prepare(
+                file_format='array_record',
+                download_config=tfds.download.DownloadConfig(
+                        manual_dir=os.path.expanduser(manual_dir)
+                ),
+        )
+    return builder
+
+
+def _num_examples(builder: tfds.core.DatasetBuilder, cfg: Mapping[str, Any], split: str) -> int:
+    try:
+        num = builder.info.splits[split].num_examples
+    except (KeyError, ValueError, TypeError):
+        num = 0
+    if not num:
+        raise ValueError(
+                f'Split {split!r} of dataset {cfg["dataset"]!r} is missing or empty in'
+                f' {builder.data_dir} (available: {", ".join(builder.info.splits)});'
+                f' prepare it with: {_prepare_command(cfg)}'
+        )
+    return num
+
+
+class _DecodedSource:
+    """Random-access source yielding decoded `{'image', 'label'}` or None.
+
+    tfds data sources decode on `__getitem__`; a record that fails to read or
+    decode becomes None (grain drops Nones) and is counted and logged. Many
+    failures in a row mean the split itself is unreadable, which is raised.
+    """
+
+    def __init__(self, source: Any, description: str):
+        self._source = source
+        self._description = description
+        self._decode = T.DecodeImage()
+        self._consecutive_failures = 0
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        global _skipped
+        try:
+            element = self._decode.map(self._source[index])
+        except Exception as e:  # pylint: disable=broad-except
+            with _skip_lock:
+                _skipped += 1
+                self._consecutive_failures += 1
+                count, consecutive = _skipped, self._consecutive_failures
+            if consecutive >= _MAX_CONSECUTIVE_FAILURES:
+                raise RuntimeError(
+                        f'{consecutive} consecutive records of {self._description} failed to load'
+                ) from e
+            if count <= 20 or count % 1000 == 0:
+                _log.warning(
+                        'Skipping record %d of %s (%d skipped so far): %s: %s',
+                        index, self._description, count, type(e).__name__, e,
+                )
+            return None
+        self._consecutive_failures = 0
+        return element
+
+
+def _open_split(cfg: Mapping[str, Any], split: str) -> _DecodedSource:
+    builder = _builder(cfg)
+    _num_examples(builder, cfg, split)
+    source = builder.as_data_source(split)
+    return _DecodedSource(source, f'{cfg["dataset"]}:{split} in {builder.data_dir}')
+
+
+def _process_layout(
+        global_batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
+    """Returns (process_index, process_count, local_batch)."""
+    if process_index is None or process_count is None:
+        import jax  # Only needed when the caller does not say.
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+                f'global_batch_size {global_batch_size} must be a positive multiple of'
+                f' process_count {process_count}'
+        )
+    return process_index, process_count, global_batch_size // process_count
+
+
+def _read_options(cfg: Mapping[str, Any], local_batch: int) -> grain.ReadOptions:
+    return grain.ReadOptions(
+            num_threads=int(_field(cfg, 'num_threads', 2)),
+            prefetch_buffer_size=int(_field(cfg, 'prefetch_buffer_size', 2 * local_batch)),
+    )
+
+
+def _check_config(cfg: Mapping[str, Any]) -> None:
+    if _dataset_name(cfg) == 'digits' and _field(cfg, 'hflip'):
+        raise ValueError('hflip must be False for digits (mirrored digits change meaning).')
+    augment = _field(cfg, 'train_augment')
+    if augment not in ('inception_crop', 'resize'):
+        raise ValueError(f"train_augment must be 'inception_crop' or 'resize', got {augment!r}")
+
+
+def train_transforms(cfg: Mapping[str, Any]) -> T.Compose:
+    """The per-example training transform for `cfg` (uint8 in, float32 out)."""
+    _check_config(cfg)
+    size = int(_field(cfg, 'image_size'))
+    method = _field(cfg, 'resize_method', 'bicubic')
+    mean = tuple(_field(cfg, 'mean', T.IMAGENET_MEAN))
+    steps: list[Any] = []
+    if _field(cfg, 'train_augment') == 'inception_crop':
+        steps.append(T.RandomResizedCrop(size, method=method))
+    else:
+        steps.append(T.Resize(size, method=method))
+    if _field(cfg, 'hflip'):
+        steps.append(T.RandomHorizontalFlip(0.5))
+    spec = _field(cfg, 'randaugment')
+    if spec:
+        fill = tuple(int(round(m)) for m in mean)
+        steps.append(T.RandAugment.from_string(spec, fill=fill, method=method))
+    steps.append(T.Normalize(mean, _field(cfg, 'std', T.IMAGENET_STD)))
+    erase_prob = float(_field(cfg, 'random_erase_prob', 0.0))
+    if erase_prob > 0:
+        steps.append(T.RandomErasing(erase_prob, mode='rand'))
+    return T.Compose(steps)
+
+
+def eval_transforms(cfg: Mapping[str, Any]) -> T.Compose:
+    """The deterministic eval transform for `cfg` (uint8 in, float32 out)."""
+    _check_config(cfg)
+    size = int(_field(cfg, 'image_size'))
+    method = _field(cfg, 'resize_method', 'bicubic')
+    if _field(cfg, 'train_augment') == 'resize':
+        resize = T.Resize(size, method=method)
+    else:
+        resize = T.ResizeShorterCenterCrop(size, float(_field(cfg, 'eval_crop_pct', 0.875)), method)
+    normalize = T.Normalize(_field(cfg, 'mean', T.IMAGENET_MEAN), _field(cfg, 'std', T.IMAGENET_STD))
+    return T.Compose([resize, normalize])
+
+
+def get_dataset_info(config: Mapping[str, Any]) -> dict[str, int]:
+    """Returns {'num_classes', 'num_train', 'num_eval', 'image_size'} (global counts)."""
+    builder = _builder(config)
+    return {
+            'num_classes': int(builder.info.features['label'].num_classes),
+            'num_train': _num_examples(builder, config, _field(config, 'train_split', 'train')),
+            'num_eval': _num_examples(builder, config, _field(config, 'eval_split')),
+            'image_size': int(_field(config, 'image_size')),
+    }
+
+
+def _seeds(seed: int, process_index: int) -> tuple[int, int]:
+    """Independent 32-bit (shuffle, augmentation) seeds for this process."""
+    state = np.random.SeedSequence([seed, process_index]).generate_state(2)
+    return int(state[0]), int(state[1])
+
+
+def create_train_iterator(
+        config: Mapping[str, Any],
+        *,
+        seed: int,
+        global_batch_size: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+) -> grain.DatasetIterator:
+    """Infinite, checkpointable iterator of augmented training batches for this process.
+
+    Process p reads examples p, p + P, p + 2P, ... of the train split, reshuffled
+    every epoch from (seed, p); augmentation randomness is a function of
+    (seed, p, element position), so `get_state`/`set_state` resume exactly.
+    """
+    pi, pc, local_batch = _process_layout(global_batch_size, process_index, process_count)
+    transform = train_transforms(config)
+    source = _open_split(config, _field(config, 'train_split', 'train'))
+    shuffle_seed, augment_seed = _seeds(seed, pi)
+    ds = grain.MapDataset.source(source)[pi::pc]
+    ds = ds.shuffle(seed=shuffle_seed).repeat()
+    # Unreadable records are None here; to_iter_dataset drops them.
+    ds = ds.random_map(transform, seed=augment_seed)
+    it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
+    it_ds = it_ds.batch(local_batch, drop_remainder=True)
+    it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=2)
+    return iter(it_ds)
+
+
+class _EvalElement(grain.transforms.Map):
+    """Maps a local eval position to a transformed, masked example (or padding)."""
+
+    def __init__(self, source: _DecodedSource, process_index: int, process_count: int,
+                              transform: T.Compose, image_size: int):
+        self._source = source
+        self._num = len(source)
+        self._pi = process_index
+        self._pc = process_count
+        self._transform = transform
+        self._size = image_size
+
+    def map(self, position: int) -> dict[str, np.ndarray]:
+        index = self._pi + position * self._pc
+        element = self._source[index] if index < self._num else None
+        if element is None:  # Padding, or a record that failed to load.
+            return {
+                    'image': np.zeros((self._size, self._size, 3), np.float32),
+                    'label': np.int32(0),
+                    'mask': np.float32(0.0),
+            }
+        element = self._transform.map(element)
+        return {'image': element['image'], 'label': element['label'], 'mask': np.float32(1.0)}
+
+
+def create_eval_iterator(
+        config: Mapping[str, Any],
+        *,
+        global_batch_size: int,
+        process_index: int | None = None,
+        process_count: int | None = None,
+) -> grain.IterDataset:
+    """One pass over the eval split for this process, as full, masked batches.
+
+    Process p takes examples p, p + P, ...; every process yields
+    ceil(ceil(N / P) / local_batch) batches, padded with zero rows of mask 0, so
+    the masks over all processes sum to N (minus unreadable records). Each
+    `iter()` of the result starts a fresh pass.
+    """
+    pi, pc, local_batch = _process_layout(global_batch_size, process_index, process_count)
+    transform = eval_transforms(config)
+    source = _open_split(config, _field(config, 'eval_split'))
+    per_process = math.ceil(len(source) / pc)
+    num_batches = math.ceil(per_process / local_batch)
+    element = _EvalElement(source, pi, pc, transform, int(_field(config, 'image_size')))
+    ds = grain.MapDataset.range(num_batches * local_batch).map(element)
+    it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
+    return it_ds.batch(local_batch, drop_remainder=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Prepares a dataset in array_record format (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument('--dataset', required=True, choices=DATASETS)
+    parser.add_argument('--data_dir', default=None)
+    parser.add_argument('--manual_dir', default=None)
+    args = parser.parse_args(argv)
+    cfg = {'dataset': args.dataset, 'data_dir': args.data_dir, 'manual_dir': args.manual_dir}
+    builder = _builder(cfg)
+    print(f'{builder.info.full_name} ready in {builder.data_dir}:')
+    for name, split in builder.info.splits.items():
+        print(f'  {name}: {split.num_examples} examples')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,345 @@
+"""The clustering token mixer of ClusterFormer: center init, recurrent EM cross-attention, dispatch.
+
+One module covers the paper (Eq. 3, 5, 6) and the released PyTorch code (commit 0c384d2 and the later
+"flash attention" commit) through config fields; see ``ClusteringMixer``.
+
+Tensor conventions. Activations are NHWC. Inside the mixer every (image, head, window) triple is a
+*group*; group tensors are ``(G, N, e)``: G groups, N = n*n tokens (or K centers), e = head_dim channels,
+in "proper" order (token-major, channels last).
+
+The released code works in NCHW and moves between channel-first ``(G, e, n, n)`` buffers and token-major
+``(G, N, e)`` views with raw C-order reshapes instead of transposes (seed_systems.md §2.4). With
+``partition='raw'`` those reshapes are reproduced exactly by ``_scramble`` / ``_unscramble`` and by a raw
+window split, so an imported checkpoint computes the same numbers as the original. With
+``partition='spatial'`` windows are true spatial windows and no scrambling happens (the paper's design).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+ESTEP_AXES = ("clusters", "tokens")
+MSTEPS = ("sum", "mean")
+DISPATCHES = ("official", "paper")
+PARTITIONS = ("raw", "spatial")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Initialisers matching PyTorch defaults (only matter when training from scratch).
+
+
+def torch_default_kernel_init() -> Callable:
+    """PyTorch's default Conv/Linear weight init: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int) -> Callable:
+    """PyTorch's default bias init U(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def pointwise(features: int, fan_in: int, name: str, dtype: Dtype) -> nn.Dense:
+    """A 1x1 convolution (PyTorch default init) expressed as a Dense layer over the channel axis."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=torch_default_kernel_init(),
+        bias_init=torch_default_bias_init(fan_in),
+        name=name,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adaptive average pooling with PyTorch's (possibly overlapping) bins.
+
+
+def adaptive_pool_bins(in_size: int, out_size: int) -> list[tuple[int, int]]:
+    """Half-open input ranges of PyTorch's AdaptiveAvgPool: bin i is [floor(i*I/O), ceil((i+1)*I/O))."""
+    return [
+        ((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)) for i in range(out_size)
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix whose row i averages bin i; pooling is then a matmul per axis."""
+    mat = np.zeros((out_size, in_size), np.float32)
+    for i, (start, stop) in enumerate(adaptive_pool_bins(in_size, out_size)):
+        mat[i, start:stop] = 1.0 / (stop - start)
+    return mat
+
+
+def adaptive_avg_pool(x: jax.Array, out_hw: Tuple[int, int]) -> jax.Array:
+    """Pools (G, h, w, e) to (G, out_h, out_w, e) exactly as torch.nn.AdaptiveAvgPool2d does."""
+    ph = jnp.asarray(adaptive_pool_matrix(x.shape[1], out_hw[0]), x.dtype)
+    pw = jnp.asarray(adaptive_pool_matrix(x.shape[2], out_hw[1]), x.dtype)
+    return jnp.einsum("ih,jw,ghwe->gije", ph, pw, x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout helpers.
+
+
+def _scramble(t: jax.Array) -> jax.Array:
+    """Proper (G, L, e) -> the (G, L, e) view the released code gets by raw-reshaping (G, e, L)."""
+    g, l, e = t.shape
+    return jnp.swapaxes(t, 1, 2).reshape(g, l, e)
+
+
+def _unscramble(t: jax.Array) -> jax.Array:
+    """Inverse of ``_scramble``: raw (G, L, e) view -> proper (G, L, e)."""
+    g, l, e = t.shape
+    return jnp.swapaxes(t.reshape(g, e, l), 1, 2)
+
+
+def _flash_regroup(t: jax.Array, heads: int) -> jax.Array:
+    """The flash commit raw-reshapes (G, L, e) to (G/h, L, h, e) and attends per (G/h, h) slice."""
+    g, l, e = t.shape
+    return t.reshape(g // heads, l, heads, e).transpose(0, 2, 1, 3).reshape(g, l, e)
+
+
+def _flash_ungroup(t: jax.Array, heads: int) -> jax.Array:
+    g, l, e = t.shape
+    return t.reshape(g // heads, heads, l, e).transpose(0, 2, 1, 3).reshape(g, l, e)
+
+
+def window_partition(
+    x: jax.Array, heads: int, windows: int, partition: str
+) -> jax.Array:
+    """(B, H, W, heads*e) -> (B*heads*windows**2, n, n, e) with n = H / windows.
+
+    ``spatial`` cuts true n x n windows. ``raw`` reproduces the released code: per (image, head) the
+    channel-first (e, H, W) buffer is cut into ``windows**2`` contiguous chunks, each read as (e, n, n).
+    """
+    b, h, w, c = x.shape
+    e = c // heads
+    n_h, n_w = h // windows, w // windows
+    if partition == "spatial":
+        x = x.reshape(b, windows, n_h, windows, n_w, heads, e)
+        x = x.transpose(0, 5, 1, 3, 2, 4, 6)
+        return x.reshape(b * heads * windows * windows, n_h, n_w, e)
+    x = x.reshape(b, h, w, heads, e).transpose(0, 3, 4, 1, 2)  # (B, heads, e, H, W)
+    x = x.reshape(b * heads * windows * windows, e, n_h, n_w)  # raw chunks
+    return x.transpose(0, 2, 3, 1)
+
+
+def window_merge(
+    x: jax.Array, batch: int, heads: int, windows: int, partition: str
+) -> jax.Array:
+    """Inverse of ``window_partition``: (B*heads*windows**2, n, n, e) -> (B, H, W, heads*e)."""
+    _, n_h, n_w, e = x.shape
+    h, w = n_h * windows, n_w * windows
+    if partition == "spatial":
+        x = x.reshape(batch, heads, windows, windows, n_h, n_w, e)
+        x = x.transpose(0, 2, 4, 3, 5, 1, 6)
+        return x.reshape(batch, h, w, heads * e)
+    x = x.transpose(0, 3, 1, 2).reshape(batch, heads, e, h, w)
+    return x.transpose(0, 3, 4, 1, 2).reshape(batch, h, w, heads * e)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """torch.nn.functional.normalize: x / max(||x||, eps)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recurrent EM cross-attention (Eq. 3).
+
+
+class EMStep(nn.Module):
+    """One E-step + M-step. Used as the body of an ``nn.scan`` whose parameters are broadcast.
+
+    Carry: the centers in proper (G, K, e) layout. ``keys`` and ``values`` are already in the E-step
+    layout (scrambled / regrouped when reproducing the released code).
+    """
+
+    head_dim: int
+    heads: int
+    estep_axis: str = "clusters"
+    mstep: str = "sum"
+    query_proj: bool = True
+    raw_layout: bool = False
+    dtype: Dtype = jnp.float32
+
+    def _to_estep(self, c: jax.Array) -> jax.Array:
+        if not self.raw_layout:
+            return c
+        c = _scramble(c)
+        return _flash_regroup(c, self.heads) if self.estep_axis == "tokens" else c
+
+    def _from_estep(self, c: jax.Array) -> jax.Array:
+        if not self.raw_layout:
+            return c
+        if self.estep_axis == "tokens":
+            c = _flash_ungroup(c, self.heads)
+        return _unscramble(c)
+
+    @nn.compact
+    def __call__(self, centers, keys, values):
+        q = centers
+        if self.query_proj:
+            q = pointwise(self.head_dim, self.head_dim, "conv_c", self.dtype)(q)
+        q = self._to_estep(q)
+        logits = jnp.einsum("gke,gne->gkn", q, keys, preferred_element_type=jnp.float32)
+        if self.estep_axis == "clusters":
+            assign = jax.nn.softmax(logits, axis=1)  # over the K centers (Eq. 3, commit 0c384d2)
+        else:
+            assign = jax.nn.softmax(logits * self.head_dim**-0.5, axis=2)  # over tokens (flash commit)
+        new = jnp.einsum("gkn,gne->gke", assign.astype(values.dtype), values)
+        if self.mstep == "mean":
+            mass = jnp.sum(assign, axis=2, keepdims=True)
+            new = new / jnp.maximum(mass, 1e-6).astype(new.dtype)
+        return self._from_estep(new), None
+
+
+def em_scan(num_iters: int, **step_kwargs) -> nn.Module:
+    """T EM steps as one ``nn.scan`` sharing a single set of weights across iterations."""
+    scanned = nn.scan(
+        EMStep,
+        variable_broadcast="params",
+        split_rngs={"params": False},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=num_iters,
+    )
+    return scanned(**step_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The token mixer.
+
+
+class ClusteringMixer(nn.Module):
+    """Clustering token mixer: (B, H, W, dim) -> ((B, H, W, dim), centers (B, windows**2 * K, heads*e)).
+
+    Fields:
+      heads, head_dim: multi-head split; inner width = heads * head_dim (Table 6d ablates head_dim).
+      windows: window count per side (1 = the whole map). Must divide H and W.
+      centers: (kh, kw) centers per window, initialised by adaptive average pooling (K = kh*kw).
+      num_iters: T, the EM iterations of one shared-weight ``nn.scan``.
+      estep_axis: 'clusters' (softmax over K, no scaling, Eq. 3 / commit 0c384d2) or 'tokens'
+        (softmax over tokens with 1/sqrt(head_dim), the later flash commit).
+      query_proj: project centers with a shared e->e layer (``conv_c``) before each E-step.
+      mstep: 'sum' (Eq. 3: C = M V) or 'mean' (divided by each center's assignment mass).
+      center_ffn: apply Eq. 5's FFN to the pooled initial centers.
+      dispatch: 'official' (sigmoid(alpha*cos+beta), hard argmax, count+1 normalised aggregation of
+        value features) or 'paper' (Eq. 6: similarity-weighted centers / K through an MLP).
+      partition: 'raw' (the released code's reshapes, for numerical parity) or 'spatial'.
+    """
+
+    dim: int
+    heads: int
+    head_dim: int = 32
+    windows: int = 1
+    centers: Tuple[int, int] = (10, 10)
+    num_iters: int = 3
+    estep_axis: str = "clusters"
+    query_proj: bool = True
+    mstep: str = "sum"
+    center_ffn: bool = False
+    dispatch: str = "official"
+    partition: str = "raw"
+    dtype: Dtype = jnp.float32
+
+    def _check(self, h: int, w: int) -> None:
+        for field, value, allowed in (
+            ("estep_axis", self.estep_axis, ESTEP_AXES),
+            ("mstep", self.mstep, MSTEPS),
+            ("dispatch", self.dispatch, DISPATCHES),
+            ("partition", self.partition, PARTITIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model field {field}={value!r} is not one of {allowed}")
+        if self.num_iters < 1:
+            raise ValueError(f"model field num_iters={self.num_iters} must be >= 1")
+        if h % self.windows or w % self.windows:
+            raise ValueError(
+                f"a {h}x{w} feature map is not divisible by window count {self.windows}; "
+                "choose window_counts that divide every stage's size (e.g. [8,4,2,1] for 224 inputs)"
+            )
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        b, h, w, _ = x.shape
+        self._check(h, w)
+        e, heads = self.head_dim, self.heads
+        inner = heads * e
+        raw = self.partition == "raw"
+        windows = self.windows if self.windows > 1 else 1
+
+        q = pointwise(inner, self.dim, "conv1", self.dtype)(x)
+        v = pointwise(inner, self.dim, "conv_v", self.dtype)(x)
+        f = pointwise(inner, self.dim, "conv_f", self.dtype)(x)
+        q, v, f = (window_partition(t, heads, windows, self.partition) for t in (q, v, f))
+        g, n_h, n_w, _ = q.shape
+        kh, kw = self.centers
+        num_centers = kh * kw
+
+        centers = adaptive_avg_pool(q, (kh, kw)).reshape(g, num_centers, e)
+        center_values = adaptive_avg_pool(f, (kh, kw)).reshape(g, num_centers, e)
+        if self.center_ffn:  # Eq. 5: C0 = FFN(AdaptivePool_K(I))
+            hidden = nn.Dense(4 * e, dtype=self.dtype, name="center_ffn_fc1")(centers)
+            centers = nn.Dense(e, dtype=self.dtype, name="center_ffn_fc2")(
+                nn.gelu(hidden, approximate=False)
+            )
+
+        tokens = lambda t: t.reshape(g, n_h * n_w, e)  # noqa: E731
+        layout = _scramble if raw else (lambda t: t)
+        q_tok = tokens(q)
+        keys, values = layout(tokens(v)), layout(tokens(f))
+
+        em_keys, em_values = keys, values
+        if raw and self.estep_axis == "tokens":
+            em_keys, em_values = _flash_regroup(keys, heads), _flash_regroup(values, heads)
+        centers, _ = em_scan(
+            self.num_iters,
+            head_dim=e,
+            heads=heads,
+            estep_axis=self.estep_axis,
+            mstep=self.mstep,
+            query_proj=self.query_proj,
+            raw_layout=raw,
+            dtype=self.dtype,
+            name="em",
+        )(centers, em_keys, em_values)
+
+        alpha = self.param("sim_alpha", nn.initializers.ones, (1,))
+        beta = self.param("sim_beta", nn.initializers.zeros, (1,))
+        cos = jnp.einsum(
+            "gke,gne->gkn",
+            l2_normalize(centers.astype(jnp.float32)),
+            l2_normalize(q_tok.astype(jnp.float32)),
+        )
+        sim = jax.nn.sigmoid(beta + alpha * cos)  # (G, K, N)
+
+        if self.dispatch == "official":
+            mask = jax.nn.one_hot(jnp.argmax(sim, axis=1), num_centers, axis=1, dtype=sim.dtype)
+            sim = (sim * mask).astype(values.dtype)
+            agg = jnp.einsum("gkn,gne->gke", sim, values) + layout(center_values)
+            agg = agg / (jnp.sum(mask, axis=2, keepdims=True) + 1.0).astype(agg.dtype)
+            out = jnp.einsum("gkn,gke->gne", sim, agg)
+            out = _unscramble(out) if raw else out
+        else:  # Eq. 6: (1/K) sum_k sim(C_k, p_i) C_k, then an MLP (dispatch_fc -> GELU -> conv2)
+            out = jnp.einsum("gkn,gke->gne", sim.astype(centers.dtype), centers) / num_centers
+
+        out = window_merge(out.reshape(g, n_h, n_w, e), b, heads, windows, self.partition)
+        if self.dispatch == "paper":
+            out = nn.gelu(pointwise(inner, inner, "dispatch_fc", self.dtype)(out), approximate=False)
+        out = pointwise(self.dim, inner, "conv2", self.dtype)(out)
+
+        centers_out = centers.reshape(b, heads, windows * windows * num_centers, e)
+        centers_out = centers_out.transpose(0, 2, 1, 3).reshape(b, -1, inner)
+        return out, centers_out

@@ -1,0 +1,94 @@
+"""The ClusterFormer ImageNet-1k recipes, shared by clusterformer_{tiny,small}_imagenet.py.
+
+'paper' (default): the paper's recipe (Swin/DeiT style) - AdamW lr 1e-3 at batch 1024, weight decay 0.05
+(not on biases/norms), 300 epochs, 20 warmup epochs, cosine, gradient clipping 5.0, RandAugment
+rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0, label smoothing 0.1, inception crop +
+flip, eval resize 248 -> centre crop 224.
+
+'official': the released mmcls configs - AMSGrad AdamW, lr 1.25e-4 at batch 256 (tiny) / 1e-4 at batch 512
+(small), weight decay on every parameter, warmup from 1e-3 of the lr, cosine to 1e-4 (tiny) / 1e-2 (small)
+of it, no Mixup / CutMix / label smoothing, and the '_official' model preset.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+IMAGENET_EVAL_IMAGES = 50_000
+
+_OFFICIAL = {
+    # variant: (batch size, lr, min lr ratio)
+    'tiny': (256, 1.25e-4, 1e-4),
+    'small': (512, 1e-4, 1e-2),
+}
+
+
+def _common():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py')
+  spec = importlib.util.spec_from_file_location('clusterformer_configs_common', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def imagenet_config(variant: str, arg: str | None) -> ml_collections.ConfigDict:
+  """The recipe for model ``clusterformer_{variant}``; ``arg`` is None/'paper' or 'official'."""
+  recipe = (arg or 'paper').strip().lower()
+  if recipe not in ('paper', 'official'):
+    raise ValueError(f"config argument must be 'paper' or 'official', got {arg!r}")
+  config = _common().get_config()
+  config.model.name = f'clusterformer_{variant}'
+
+  config.input.dataset = 'imagenet2012'
+  config.input.train_split = 'train'
+  config.input.eval_split = 'validation'
+  config.input.image_size = 224
+  config.input.train_augment = 'inception_crop'
+  config.input.hflip = True
+  config.input.randaugment = 'rand-m9-mstd0.5-inc1'
+  config.input.random_erase_prob = 0.25
+  config.input.eval_crop_pct = 224 / 248
+  config.input.resize_method = 'bicubic'
+  config.input.num_threads = 16
+
+  config.batch_size = 1024
+  config.num_epochs = 300.0
+  config.num_train_steps = -1  # derived: epochs * 1,281,167 / batch_size
+  config.log_every_steps = 100
+  config.eval_every_steps = -1  # every epoch, over all 50,000 validation images
+  config.checkpoint.every_steps = 1000
+
+  config.optim.base_lr = 1e-3
+  config.optim.lr_base_batch_size = 1024
+  config.optim.warmup_epochs = 20.0
+  config.optim.warmup_start_ratio = 1e-3
+  config.optim.min_lr_ratio = 1e-2
+  config.optim.weight_decay = 0.05
+  config.optim.weight_decay_mask = 'no_bias_norm'
+  config.optim.grad_clip_norm = 5.0
+  config.optim.amsgrad = False
+
+  config.classification.label_smoothing = 0.1
+  config.classification.mixup_alpha = 0.8
+  config.classification.cutmix_alpha = 1.0
+  config.classification.mix_prob = 1.0
+  config.classification.switch_prob = 0.5
+
+  if recipe == 'official':
+    batch, lr, min_ratio = _OFFICIAL[variant]
+    config.model.name = f'clusterformer_{variant}_official'
+    config.batch_size = batch
+    config.optim.base_lr = lr
+    config.optim.lr_base_batch_size = batch
+    config.optim.amsgrad = True
+    config.optim.weight_decay_mask = 'all'
+    config.optim.min_lr_ratio = min_ratio
+    config.optim.warmup_start_ratio = 1e-3
+    config.classification.label_smoothing = 0.0
+    config.classification.mixup_alpha = 0.0
+    config.classification.cutmix_alpha = 0.0
+  return config

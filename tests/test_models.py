@@ -1,0 +1,237 @@
+"""ClusterFormer model tests: values against NumPy references, scan semantics, shapes, parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clusterformer_jax.models import clustering
+from clusterformer_jax.models.clusterformer import ClusterFormerBackbone
+from clusterformer_jax.models.registry import create_model, list_models
+from tests import reference_numpy as ref
+
+
+def _count(tree) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+def _abstract_params(model, size):
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, images))["params"]
+
+
+# ----------------------------------------------------------------------------- adaptive pooling
+
+
+@pytest.mark.parametrize(
+    "in_size,out_size,expected",
+    [
+        (7, 2, [(0, 4), (3, 7)]),
+        (7, 4, [(0, 2), (1, 4), (3, 6), (5, 7)]),
+        (7, 10, [(0, 1), (0, 2), (1, 3), (2, 3), (2, 4), (3, 5), (4, 5), (4, 6), (5, 7), (6, 7)]),
+        (8, 2, [(0, 4), (4, 8)]),
+    ],
+)
+def test_adaptive_pool_bins_follow_pytorch(in_size, out_size, expected):
+    assert clustering.adaptive_pool_bins(in_size, out_size) == expected
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((7, 7), (10, 10)), ((7, 5), (2, 4)), ((4, 4), (4, 4))])
+def test_adaptive_avg_pool_values(in_hw, out_hw):
+    x = np.random.RandomState(0).randn(3, *in_hw, 5).astype(np.float32)
+    got = clustering.adaptive_avg_pool(jnp.asarray(x), out_hw)
+    want = ref.adaptive_avg_pool_nchw(x.transpose(0, 3, 1, 2), *out_hw).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- EM step (Eq. 3)
+
+
+@pytest.mark.parametrize("axis", ["clusters", "tokens"])
+@pytest.mark.parametrize("num_iters", [1, 3])
+def test_em_matches_numpy_eq3(axis, num_iters):
+    rng = np.random.RandomState(1)
+    g, k, n, e = 3, 5, 11, 8
+    centers, keys, values = (rng.randn(g, m, e).astype(np.float32) for m in (k, n, n))
+    module = clustering.em_scan(num_iters, head_dim=e, heads=1, estep_axis=axis)
+    params = module.init(jax.random.PRNGKey(0), centers, keys, values)
+    got, _ = module.apply(params, centers, keys, values)
+    w = np.asarray(params["params"]["conv_c"]["kernel"])
+    bias = np.asarray(params["params"]["conv_c"]["bias"])
+    want = ref.em_steps(centers, keys, values, w, bias, num_iters, axis)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+    if axis == "clusters":  # the soft assignment of one E-step sums to one over the K centers
+        logits = (centers @ w + bias) @ keys.transpose(0, 2, 1)
+        np.testing.assert_allclose(ref.softmax(logits, 1).sum(1), 1.0, rtol=1e-6)
+
+
+def test_em_mean_mstep_normalises_by_mass():
+    rng = np.random.RandomState(2)
+    centers, keys = rng.randn(2, 4, 6).astype(np.float32), rng.randn(2, 9, 6).astype(np.float32)
+    values = np.ones((2, 9, 6), np.float32)  # a mass-normalised mean of ones is exactly one
+    module = clustering.em_scan(2, head_dim=6, heads=1, mstep="mean", query_proj=False)
+    params = module.init(jax.random.PRNGKey(0), centers, keys, values)
+    out, _ = module.apply(params, centers, keys, values)
+    np.testing.assert_allclose(np.asarray(out), 1.0, rtol=1e-5)
+
+
+def test_scan_equals_unrolled_loop_and_params_do_not_grow_with_t():
+    rng = np.random.RandomState(3)
+    centers, keys, values = (rng.randn(2, m, 8).astype(np.float32) for m in (4, 10, 10))
+    kwargs = dict(head_dim=8, heads=1, estep_axis="clusters")
+    scanned = clustering.em_scan(4, **kwargs)
+    params = scanned.init(jax.random.PRNGKey(5), centers, keys, values)
+    got, _ = scanned.apply(params, centers, keys, values)
+    step = clustering.EMStep(**kwargs)
+    c = centers
+    for _ in range(4):
+        c, _ = step.apply(params, c, keys, values)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(c), rtol=1e-6, atol=1e-6)
+
+    counts = {
+        t: _count(_abstract_params(create_model("clusterformer_nano", num_iters=t), 32)) for t in (1, 3, 6)
+    }
+    assert len(set(counts.values())) == 1, counts
+
+
+# ----------------------------------------------------------------------------- full mixer parity
+
+
+def _torch_layout(params):
+    """Flax mixer params -> the released state_dict layout (1x1 conv weights (out, in, 1, 1))."""
+    sd = {}
+    for name in ("conv1", "conv_v", "conv_f", "conv2"):
+        sd[f"{name}.weight"] = np.asarray(params[name]["kernel"]).T[:, :, None, None]
+        sd[f"{name}.bias"] = np.asarray(params[name]["bias"])
+    if "conv_c" in params.get("em", {}):
+        sd["conv_c.weight"] = np.asarray(params["em"]["conv_c"]["kernel"]).T[:, :, None, None]
+        sd["conv_c.bias"] = np.asarray(params["em"]["conv_c"]["bias"])
+    sd["sim_alpha"] = np.asarray(params["sim_alpha"])
+    sd["sim_beta"] = np.asarray(params["sim_beta"])
+    return sd
+
+
+@pytest.mark.parametrize(
+    "variant,windows,size,center_hw",
+    [("clusters", 2, 8, (10, 10)), ("clusters", 1, 6, (3, 3)), ("tokens", 2, 8, (5, 5))],
+)
+def test_raw_mixer_matches_released_forward(variant, windows, size, center_hw):
+    dim, heads, e = 12, 2, 8
+    mixer = clustering.ClusteringMixer(
+        dim, heads, head_dim=e, windows=windows, centers=center_hw, num_iters=3,
+        estep_axis=variant, query_proj=variant == "clusters", partition="raw",
+    )
+    x = np.random.RandomState(4).randn(2, size, size, dim).astype(np.float32)
+    params = mixer.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
+    params = dict(params, sim_alpha=jnp.array([1.7]), sim_beta=jnp.array([-0.3]))
+    got, centers = mixer.apply({"params": params}, jnp.asarray(x))
+    want = ref.official_clustering(
+        x.transpose(0, 3, 1, 2).astype(np.float64), _torch_layout(params), heads, e, windows,
+        center_hw, 3, variant,
+    )
+    np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), rtol=2e-4, atol=2e-5)
+    assert centers.shape == (2, windows * windows * center_hw[0] * center_hw[1], heads * e)
+
+
+def test_spatial_windows_are_true_windows():
+    x = jnp.arange(2 * 4 * 4 * 6, dtype=jnp.float32).reshape(2, 4, 4, 6)
+    parts = clustering.window_partition(x, heads=2, windows=2, partition="spatial")
+    assert parts.shape == (2 * 2 * 4, 2, 2, 3)
+    # group 0 = image 0, head 0, top-left window: rows 0-1, cols 0-1, channels 0-2
+    np.testing.assert_array_equal(np.asarray(parts[0]), np.asarray(x[0, :2, :2, :3]))
+    # group 3 = image 0, head 0, bottom-right window
+    np.testing.assert_array_equal(np.asarray(parts[3]), np.asarray(x[0, 2:, 2:, :3]))
+    for mode in ("spatial", "raw"):
+        parts = clustering.window_partition(x, 2, 2, mode)
+        np.testing.assert_array_equal(np.asarray(clustering.window_merge(parts, 2, 2, 2, mode)), np.asarray(x))
+
+
+def test_paper_dispatch_is_similarity_weighted_mean_of_centers():
+    """Eq. 6 before its MLP: (1/K) sum_k sigmoid(alpha*cos(C_k, p_i) + beta) C_k (checked via a probe)."""
+    mixer = clustering.ClusteringMixer(8, 1, head_dim=8, centers=(2, 2), num_iters=1, dispatch="paper",
+                                       partition="spatial")
+    x = jnp.asarray(np.random.RandomState(5).randn(1, 4, 4, 8).astype(np.float32))
+    params = mixer.init(jax.random.PRNGKey(1), x)["params"]
+    out, centers = mixer.apply({"params": params}, x)
+    q = np.asarray(x.reshape(16, 8) @ params["conv1"]["kernel"] + params["conv1"]["bias"])
+    c = np.asarray(centers[0])
+    cos = ref._normalize(c) @ ref._normalize(q).T
+    sim = 1 / (1 + np.exp(-(params["sim_beta"][0] + params["sim_alpha"][0] * cos)))
+    dispatched = sim.T @ c / 4
+    hidden = jax.nn.gelu(dispatched @ params["dispatch_fc"]["kernel"] + params["dispatch_fc"]["bias"], approximate=False)
+    want = hidden @ params["conv2"]["kernel"] + params["conv2"]["bias"]
+    np.testing.assert_allclose(np.asarray(out).reshape(16, 8), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+def test_parameter_counts_of_released_configurations():
+    # Counted from the released code (mmcls backbone + 1440 -> 1000 head), conv_c included.
+    assert _count(_abstract_params(create_model("clusterformer_tiny_official"), 224)) == 31_633_696
+    assert _count(_abstract_params(create_model("clusterformer_small_official"), 224)) == 52_949_176
+
+
+def test_parameter_count_independent_of_resolution_and_t():
+    base = _count(_abstract_params(create_model("clusterformer_tiny_official"), 224))
+    other = create_model("clusterformer_tiny_official", num_iters=1, window_counts=(32, 16, 8, 4))
+    assert _count(_abstract_params(other, 512)) == base
+
+
+@pytest.mark.parametrize(
+    "name,size,windows",
+    [("clusterformer_tiny_official", 224, (8, 4, 2, 1)), ("clusterformer_tiny_official", 512, (32, 16, 8, 4)),
+     ("clusterformer_tiny", 224, (8, 4, 2, 1)), ("clusterformer_tiny", 512, (8, 4, 2, 1))],
+)
+def test_stage_output_shapes(name, size, windows):
+    model = create_model(name, window_counts=windows)
+    images = jnp.zeros((2, size, size, 3))
+    variables = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, images))
+    backbone = model.backbone  # the fields the registry passed to the backbone
+    bb = ClusterFormerBackbone(**backbone)
+    out = jax.eval_shape(lambda v: bb.apply({"params": v["params"]["backbone"]}, images), variables)
+    s = size // 4
+    dims = backbone["dims"]
+    assert [o.shape for o in out["stages"]] == [(2, s, s, dims[0]), (2, s // 2, s // 2, dims[1]),
+                                               (2, s // 4, s // 4, dims[2]), (2, s // 8, s // 8, dims[3])]
+    logits = jax.eval_shape(lambda v: model.apply(v, images), variables)
+    assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+
+
+def test_indivisible_window_counts_give_a_clear_error():
+    model = create_model("clusterformer_tiny_official", window_counts=(32, 16, 8, 4))
+    with pytest.raises(ValueError, match=r"stage 1 map 56x56 is not divisible by window count 32"):
+        jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 224, 224, 3))))
+
+
+def test_registry_rejects_unknown_names_and_fields():
+    with pytest.raises(ValueError, match="unknown model 'clusterformer_huge'"):
+        create_model("clusterformer_huge")
+    with pytest.raises(ValueError, match="has no field 'num_iter'"):
+        create_model("clusterformer_tiny", num_iter=2)
+    assert {"clusterformer_tiny", "clusterformer_small", "clusterformer_base", "clusterformer_tiny_official",
+            "clusterformer_small_official"} <= set(list_models())
+
+
+def test_drop_path_is_identity_in_eval_and_stochastic_in_train():
+    model = create_model("clusterformer_nano", drop_path_rate=0.5, layer_scale_init=1.0)
+    images = jnp.asarray(np.random.RandomState(0).rand(4, 32, 32, 3).astype(np.float32))
+    variables = model.init({"params": jax.random.PRNGKey(0)}, images)
+    eval1, eval2 = model.apply(variables, images), model.apply(variables, images)
+    np.testing.assert_array_equal(np.asarray(eval1), np.asarray(eval2))
+    t1 = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    t2 = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert not np.allclose(np.asarray(t1), np.asarray(t2))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
+    images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32))
+    f32 = create_model("clusterformer_nano")
+    bf16 = create_model("clusterformer_nano", dtype="bfloat16")
+    variables = f32.init({"params": jax.random.PRNGKey(0)}, images)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(bf16.init({"params": jax.random.PRNGKey(0)}, images))} == {
+        jnp.dtype(jnp.float32)
+    }
+    a, b = f32.apply(variables, images), bf16.apply(variables, images)
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05 * float(jnp.abs(a).max()) + 1e-2)
