@@ -216,11 +216,11 @@ def test_registry_rejects_unknown_names_and_fields():
 def test_drop_path_is_identity_in_eval_and_stochastic_in_train():
     model = create_model("clusterformer_nano", drop_path_rate=0.5, layer_scale_init=1.0)
     images = jnp.asarray(np.random.RandomState(0).rand(4, 32, 32, 3).astype(np.float32))
-    variables = model.init({"params": jax.random.PRNGKey(0)}, images)
-    eval1, eval2 = model.apply(variables, images), model.apply(variables, images)
-    np.testing.assert_array_equal(np.asarray(eval1), np.asarray(eval2))
-    t1 = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-    t2 = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, images)
+    apply = jax.jit(lambda key: model.apply(variables, images, train=True, rngs={"dropout": key}))
+    evaluate = jax.jit(lambda: model.apply(variables, images))
+    np.testing.assert_array_equal(np.asarray(evaluate()), np.asarray(evaluate()))
+    t1, t2 = apply(jax.random.PRNGKey(1)), apply(jax.random.PRNGKey(2))
     assert not np.allclose(np.asarray(t1), np.asarray(t2))
 
 
@@ -228,10 +228,9 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32))
     f32 = create_model("clusterformer_nano")
     bf16 = create_model("clusterformer_nano", dtype="bfloat16")
-    variables = f32.init({"params": jax.random.PRNGKey(0)}, images)
-    assert {x.dtype for x in jax.tree_util.tree_leaves(bf16.init({"params": jax.random.PRNGKey(0)}, images))} == {
-        jnp.dtype(jnp.float32)
-    }
-    a, b = f32.apply(variables, images), bf16.apply(variables, images)
+    variables = jax.jit(f32.init)({"params": jax.random.PRNGKey(0)}, images)
+    bf16_params = jax.eval_shape(bf16.init, {"params": jax.random.PRNGKey(0)}, images)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(bf16_params)} == {jnp.dtype(jnp.float32)}
+    a, b = jax.jit(f32.apply)(variables, images), jax.jit(bf16.apply)(variables, images)
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05 * float(jnp.abs(a).max()) + 1e-2)
