@@ -125,6 +125,25 @@ def test_train_checkpoint_resume(digits_dir):
         np.testing.assert_array_equal(x['label'], y['label'])
 
 
+def test_train_iterator_orbax_round_trip(digits_dir, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    cfg = _digits_cfg(digits_dir, train_augment='inception_crop')
+    kwargs = dict(seed=5, global_batch_size=16, process_index=0, process_count=1)
+    it = pipeline.create_train_iterator(cfg, **kwargs)
+    _take(it, 3)
+    with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    expected = _take(it, 2)
+    resumed = pipeline.create_train_iterator(cfg, **kwargs)
+    with ocp.CheckpointManager(tmp_path / 'ckpt') as manager:
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    for x, y in zip(expected, _take(resumed, 2)):
+        np.testing.assert_array_equal(x['image'], y['image'])
+
+
 def test_train_epochs_reshuffle_and_cover(digits_dir):
     cfg = _digits_cfg(digits_dir, image_size=8)
     it = pipeline.create_train_iterator(cfg, seed=0, global_batch_size=479, process_index=0,
@@ -221,6 +240,14 @@ def test_hflip_rejected_for_digits(digits_dir):
     with pytest.raises(ValueError, match='hflip'):
         pipeline.create_train_iterator(_digits_cfg(digits_dir, hflip=True), seed=0,
                                        global_batch_size=8, process_index=0, process_count=1)
+
+
+def test_process_layout_defaults_to_jax(digits_dir):
+    import jax
+
+    assert (jax.process_index(), jax.process_count()) == (0, 1)
+    batches = list(pipeline.create_eval_iterator(_digits_cfg(digits_dir), global_batch_size=64))
+    assert len(batches) == 6 and sum(b['mask'].sum() for b in batches) == 360
 
 
 def test_dataset_info(digits_dir):
@@ -351,9 +378,10 @@ SYNSETS = ('n01440764', 'n01443537', 'n01484850')
 NUM_VAL = 6
 
 
-def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
+def _jpeg(rng: np.random.Generator, height: int, width: int, grey: bool = False) -> bytes:
+    shape = (height, width) if grey else (height, width, 3)
     buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, 'JPEG')
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buffer, 'JPEG')
     return buffer.getvalue()
 
 
@@ -365,7 +393,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 @pytest.fixture(scope='module')
 def imagenet_dirs(tmp_path_factory) -> tuple[str, str]:
-    """ILSVRC2012_img_{train,val}.tar in the real layout; one corrupt JPEG in each."""
+    """ILSVRC2012_img_{train,val}.tar in the real layout; one corrupt and one greyscale JPEG in each."""
     manual = tmp_path_factory.mktemp('imagenet_manual')
     rng = np.random.default_rng(0)
     with tarfile.open(manual / 'ILSVRC2012_img_train.tar', 'w') as outer:
@@ -374,12 +402,12 @@ def imagenet_dirs(tmp_path_factory) -> tuple[str, str]:
             with tarfile.open(fileobj=inner_bytes, mode='w') as inner:
                 for k in range(4):
                     corrupt = synset == SYNSETS[1] and k == 2
-                    data = b'\xff\xd8 truncated' if corrupt else _jpeg(rng, 40 + 10 * k, 60)
+                    data = b'\xff\xd8 truncated' if corrupt else _jpeg(rng, 40 + 10 * k, 60, grey=k == 1)
                     _add(inner, f'{synset}_{k + 1}.JPEG', data)
             _add(outer, f'{synset}.tar', inner_bytes.getvalue())
     with tarfile.open(manual / 'ILSVRC2012_img_val.tar', 'w') as tar:
         for k in range(1, NUM_VAL + 1):
-            data = b'garbage' if k == 3 else _jpeg(rng, 50, 30 + 10 * k)
+            data = b'garbage' if k == 3 else _jpeg(rng, 50, 30 + 10 * k, grey=k == 5)
             _add(tar, f'ILSVRC2012_val_{k:08d}.JPEG', data)
     return str(manual), str(tmp_path_factory.mktemp('imagenet_data'))
 
@@ -420,3 +448,4 @@ def test_imagenet2012_tiny_manual_layout(imagenet_dirs):
     assert set(labels.tolist()) == {0, 1, 2}
     assert np.bincount(labels[:11]).tolist() == [4, 3, 4]  # First epoch: the 11 readable ones.
     assert pipeline.skipped_examples() >= skipped_before + 2
+    it.close()

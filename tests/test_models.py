@@ -234,3 +234,11 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     a, b = jax.jit(f32.apply)(variables, images), jax.jit(bf16.apply)(variables, images)
     assert b.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05 * float(jnp.abs(a).max()) + 1e-2)
+
+
+def test_cosine_normalisation_has_finite_gradient_at_zero():
+    """An empty cluster gives an all-zero center; its cosine must not turn the gradient into NaN."""
+    grad = jax.grad(lambda v: clustering.l2_normalize(v).sum())(jnp.zeros((2, 4)))
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    x = jnp.asarray([[3.0, 4.0], [1e-14, 0.0]])
+    np.testing.assert_allclose(np.asarray(clustering.l2_normalize(x)), [[0.6, 0.8], [1e-2, 0.0]], rtol=1e-6)

@@ -7,15 +7,15 @@ stored as an 8x8x3 uint8 PNG (value `round(v * 255 / 16)`, grey replicated to
 three channels), so the RGB transforms apply unchanged.
 
 Split (identical on every machine, independent of library versions):
-    * For each class c (n_c examples) the test share is 20%. The total test size
-        is ceil(0.2 * 1797) = 360; per-class counts are floor(0.2 * n_c) plus one
-        extra for the classes with the largest fractional remainder (ties broken by
-        the lower class id) until the total is 360.
-    * Within class c, the examples (in sklearn order) are permuted with
-        `np.random.RandomState(c).permutation(n_c)`; the first k_c go to 'test',
-        the rest to 'train'.
-    * Result: 'train' 1,437 and 'test' 360 examples. Each example's `id` is its
-        row index in `load_digits()`; examples are written in increasing id order.
+  * The test split holds ceil(0.2 * 1797) = 360 examples: floor(0.2 * n_c)
+    from each class c, plus one more for the classes with the largest
+    fractional remainder (ties go to the lower class id) until there are 360.
+  * Within class c, the examples (in sklearn order) are permuted with
+    `np.random.RandomState(c).permutation(n_c)`; the first k_c go to 'test',
+    the rest to 'train'.
+  * Result: 'train' 1,437 and 'test' 360 examples. Each example's `id` is its
+    row index in `load_digits()` (tfds stores records in its own
+    deterministic, key-hashed order).
 """
 
 from __future__ import annotations
@@ -77,42 +77,43 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-                builder=self,
-                description='scikit-learn load_digits(): 8x8 handwritten digits.',
-                features=tfds.features.FeaturesDict({
-                        'image': tfds.features.Image(shape=(8, 8, 3), encoding_format='png'),
-                        'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-                        'id': tfds.features.Scalar(dtype=np.int64),
-                }),
-                supervised_keys=('image', 'label'),
-                homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html',
+            builder=self,
+            description='scikit-learn load_digits(): 8x8 handwritten digits.',
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(8, 8, 3), encoding_format='png'),
+                'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                'id': tfds.features.Scalar(dtype=np.int64),
+            }),
+            supervised_keys=('image', 'label'),
+            homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html',
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # Everything comes from scikit-learn.
         images, labels = digit_images_uint8()
         ids = split_ids(labels)
+        sizes = {name: len(split) for name, split in ids.items()}
+        if sizes != SPLIT_SIZES:
+            raise RuntimeError(f'digits split sizes {sizes} differ from the documented {SPLIT_SIZES}')
         return {
-                name: self._generate_examples(images, labels, split_ids_)
-                for name, split_ids_ in ids.items()
+            name: self._generate_examples(images, labels, split_ids_)
+            for name, split_ids_ in ids.items()
         }
 
-    def _generate_examples(
-            self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray
-    ):
+    def _generate_examples(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray):
         for i in ids:
             i = int(i)
             yield i, {
-                    'image': _png_bytes(images[i]),
-                    'label': int(labels[i]),
-                    'id': i,
+                'image': _png_bytes(images[i]),
+                'label': int(labels[i]),
+                'id': i,
             }
 
 
 def prepare_digits(data_dir: str | None = None) -> Digits:
     """Builds the digits dataset (array_record) under `data_dir` once; returns the builder.
 
-    `data_dir=None` means the tfds default (`~/tensorflow_datasets`).
+    `data_dir=None` means the tfds default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
     """
     if data_dir is not None:
         data_dir = os.path.expanduser(data_dir)

@@ -8,11 +8,11 @@ the `np.random.Generator` grain hands to `random_map`, so a pipeline is a pure
 function of (seed, element index).
 
 The geometry and augmentation follow torchvision / timm:
-    * `RandomResizedCrop`: the Inception crop (torchvision `RandomResizedCrop`).
-    * `ResizeShorterCenterCrop`: timm's eval transform (`Resize(int(size /
-        crop_pct))` + `CenterCrop(size)`).
-    * `RandAugment`: timm's `rand-m{M}-n{N}-mstd{S}-inc{0,1}` policy.
-    * `RandomErasing`: timm's random erasing, applied to the normalised image.
+  * `RandomResizedCrop`: the Inception crop (torchvision `RandomResizedCrop`).
+  * `ResizeShorterCenterCrop`: timm's eval transform
+    (`Resize(int(size / crop_pct))` + `CenterCrop(size)`).
+  * `RandAugment`: timm's `rand-m{M}-n{N}-mstd{S}-inc{0,1}` policy.
+  * `RandomErasing`: timm's random erasing, applied to the normalised image.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 _RESAMPLE = {
-        'bicubic': Image.Resampling.BICUBIC,
-        'bilinear': Image.Resampling.BILINEAR,
-        'nearest': Image.Resampling.NEAREST,
+    'bicubic': Image.Resampling.BICUBIC,
+    'bilinear': Image.Resampling.BILINEAR,
+    'nearest': Image.Resampling.NEAREST,
 }
 
 
@@ -45,7 +45,7 @@ def resample_filter(method: str) -> Image.Resampling:
         return _RESAMPLE[method]
     except KeyError:
         raise ValueError(
-                f'Unknown resize method {method!r}; expected one of {sorted(_RESAMPLE)}.'
+            f'Unknown resize method {method!r}; expected one of {sorted(_RESAMPLE)}.'
         ) from None
 
 
@@ -130,8 +130,8 @@ class DecodeImage(grain.transforms.Map):
 
     def map(self, element: Element) -> Element:
         return {
-                'image': self.to_rgb(element[self.image_key]),
-                'label': np.int32(element[self.label_key]),
+            'image': self.to_rgb(element[self.image_key]),
+            'label': np.int32(element[self.label_key]),
         }
 
 
@@ -189,11 +189,11 @@ class RandomResizedCrop(ImageRandomMap):
     """
 
     def __init__(
-            self,
-            size: int,
-            scale: tuple[float, float] = (0.08, 1.0),
-            ratio: tuple[float, float] = (3 / 4, 4 / 3),
-            method: str = 'bicubic',
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        method: str = 'bicubic',
     ):
         self.size = size
         self.scale = scale
@@ -251,7 +251,10 @@ class Normalize(ImageMap):
         self.inv_std = np.float32(1.0) / np.asarray(std, np.float32)
 
     def apply(self, image: np.ndarray) -> np.ndarray:
-        return (image.astype(np.float32) - self.mean) * self.inv_std
+        out = image.astype(np.float32)
+        out -= self.mean
+        out *= self.inv_std
+        return out
 
 
 class RandomErasing(ImageRandomMap):
@@ -263,11 +266,11 @@ class RandomErasing(ImageRandomMap):
     """
 
     def __init__(
-            self,
-            p: float = 0.25,
-            area: tuple[float, float] = (0.02, 1 / 3),
-            min_aspect: float = 0.3,
-            mode: str = 'rand',
+        self,
+        p: float = 0.25,
+        area: tuple[float, float] = (0.02, 1 / 3),
+        min_aspect: float = 0.3,
+        mode: str = 'rand',
     ):
         if mode not in ('rand', 'pixel', 'const'):
             raise ValueError(f"RandomErasing mode must be 'rand', 'pixel' or 'const', got {mode!r}")
@@ -324,23 +327,23 @@ def _posterize(img: Image.Image, bits: int) -> Image.Image:
     return img.point(lut * len(img.getbands()))
 
 
-# Each op: (image, level args, resample, fill) -> image.
+# Each op: (image, resample filter, fill colour, *level args) -> image.
 _OPS: dict[str, Callable[..., Image.Image]] = {
-        'AutoContrast': lambda img, r, f: ImageOps.autocontrast(img),
-        'Equalize': lambda img, r, f: ImageOps.equalize(img),
-        'Invert': lambda img, r, f: ImageOps.invert(img),
-        'Rotate': lambda img, r, f, deg: img.rotate(deg, resample=r, fillcolor=f),
-        'Posterize': lambda img, r, f, bits: _posterize(img, bits),
-        'Solarize': lambda img, r, f, thresh: ImageOps.solarize(img, thresh),
-        'SolarizeAdd': lambda img, r, f, add: _solarize_add(img, add),
-        'Color': lambda img, r, f, x: ImageEnhance.Color(img).enhance(x),
-        'Contrast': lambda img, r, f, x: ImageEnhance.Contrast(img).enhance(x),
-        'Brightness': lambda img, r, f, x: ImageEnhance.Brightness(img).enhance(x),
-        'Sharpness': lambda img, r, f, x: ImageEnhance.Sharpness(img).enhance(x),
-        'ShearX': lambda img, r, f, x: _affine(img, (1, x, 0, 0, 1, 0), r, f),
-        'ShearY': lambda img, r, f, x: _affine(img, (1, 0, 0, x, 1, 0), r, f),
-        'TranslateXRel': lambda img, r, f, x: _affine(img, (1, 0, x * img.size[0], 0, 1, 0), r, f),
-        'TranslateYRel': lambda img, r, f, x: _affine(img, (1, 0, 0, 0, 1, x * img.size[1]), r, f),
+    'AutoContrast': lambda img, r, f: ImageOps.autocontrast(img),
+    'Equalize': lambda img, r, f: ImageOps.equalize(img),
+    'Invert': lambda img, r, f: ImageOps.invert(img),
+    'Rotate': lambda img, r, f, deg: img.rotate(deg, resample=r, fillcolor=f),
+    'Posterize': lambda img, r, f, bits: _posterize(img, bits),
+    'Solarize': lambda img, r, f, thresh: ImageOps.solarize(img, thresh),
+    'SolarizeAdd': lambda img, r, f, add: _solarize_add(img, add),
+    'Color': lambda img, r, f, x: ImageEnhance.Color(img).enhance(x),
+    'Contrast': lambda img, r, f, x: ImageEnhance.Contrast(img).enhance(x),
+    'Brightness': lambda img, r, f, x: ImageEnhance.Brightness(img).enhance(x),
+    'Sharpness': lambda img, r, f, x: ImageEnhance.Sharpness(img).enhance(x),
+    'ShearX': lambda img, r, f, x: _affine(img, (1, x, 0, 0, 1, 0), r, f),
+    'ShearY': lambda img, r, f, x: _affine(img, (1, 0, 0, x, 1, 0), r, f),
+    'TranslateXRel': lambda img, r, f, x: _affine(img, (1, 0, x * img.size[0], 0, 1, 0), r, f),
+    'TranslateYRel': lambda img, r, f, x: _affine(img, (1, 0, 0, 0, 1, x * img.size[1]), r, f),
 }
 for _name in ('Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness'):
     _OPS[_name + 'Increasing'] = _OPS[_name]
@@ -356,39 +359,39 @@ def _enhance_increasing(level: float, rng: np.random.Generator) -> tuple[float]:
 
 # Each level fn: (magnitude level in [0, 10], rng) -> op args.
 _LEVEL_FNS: dict[str, Callable[[float, np.random.Generator], tuple]] = {
-        'AutoContrast': lambda lv, rng: (),
-        'Equalize': lambda lv, rng: (),
-        'Invert': lambda lv, rng: (),
-        'Rotate': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 30.0, rng),),
-        'Posterize': lambda lv, rng: (int(lv / _LEVEL_DENOM * 4),),
-        'PosterizeIncreasing': lambda lv, rng: (4 - int(lv / _LEVEL_DENOM * 4),),
-        'Solarize': lambda lv, rng: (int(lv / _LEVEL_DENOM * 256),),
-        'SolarizeIncreasing': lambda lv, rng: (256 - int(lv / _LEVEL_DENOM * 256),),
-        'SolarizeAdd': lambda lv, rng: (min(128, int(lv / _LEVEL_DENOM * 110)),),
-        'Color': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
-        'Contrast': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
-        'Brightness': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
-        'Sharpness': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
-        'ColorIncreasing': _enhance_increasing,
-        'ContrastIncreasing': _enhance_increasing,
-        'BrightnessIncreasing': _enhance_increasing,
-        'SharpnessIncreasing': _enhance_increasing,
-        'ShearX': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.3, rng),),
-        'ShearY': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.3, rng),),
-        'TranslateXRel': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.45, rng),),
-        'TranslateYRel': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.45, rng),),
+    'AutoContrast': lambda lv, rng: (),
+    'Equalize': lambda lv, rng: (),
+    'Invert': lambda lv, rng: (),
+    'Rotate': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 30.0, rng),),
+    'Posterize': lambda lv, rng: (int(lv / _LEVEL_DENOM * 4),),
+    'PosterizeIncreasing': lambda lv, rng: (4 - int(lv / _LEVEL_DENOM * 4),),
+    'Solarize': lambda lv, rng: (int(lv / _LEVEL_DENOM * 256),),
+    'SolarizeIncreasing': lambda lv, rng: (256 - int(lv / _LEVEL_DENOM * 256),),
+    'SolarizeAdd': lambda lv, rng: (min(128, int(lv / _LEVEL_DENOM * 110)),),
+    'Color': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
+    'Contrast': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
+    'Brightness': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
+    'Sharpness': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
+    'ColorIncreasing': _enhance_increasing,
+    'ContrastIncreasing': _enhance_increasing,
+    'BrightnessIncreasing': _enhance_increasing,
+    'SharpnessIncreasing': _enhance_increasing,
+    'ShearX': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.3, rng),),
+    'ShearY': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.3, rng),),
+    'TranslateXRel': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.45, rng),),
+    'TranslateYRel': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.45, rng),),
 }
 
 RAND_OPS = (
-        'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
-        'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
-        'ShearY', 'TranslateXRel', 'TranslateYRel',
+    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
+    'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
+    'ShearY', 'TranslateXRel', 'TranslateYRel',
 )
 RAND_INCREASING_OPS = (
-        'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
-        'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
-        'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
-        'TranslateXRel', 'TranslateYRel',
+    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
+    'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
+    'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
+    'TranslateXRel', 'TranslateYRel',
 )
 
 
@@ -402,15 +405,15 @@ class RandAugment(ImageRandomMap):
     """
 
     def __init__(
-            self,
-            num_ops: int = 2,
-            magnitude: float = 9.0,
-            magnitude_std: float = 0.5,
-            magnitude_max: float = _LEVEL_DENOM,
-            prob: float = 0.5,
-            increasing: bool = True,
-            fill: tuple[int, int, int] = (124, 116, 104),
-            method: str = 'bicubic',
+        self,
+        num_ops: int = 2,
+        magnitude: float = 9.0,
+        magnitude_std: float = 0.5,
+        magnitude_max: float = _LEVEL_DENOM,
+        prob: float = 0.5,
+        increasing: bool = True,
+        fill: tuple[int, int, int] = (124, 116, 104),
+        method: str = 'bicubic',
     ):
         self.num_ops = num_ops
         self.magnitude = magnitude

@@ -151,9 +151,13 @@ def window_merge(
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """torch.nn.functional.normalize: x / max(||x||, eps)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """torch.nn.functional.normalize: x / max(||x||, eps).
+
+    Written as x * rsqrt(max(||x||^2, eps^2)): the same value, but a finite gradient for an all-zero
+    vector (a center no token selects once the softmax over K underflows), where sqrt's is NaN.
+    """
+    squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
 # ---------------------------------------------------------------------------------------------------
