@@ -37,9 +37,10 @@ class Checkpointer:
       read_only: bool = False,
   ):
     self.directory = os.fspath(directory)
+    self.save_interval_steps = int(save_interval_steps)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,
-        save_interval_steps=max(int(save_interval_steps), 1),
+        save_interval_steps=1,  # The interval is applied by ``should_save``; saves are explicit.
         enable_async_checkpointing=async_save,
         create=not read_only,
         read_only=read_only,
@@ -53,8 +54,8 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def should_save(self, step: int) -> bool:
-    """True at the configured save interval (and whenever Orbax would save anyway)."""
-    return self._manager.should_save(step)
+    """True every ``save_interval_steps`` steps (never when the interval is <= 0)."""
+    return self.save_interval_steps > 0 and step > 0 and step % self.save_interval_steps == 0
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once the cluster has signalled a preemption (synchronised by JAX)."""

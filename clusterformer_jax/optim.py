@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from clusterformer_jax.trainers.errors import ConfigError
 
@@ -48,21 +49,26 @@ def create_learning_rate_schedule(
     min_lr_ratio: float = 0.0,
 ) -> optax.Schedule:
   """Linear warmup from ``peak_lr * warmup_start_ratio`` to ``peak_lr`` over ``warmup`` steps, then cosine
-  decay to ``peak_lr * min_lr_ratio`` at ``total_steps``."""
+  decay to ``peak_lr * min_lr_ratio`` at ``total_steps`` (a warmup longer than the run is cut to the run)."""
   if total_steps <= 0:
     raise ConfigError(f'the number of training steps must be positive, got {total_steps}')
-  if not 0 <= warmup <= total_steps:
-    raise ConfigError(f'warmup ({warmup} steps) must lie in [0, num_train_steps={total_steps}]')
+  if warmup < 0:
+    raise ConfigError(f'warmup must be >= 0 steps, got {warmup}')
+  if warmup > total_steps:
+    logging.warning('warmup (%d steps) is longer than the run; shortened to %d steps', warmup, total_steps)
+    warmup = total_steps
+  start_lr = peak_lr * warmup_start_ratio
   end_lr = peak_lr * min_lr_ratio
-  if warmup == 0:
-    return optax.cosine_decay_schedule(peak_lr, max(total_steps, 1), alpha=min_lr_ratio)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=peak_lr * warmup_start_ratio,
-      peak_value=peak_lr,
-      warmup_steps=warmup,
-      decay_steps=total_steps,
-      end_value=end_lr,
-  )
+  decay_steps = max(total_steps - warmup, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = start_lr + (peak_lr - start_lr) * step / max(warmup, 1)
+    progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
+    cosine = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup, warm, cosine)
+
+  return schedule
 
 
 def _path_names(path: tuple[Any, ...]) -> list[str]:

@@ -156,11 +156,3 @@ def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dic
   """Assembles this process's slice of a batch into global arrays split along the batch axis."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
-
-def abstract_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
-  """Global ShapeDtypeStructs for a process-local batch (for ahead-of-time compilation)."""
-  count = jax.process_count()
-  return {
-      k: jax.ShapeDtypeStruct((v.shape[0] * count,) + tuple(v.shape[1:]), v.dtype, sharding=sharding)
-      for k, v in batch.items()
-  }

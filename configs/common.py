@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # Call jax.distributed.initialize() (also triggered by CLUSTERFORMER_DISTRIBUTED=1 from launch/*).
   config.distributed = False
+  # Persistent XLA compilation cache (e.g. a bucket or shared disk); '' leaves JAX's setting alone.
+  config.compilation_cache_dir = ''
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'clusterformer_tiny'  # a name from models.registry.list_models()

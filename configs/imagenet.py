@@ -17,9 +17,6 @@ import os
 
 import ml_collections
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-IMAGENET_EVAL_IMAGES = 50_000
-
 _OFFICIAL = {
     # variant: (batch size, lr, min lr ratio)
     'tiny': (256, 1.25e-4, 1e-4),
@@ -57,9 +54,9 @@ def imagenet_config(variant: str, arg: str | None) -> ml_collections.ConfigDict:
 
   config.batch_size = 1024
   config.num_epochs = 300.0
-  config.num_train_steps = -1  # derived: epochs * 1,281,167 / batch_size
+  config.num_train_steps = -1  # derived: num_epochs * 1,281,167 train images (tfds) / batch_size
   config.log_every_steps = 100
-  config.eval_every_steps = -1  # every epoch, over all 50,000 validation images
+  config.eval_every_steps = -1  # once per epoch, over all 50,000 validation images
   config.checkpoint.every_steps = 1000
 
   config.optim.base_lr = 1e-3

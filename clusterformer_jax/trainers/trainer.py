@@ -28,6 +28,7 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 from clu import periodic_actions
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh, NamedSharding
 
 from clusterformer_jax import checkpointing
@@ -183,10 +184,10 @@ def build(
       return loss, (outputs, new_batch_stats)
 
     (loss, (outputs, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    param_norm = optax.global_norm(params)
+    param_norm = optax.tree.norm(params)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, batch_stats=new_batch_stats
     )
@@ -253,7 +254,7 @@ def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return int(config.eval_batch_size) if config.eval_batch_size > 0 else int(config.batch_size)
 
 
-def _params_subtree_restore(path: str, setup: Setup, state: TrainState) -> TrainState:
+def init_params_from(path: str, setup: Setup, state: TrainState) -> TrainState:
   """Loads parameters (and BatchNorm statistics) from another run's checkpoint for fine-tuning.
 
   Leaves whose shape differs from this model (e.g. a classifier head for another number of classes) or
@@ -305,7 +306,7 @@ def restore_or_init(
     return state, f'resume={config.resume} (step {step})'
   state = setup.init_state(config.seed)
   if config.init_from:
-    return _params_subtree_restore(config.init_from, setup, state), f'init_from={config.init_from}'
+    return init_params_from(config.init_from, setup, state), f'init_from={config.init_from}'
   return state, 'scratch'
 
 
@@ -337,10 +338,13 @@ def _check_health(health: Health, last_good_step: int | None, config: ml_collect
     return
   value = float(jax.device_get(health.bad_loss))
   where = f'last good checkpoint: step {last_good_step}' if last_good_step is not None else 'no checkpoint saved'
-  hint = ('lower optim.base_lr' + ('' if config.optim.grad_clip_norm > 0 else ' or enable optim.grad_clip_norm')
-          + ' (or lengthen optim.warmup)')
+  clip = config.optim.grad_clip_norm
+  hint = 'lower optim.base_lr, ' + (f'tighten optim.grad_clip_norm (now {clip})' if clip > 0
+                                    else 'enable gradient clipping (optim.grad_clip_norm=1.0)')
+  hint += ' or lengthen the warmup'
   raise NonFiniteError(
-      f'non-finite training loss/gradients at step {bad_step} (loss={value}); stopped, {where}; hint: {hint}'
+      f'training diverged at step {bad_step}: non-finite loss, gradient norm or parameter norm '
+      f'(loss={value:.6g}); stopped, {where}; hint: {hint}'
   )
 
 
@@ -376,11 +380,10 @@ def evaluate(setup: Setup, state: TrainState, batches: Iterable[Mapping[str, np.
 
 
 def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-  divisor = sharding.batch_divisor(mesh)
-  _check_positive_multiple('batch_size', config.batch_size, divisor * jax.process_count(),
-                           f"mesh data*fsdp={divisor} times {jax.process_count()} processes")
-  _check_positive_multiple('eval_batch_size', _eval_batch_size(config), divisor * jax.process_count(),
-                           f"mesh data*fsdp={divisor} times {jax.process_count()} processes")
+  shards, processes = sharding.batch_divisor(mesh), jax.process_count()
+  why = f'the batch is split over mesh data*fsdp={shards} shards and {processes} process(es)'
+  _check_positive_multiple('batch_size', config.batch_size, math.lcm(shards, processes), why)
+  _check_positive_multiple('eval_batch_size', _eval_batch_size(config), math.lcm(shards, processes), why)
   if config.log_every_steps <= 0:
     raise ConfigError(f'log_every_steps must be positive, got {config.log_every_steps}')
 
@@ -388,6 +391,9 @@ def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and returns the final eval metrics."""
   start_time = time.time()
+  if config.compilation_cache_dir and jax.config.jax_compilation_cache_dir != config.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', config.compilation_cache_dir)
+    compilation_cache.reset_cache()  # Re-read the directory even if something compiled already.
   workdir_path = epath.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   is_primary = jax.process_index() == 0
@@ -413,12 +419,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_primary, asynchronous=True)
   try:
-    return _run(config, workdir_path, setup, ckpt, writer, train_iter, dataset_info, total_steps,
-                steps_per_epoch, start_time)
+    return _run(config, workdir_path, setup, ckpt, writer, train_iter, total_steps, steps_per_epoch, start_time)
   finally:
     ckpt.close()
     writer.flush()
     writer.close()
+    if hasattr(train_iter, 'close'):
+      train_iter.close()
 
 
 def _run(
@@ -428,7 +435,6 @@ def _run(
     ckpt: checkpointing.Checkpointer,
     writer: metric_writers.MetricWriter,
     train_iter: Iterator[Mapping[str, np.ndarray]],
-    dataset_info: Mapping[str, Any],
     total_steps: int,
     steps_per_epoch: float,
     start_time: float,
@@ -441,7 +447,7 @@ def _run(
   logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(state.params, include_stats=False))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   if step == 0:
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+    writer.write_hparams(_flatten(config.to_dict()))
 
   eval_every = int(config.eval_every_steps)
   if eval_every < 0:
@@ -491,8 +497,10 @@ def _run(
       return {'preempted': True, 'steps': step}
 
     if eval_every > 0 and step % eval_every == 0 and step < total_steps:
+      eval_start = time.time()
       with report_progress.timed('eval'):
         metrics = evaluate(setup, state, eval_batches())
+      log_time += time.time() - eval_start  # keep eval time out of the train steps/s
       writer.write_scalars(step, {f'eval_{k}': v for k, v in metrics.items()})
       logging.info('eval at step %d: %s', step, _format_metrics(metrics))
 
@@ -515,8 +523,8 @@ def _run(
       'train_steps_this_run': step - loop_start_step,
   }
   logging.info('Final eval at step %d: %s', step, _format_metrics(metrics))
-  print(f'final eval (step {step}): ' + _format_metrics(metrics), flush=True)
   if is_primary:
+    print(f'final eval (step {step}): ' + _format_metrics(metrics), flush=True)
     _write_json(workdir / 'results.json', results)
   return results
 
