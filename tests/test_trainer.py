@@ -182,6 +182,23 @@ def test_init_from_loads_parameters_only_and_keeps_mismatched_leaves(one_step, t
       setup.state_shardings.params['backbone']['patch_embed']['kernel']
 
 
+def test_init_from_converted_safetensors(one_step, tmp_path):
+  """A file written by the released-checkpoint converter initialises the params; a 7-class head is skipped."""
+  from clusterformer_jax.convert.mmcls_clusterformer import save_flax_params
+
+  setup, stepped, _ = one_step['data8']
+  initial = one_step['initial']
+  source = jax.device_get(stepped).params
+  width = source['head']['kernel'].shape[0]
+  path = str(tmp_path / 'converted.safetensors')
+  save_flax_params(dict(source, head={'kernel': np.ones((width, 7), np.float32)}), path)
+  loaded = trainer.init_params_from(path, setup, jax.device_put(initial, setup.state_shardings))
+  for got, want in _tree_pairs(loaded.params['backbone'], source['backbone']):
+    np.testing.assert_array_equal(got, want)
+  for got, want in _tree_pairs(loaded.params['head'], initial.params['head']):
+    np.testing.assert_array_equal(got, want)
+
+
 class _BatchNormNet(nn.Module):
   """A tiny BatchNorm CNN standing in for the peer backbones that carry a 'batch_stats' collection."""
 

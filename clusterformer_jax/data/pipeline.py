@@ -17,7 +17,7 @@ optional except `dataset`):
                      'resize' (plain resize to image_size); default 'resize'
                      (digits) / 'inception_crop'. Eval uses a plain resize
                      when this is 'resize', else shorter-side resize + crop.
-  eval_crop_pct      default 0.875 (ClusterFormer recipe: 224 / 248).
+  eval_crop_pct      default 0.875; the ClusterFormer recipe uses 224 / 248 = 0.903.
   resize_method      'bicubic' (default) | 'bilinear'.
   hflip              random horizontal flip in training; default True
                      (imagenet2012) / False (digits, where True is an error).

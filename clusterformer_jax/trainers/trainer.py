@@ -260,6 +260,8 @@ def init_params_from(path: str, setup: Setup, state: TrainState) -> TrainState:
   Leaves whose shape differs from this model (e.g. a classifier head for another number of classes) or
   that the checkpoint lacks keep their fresh initialisation and are logged.
   """
+  if path.endswith('.safetensors'):
+    return _init_params_from_safetensors(path, setup, state)
   ckpt, step = checkpointing.open_readonly(path)
   target = setup.abstract_with_shardings()
   wanted = {'params': target.params}
@@ -289,6 +291,26 @@ def init_params_from(path: str, setup: Setup, state: TrainState) -> TrainState:
     replaced[field] = flax.traverse_util.unflatten_dict(merged, sep='/')
   logging.info('Initialised %s from %s (step %d)', ', '.join(keep), path, step)
   return state.replace(**replaced)
+
+
+def _init_params_from_safetensors(path: str, setup: Setup, state: TrainState) -> TrainState:
+  """Parameters from a converted released checkpoint (``convert/*`` writes Flax-path keys)."""
+  from clusterformer_jax.convert.mmcls_clusterformer import load_flax_params
+
+  stored = flax.traverse_util.flatten_dict(load_flax_params(path), sep='/')
+  current = flax.traverse_util.flatten_dict(state.params, sep='/')
+  shardings = flax.traverse_util.flatten_dict(setup.state_shardings.params, sep='/')
+  kept = {k: jax.device_put(stored[k].astype(v.dtype), shardings[k]) for k, v in current.items()
+          if k in stored and stored[k].shape == v.shape}
+  if not kept:
+    raise ConfigError(f'init_from={path!r}: no parameter of this model matches the file')
+  skipped = [k for k in current if k not in kept]
+  if skipped:
+    logging.warning('init_from: %d leaves keep their fresh init (missing or shape differs): %s',
+                    len(skipped), ', '.join(skipped[:10]) + (' ...' if len(skipped) > 10 else ''))
+  current.update(kept)
+  logging.info('Initialised %d parameter leaves from %s', len(kept), path)
+  return state.replace(params=flax.traverse_util.unflatten_dict(current, sep='/'))
 
 
 def restore_or_init(
