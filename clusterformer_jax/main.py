@@ -117,8 +117,20 @@ def maybe_initialize_distributed(config: Any) -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+class _QuietLibraries:
+  """Drops INFO chatter from Orbax, grain and tfds (a few dozen lines per checkpoint) from the absl log."""
+
+  _NOISY = (f'{os.sep}orbax{os.sep}', f'{os.sep}grain{os.sep}', f'{os.sep}tensorflow_datasets{os.sep}')
+
+  def filter(self, record: Any) -> bool:
+    return record.levelno >= 30 or not any(part in record.pathname for part in self._NOISY)
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
+  import logging as py_logging
+
+  py_logging.getLogger('absl').addFilter(_QuietLibraries())
   config = _CONFIG.value
   workdir = _WORKDIR.value
   maybe_initialize_distributed(config)  # Before anything touches a JAX backend.

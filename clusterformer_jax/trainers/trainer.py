@@ -487,11 +487,15 @@ def _run(
   loop_start_step = step
   preempted = False
 
+  data_wait = 0.0  # seconds blocked on the input pipeline since the last log step
   while step < total_steps:
+    wait_start = time.time()
     batch = _shard(next(train_iter), setup)
+    data_wait += time.time() - wait_start
     if train_step is None:
       train_step = setup.train_step.lower(state, batch, acc).compile()
       logging.info('Compiled train step; memory: %s', _memory_report(train_step))
+      log_time, data_wait = time.time(), 0.0  # keep compilation out of steps/s and the data-wait share
     state, acc = train_step(state, batch, acc)
     step += 1
     report_progress(step, time.time())
@@ -500,13 +504,15 @@ def _run(
     if step % config.log_every_steps == 0 or step == total_steps or preempted:
       _check_health(acc[1], last_good, config)
       values = {f'train_{k}': float(v) for k, v in acc[0].compute().items()}
-      writer.write_scalars(step, values)
       now = time.time()
+      values['train_data_wait_fraction'] = data_wait / max(now - log_time, 1e-9)
+      writer.write_scalars(step, values)
       rate = (step - log_step) / max(now - log_time, 1e-9)
       eta = (total_steps - step) / rate if rate > 0 else float('inf')
-      logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  ETA %s', step, total_steps,
-                   values['train_loss'], values['train_learning_rate'], rate, _format_duration(eta))
-      log_time, log_step = now, step
+      logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  data wait %.1f%%  ETA %s', step, total_steps,
+                   values['train_loss'], values['train_learning_rate'], rate,
+                   100 * values['train_data_wait_fraction'], _format_duration(eta))
+      log_time, log_step, data_wait = now, step, 0.0
       acc = setup.empty_train_accumulator()
 
     if ckpt.should_save(step) or step == total_steps or preempted:
