@@ -112,3 +112,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if unknown:
         raise ValueError(f"model {name!r} has no field {unknown[0]!r}; valid: {sorted(_field_names(cls))}")
     return cls(**fields)
+
+
+# Peer backbones register their presets on import; they import register_model, so this comes last.
+from clusterformer_jax.models import groupmixformer  # noqa: E402,F401
