@@ -37,6 +37,8 @@ class Checkpointer:
       read_only: bool = False,
   ):
     self.directory = os.fspath(directory)
+    if '://' not in self.directory:  # Orbax rejects relative paths; cloud paths (gs://...) stay as given
+      self.directory = os.path.abspath(os.path.expanduser(self.directory))
     self.save_interval_steps = int(save_interval_steps)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,

@@ -384,3 +384,13 @@ def test_imagenet_configs_follow_the_recipes():
   small = load_config('clusterformer_small_imagenet.py', 'official')
   assert (small.batch_size, small.optim.base_lr, small.optim.min_lr_ratio) == (512, 1e-4, 1e-2)
   assert small.model.name == 'clusterformer_small_official'
+
+
+def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
+  """The README's quickstart passes a relative --workdir; Orbax itself only takes absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  ckpt = checkpointing.Checkpointer('runs/rel/checkpoints', async_save=False)
+  ckpt.save(3, {'w': np.arange(4.0)}, force=True)
+  ckpt.close()
+  assert ckpt.directory == str(tmp_path / 'runs' / 'rel' / 'checkpoints')
+  assert (tmp_path / 'runs' / 'rel' / 'checkpoints' / '3').is_dir()

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from clusterformer_jax.models.clustering import (
     ClusteringMixer,
+    ModelConfigError,
     torch_default_bias_init,
     torch_default_kernel_init,
 )
@@ -136,19 +137,19 @@ class ClusterFormerBackbone(nn.Module):
     def _validate(self, images: jax.Array) -> None:
         lengths = {len(v) for v in (self.depths, self.dims, self.mlp_ratios, self.num_heads, self.window_counts)}
         if lengths != {4}:
-            raise ValueError("model fields depths/dims/mlp_ratios/num_heads/window_counts need 4 entries each")
+            raise ModelConfigError("model fields depths/dims/mlp_ratios/num_heads/window_counts need 4 entries each")
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
+            raise ModelConfigError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
         size = list(images.shape[1:3])
         if size[0] % 4 or size[1] % 4:
-            raise ValueError(f"input {size[0]}x{size[1]} must be a multiple of 4 (the stem is conv k4 s4)")
+            raise ModelConfigError(f"input {size[0]}x{size[1]} must be a multiple of 4 (the stem is conv k4 s4)")
         for stage, count in enumerate(self.window_counts):
             if stage:
                 size = [(s + 1) // 2 for s in size]
             else:
                 size = [s // 4 for s in size]
             if count > 1 and (size[0] % count or size[1] % count):
-                raise ValueError(
+                raise ModelConfigError(
                     f"input {images.shape[1]}x{images.shape[2]}: stage {stage + 1} map {size[0]}x{size[1]} is "
                     f"not divisible by window count {count}; set model.window_counts to divisors of the "
                     "stage sizes (e.g. [8,4,2,1] for 224, [32,16,8,4] for 512)"
@@ -214,7 +215,7 @@ class ClusterFormer(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         if self.head not in HEADS:
-            raise ValueError(f"model field head={self.head!r} is not one of {HEADS}")
+            raise ModelConfigError(f"model field head={self.head!r} is not one of {HEADS}")
         feats = ClusterFormerBackbone(
             drop_rate=self.drop_rate, dtype=self.dtype, name="backbone", **(self.backbone or {})
         )(images, train)

@@ -26,6 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+
+
+class ModelConfigError(ValueError):
+    """A model field or input shape that cannot work; the trainer reports it as a one-line config error."""
+
+
 ESTEP_AXES = ("clusters", "tokens")
 MSTEPS = ("sum", "mean")
 DISPATCHES = ("official", "paper")
@@ -266,11 +272,11 @@ class ClusteringMixer(nn.Module):
             ("partition", self.partition, PARTITIONS),
         ):
             if value not in allowed:
-                raise ValueError(f"model field {field}={value!r} is not one of {allowed}")
+                raise ModelConfigError(f"model field {field}={value!r} is not one of {allowed}")
         if self.num_iters < 1:
-            raise ValueError(f"model field num_iters={self.num_iters} must be >= 1")
+            raise ModelConfigError(f"model field num_iters={self.num_iters} must be >= 1")
         if h % self.windows or w % self.windows:
-            raise ValueError(
+            raise ModelConfigError(
                 f"a {h}x{w} feature map is not divisible by window count {self.windows}; "
                 "choose window_counts that divide every stage's size (e.g. [8,4,2,1] for 224 inputs)"
             )

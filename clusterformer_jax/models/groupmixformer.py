@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from clusterformer_jax.models.clusterformer import DropPath, Mlp, conv
-from clusterformer_jax.models.clustering import torch_default_bias_init, torch_default_kernel_init
+from clusterformer_jax.models.clustering import ModelConfigError, torch_default_bias_init, torch_default_kernel_init
 from clusterformer_jax.models.registry import register_model
 
 Dtype = Any
@@ -256,10 +256,10 @@ class GMABlock(nn.Module):
 
 def _check_dims(dims: Sequence[int], depths: Sequence[int], mlp_ratios: Sequence[float]) -> None:
     if not len(dims) == len(depths) == len(mlp_ratios) == 4:
-        raise ValueError("model fields dims/depths/mlp_ratios need 4 entries each")
+        raise ModelConfigError("model fields dims/depths/mlp_ratios need 4 entries each")
     for dim in dims:
         if dim % SEGMENTS or (dim // SEGMENTS * (SEGMENTS - 1)) % NUM_HEADS:
-            raise ValueError(
+            raise ModelConfigError(
                 f"model dim {dim} is invalid: every entry of model.dims must be a multiple of 10 "
                 "(5 equal segments, and 4/5 of the width split over 8 heads)"
             )
@@ -286,7 +286,7 @@ class GroupMixFormerBackbone(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False) -> Dict[str, List[jax.Array]]:
         _check_dims(self.dims, self.depths, self.mlp_ratios)
         if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
+            raise ModelConfigError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
         x = ConvStem(self.dims[0], self.dtype, name="conv_stem")(images.astype(self.dtype), train)
         block_cls = nn.remat(GMABlock, static_argnums=(2,)) if self.remat else GMABlock
         total = sum(self.depths)

@@ -116,3 +116,5 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
 # Peer backbones register their presets on import; they import register_model, so this comes last.
 from clusterformer_jax.models import groupmixformer  # noqa: E402,F401
+from clusterformer_jax.models import context_cluster  # noqa: E402,F401
+from clusterformer_jax.models import paca_vit  # noqa: E402,F401

@@ -36,6 +36,7 @@ from clusterformer_jax import optim
 from clusterformer_jax import sharding
 from clusterformer_jax.data import pipeline as input_pipeline
 from clusterformer_jax.models import registry as model_registry
+from clusterformer_jax.models.clustering import ModelConfigError
 from clusterformer_jax.tasks import registry as task_registry
 from clusterformer_jax.tasks.base import Task
 from clusterformer_jax.trainers.errors import ConfigError, NonFiniteError
@@ -144,7 +145,10 @@ def build(
         rng=state_rng,
     )
 
-  abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  try:
+    abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  except ModelConfigError as e:  # e.g. window counts that do not divide this input size
+    raise ConfigError(f'model {config.model.name}: {e}') from None
   min_size = int(config.sharding.fsdp_min_size)
   repl = sharding.replicated(mesh)
   state_shardings = TrainState(

@@ -1,0 +1,109 @@
+"""Context Cluster on ImageNet-1k with the published timm recipe, or on the quickstart digits.
+
+  python -m clusterformer_jax.main --config=configs/coc_imagenet.py:coc_small \
+      --config.input.data_dir=DATA_DIR --config.input.manual_dir=MANUAL_DIR --workdir=WORKDIR
+  python -m clusterformer_jax.main --config=configs/coc_imagenet.py:coc_tiny2,quickstart --workdir=WORKDIR
+
+The argument is MODEL[,quickstart], MODEL one of coc_tiny, coc_tiny2, coc_tiny_plain, coc_small, coc_medium,
+coc_base_dim64, coc_base_dim96. Extra model overrides defined here: --config.model.kwargs.folds=8,4,2,1,
+--config.model.kwargs.proposals=2,2,2,2, --config.model.kwargs.denominator=count.
+
+Recipe (seed_systems.md §3.5, upstream train.py defaults + README): AdamW lr 1e-3 per 1024 images (8 x 128),
+weight decay 0.05 (not on biases / norms / layer scales), eps 1e-8, no gradient clipping; 5 warmup epochs from
+1e-6, cosine to 1e-6. timm runs 300 epochs plus 10 cooldown epochs at the minimum lr; this trainer has no
+flat cooldown, so the cosine spans all 310. RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,
+Mixup 0.8 / CutMix 1.0 (prob 1.0, switch 0.5), label smoothing 0.1, flips; eval bicubic, crop 0.9.
+Drop-path 0.1 (the model presets). Deviations the trainer imposes: train interpolation bicubic (timm:
+random), and the 1-element sim_alpha / sim_beta are decayed (timm exempts every 1-D parameter).
+
+Quickstart: configs/quickstart.py with this model (32x32 digits, stage maps 8/4/2/1); coc_tiny2's folds
+(7, 7, 1, 1) do not divide those maps, so it runs with folds (1, 1, 1, 1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+MODELS = ('coc_tiny', 'coc_tiny2', 'coc_tiny_plain', 'coc_small', 'coc_medium', 'coc_base_dim64',
+          'coc_base_dim96')
+QUICKSTART_FOLDS = {'coc_tiny2': (1, 1, 1, 1)}
+
+
+def _load(name: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'clusterformer_configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _parse(arg: str | None) -> tuple[str, bool]:
+  parts = [p.strip() for p in (arg or 'coc_tiny').split(',') if p.strip()]
+  model, modes = parts[0], parts[1:]
+  if model not in MODELS or any(m != 'quickstart' for m in modes):
+    raise ValueError(f"config argument must be MODEL[,quickstart] with MODEL in {', '.join(MODELS)}; got {arg!r}")
+  return model, bool(modes)
+
+
+def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
+  config.model.kwargs.folds = placeholder(tuple)
+  config.model.kwargs.proposals = placeholder(tuple)
+  config.model.kwargs.denominator = placeholder(str)  # 'similarity' (current) | 'count' (before 2023-05-31)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  model, quickstart = _parse(arg)
+  if quickstart:
+    config = _load('quickstart').get_config()
+    config.model.name = model
+    _add_model_kwargs(config)
+    config.model.kwargs.folds = QUICKSTART_FOLDS.get(model)
+    return config
+
+  config = _load('common').get_config()
+  config.model.name = model
+  _add_model_kwargs(config)
+
+  config.input.dataset = 'imagenet2012'
+  config.input.train_split = 'train'
+  config.input.eval_split = 'validation'
+  config.input.image_size = 224
+  config.input.train_augment = 'inception_crop'
+  config.input.hflip = True
+  config.input.randaugment = 'rand-m9-mstd0.5-inc1'
+  config.input.random_erase_prob = 0.25
+  config.input.eval_crop_pct = 0.9
+  config.input.resize_method = 'bicubic'
+  config.input.num_threads = 16
+
+  config.batch_size = 1024
+  config.num_epochs = 310.0
+  config.num_train_steps = -1
+  config.log_every_steps = 100
+  config.eval_every_steps = -1
+  config.checkpoint.every_steps = 1000
+
+  config.optim.base_lr = 1e-3
+  config.optim.lr_base_batch_size = 1024
+  config.optim.warmup_epochs = 5.0
+  config.optim.warmup_steps = -1
+  config.optim.warmup_start_ratio = 1e-3  # warmup-lr 1e-6
+  config.optim.min_lr_ratio = 1e-3  # min-lr 1e-6
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.amsgrad = False
+  config.optim.weight_decay = 0.05
+  config.optim.weight_decay_mask = 'no_bias_norm'
+  config.optim.grad_clip_norm = 0.0
+
+  config.classification.label_smoothing = 0.1
+  config.classification.mixup_alpha = 0.8
+  config.classification.cutmix_alpha = 1.0
+  config.classification.mix_prob = 1.0
+  config.classification.switch_prob = 0.5
+  return config

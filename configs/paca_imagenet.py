@@ -1,0 +1,111 @@
+"""PaCa-ViT on ImageNet-1k with the published timm recipe, or on the quickstart digits.
+
+  python -m clusterformer_jax.main --config=configs/paca_imagenet.py:paca_small \
+      --config.input.data_dir=DATA_DIR --config.input.manual_dir=MANUAL_DIR --workdir=WORKDIR
+  python -m clusterformer_jax.main --config=configs/paca_imagenet.py:paca_tiny,quickstart --workdir=WORKDIR
+
+The argument is MODEL[,quickstart]: paca_tiny / paca_small / paca_base (conv clustering, clusters
+100/100/100/0, stage-wise) or an upstream name: pacavit_{tiny,small,base}_p2cconv_100_0,
+pacavit_small_p2cmlp_100_0, pacavit_small_p2cconv_{2_0,49_0,49_100,100_49,100,100_blockwise}. Extra
+model overrides defined here: --config.model.kwargs.clusters=100,100,100,0,
+--config.model.kwargs.onsite=0,0,0,0, --config.model.kwargs.clustering=mlp.
+
+Recipe (seed_systems.md §4.5, classification/configs/imagenet_vit_adamw.yml): batch 1024 (8 x 128), AdamW
+lr 5e-4 per 512 images (1e-3 at 1024), betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (not on biases /
+norms), no gradient clipping; 5 warmup epochs from 1e-6, cosine to 1e-5 over 300 epochs (no cooldown).
+RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0 (prob 1.0, switch 0.5),
+label smoothing 0.1, bicubic, flips; eval crop 0.9 bicubic. Drop-path from the presets (T 0.1, S 0.1,
+B 0.5). No EMA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+MODELS = (
+    'paca_tiny', 'paca_small', 'paca_base',
+    'pacavit_tiny_p2cconv_100_0', 'pacavit_small_p2cconv_100_0', 'pacavit_base_p2cconv_100_0',
+    'pacavit_small_p2cmlp_100_0', 'pacavit_small_p2cconv_2_0', 'pacavit_small_p2cconv_49_0',
+    'pacavit_small_p2cconv_49_100', 'pacavit_small_p2cconv_100_49', 'pacavit_small_p2cconv_100',
+    'pacavit_small_p2cconv_100_blockwise',
+)
+
+
+def _load(name: str):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'clusterformer_configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _parse(arg: str | None) -> tuple[str, bool]:
+  parts = [p.strip() for p in (arg or 'paca_tiny').split(',') if p.strip()]
+  model, modes = parts[0], parts[1:]
+  if model not in MODELS or any(m != 'quickstart' for m in modes):
+    raise ValueError(f"config argument must be MODEL[,quickstart] with MODEL in {', '.join(MODELS)}; got {arg!r}")
+  return model, bool(modes)
+
+
+def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
+  config.model.kwargs.clusters = placeholder(tuple)  # per stage; 0 = plain MHSA
+  config.model.kwargs.onsite = placeholder(tuple)  # 0 stage-wise, 1 block-wise, k every k blocks
+  config.model.kwargs.clustering = placeholder(str)  # 'conv' | 'mlp' | 'linear'
+  config.model.kwargs.attn_drop_rate = placeholder(float)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  model, quickstart = _parse(arg)
+  if quickstart:
+    config = _load('quickstart').get_config()
+    config.model.name = model
+    _add_model_kwargs(config)
+    return config
+
+  config = _load('common').get_config()
+  config.model.name = model
+  _add_model_kwargs(config)
+
+  config.input.dataset = 'imagenet2012'
+  config.input.train_split = 'train'
+  config.input.eval_split = 'validation'
+  config.input.image_size = 224
+  config.input.train_augment = 'inception_crop'
+  config.input.hflip = True
+  config.input.randaugment = 'rand-m9-mstd0.5-inc1'
+  config.input.random_erase_prob = 0.25
+  config.input.eval_crop_pct = 0.9
+  config.input.resize_method = 'bicubic'
+  config.input.num_threads = 16
+
+  config.batch_size = 1024
+  config.num_epochs = 300.0
+  config.num_train_steps = -1
+  config.log_every_steps = 100
+  config.eval_every_steps = -1
+  config.checkpoint.every_steps = 1000
+
+  config.optim.base_lr = 5e-4
+  config.optim.lr_base_batch_size = 512
+  config.optim.warmup_epochs = 5.0
+  config.optim.warmup_steps = -1
+  config.optim.warmup_start_ratio = 1e-3  # warmup_lr 5e-7 per 512 -> 1e-6
+  config.optim.min_lr_ratio = 1e-2  # min_lr 5e-6 per 512 -> 1e-5
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-8
+  config.optim.amsgrad = False
+  config.optim.weight_decay = 0.05
+  config.optim.weight_decay_mask = 'no_bias_norm'
+  config.optim.grad_clip_norm = 0.0
+
+  config.classification.label_smoothing = 0.1
+  config.classification.mixup_alpha = 0.8
+  config.classification.cutmix_alpha = 1.0
+  config.classification.mix_prob = 1.0
+  config.classification.switch_prob = 0.5
+  return config
