@@ -92,3 +92,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.classification.mix_prob = 1.0  # probability a batch is mixed at all
   config.classification.switch_prob = 0.5  # probability of CutMix instead of Mixup when both are on
   return config
+
+
+def set_imagenet_input(config: ml_collections.ConfigDict, eval_crop_pct: float) -> ml_collections.ConfigDict:
+  """tfds imagenet2012 with the augmentation every published recipe here shares: bicubic inception crop,
+  flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25; eval resize + centre crop ``eval_crop_pct``.
+  (The optimizer, schedule and Mixup/CutMix defaults above are already the DeiT/Swin ImageNet ones.)"""
+  config.input.dataset = 'imagenet2012'
+  config.input.train_split = 'train'
+  config.input.eval_split = 'validation'
+  config.input.image_size = 224
+  config.input.train_augment = 'inception_crop'
+  config.input.hflip = True
+  config.input.randaugment = 'rand-m9-mstd0.5-inc1'
+  config.input.random_erase_prob = 0.25
+  config.input.eval_crop_pct = eval_crop_pct
+  config.input.resize_method = 'bicubic'
+  config.input.num_threads = 16
+  return config

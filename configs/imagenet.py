@@ -37,43 +37,11 @@ def imagenet_config(variant: str, arg: str | None) -> ml_collections.ConfigDict:
   recipe = (arg or 'paper').strip().lower()
   if recipe not in ('paper', 'official'):
     raise ValueError(f"config argument must be 'paper' or 'official', got {arg!r}")
-  config = _common().get_config()
+  common = _common()
+  config = common.set_imagenet_input(common.get_config(), eval_crop_pct=224 / 248)
   config.model.name = f'clusterformer_{variant}'
 
-  config.input.dataset = 'imagenet2012'
-  config.input.train_split = 'train'
-  config.input.eval_split = 'validation'
-  config.input.image_size = 224
-  config.input.train_augment = 'inception_crop'
-  config.input.hflip = True
-  config.input.randaugment = 'rand-m9-mstd0.5-inc1'
-  config.input.random_erase_prob = 0.25
-  config.input.eval_crop_pct = 224 / 248
-  config.input.resize_method = 'bicubic'
-  config.input.num_threads = 16
-
-  config.batch_size = 1024
-  config.num_epochs = 300.0
-  config.num_train_steps = -1  # derived: num_epochs * 1,281,167 train images (tfds) / batch_size
-  config.log_every_steps = 100
-  config.eval_every_steps = -1  # once per epoch, over all 50,000 validation images
-  config.checkpoint.every_steps = 1000
-
-  config.optim.base_lr = 1e-3
   config.optim.lr_base_batch_size = 1024
-  config.optim.warmup_epochs = 20.0
-  config.optim.warmup_start_ratio = 1e-3
-  config.optim.min_lr_ratio = 1e-2
-  config.optim.weight_decay = 0.05
-  config.optim.weight_decay_mask = 'no_bias_norm'
-  config.optim.grad_clip_norm = 5.0
-  config.optim.amsgrad = False
-
-  config.classification.label_smoothing = 0.1
-  config.classification.mixup_alpha = 0.8
-  config.classification.cutmix_alpha = 1.0
-  config.classification.mix_prob = 1.0
-  config.classification.switch_prob = 0.5
 
   if recipe == 'official':
     batch, lr, min_ratio = _OFFICIAL[variant]

@@ -66,46 +66,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     _add_model_kwargs(config)
     return config
 
-  config = _load('common').get_config()
+  common = _load('common')
+  config = common.set_imagenet_input(common.get_config(), eval_crop_pct=0.9)
   config.model.name = model
   _add_model_kwargs(config)
-
-  config.input.dataset = 'imagenet2012'
-  config.input.train_split = 'train'
-  config.input.eval_split = 'validation'
-  config.input.image_size = 224
-  config.input.train_augment = 'inception_crop'
-  config.input.hflip = True
-  config.input.randaugment = 'rand-m9-mstd0.5-inc1'
-  config.input.random_erase_prob = 0.25
-  config.input.eval_crop_pct = 0.9
-  config.input.resize_method = 'bicubic'
-  config.input.num_threads = 16
-
-  config.batch_size = 1024
-  config.num_epochs = 300.0
-  config.num_train_steps = -1
-  config.log_every_steps = 100
-  config.eval_every_steps = -1
-  config.checkpoint.every_steps = 1000
 
   config.optim.base_lr = 5e-4
   config.optim.lr_base_batch_size = 512
   config.optim.warmup_epochs = 5.0
-  config.optim.warmup_steps = -1
-  config.optim.warmup_start_ratio = 1e-3  # warmup_lr 5e-7 per 512 -> 1e-6
-  config.optim.min_lr_ratio = 1e-2  # min_lr 5e-6 per 512 -> 1e-5
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.eps = 1e-8
-  config.optim.amsgrad = False
-  config.optim.weight_decay = 0.05
-  config.optim.weight_decay_mask = 'no_bias_norm'
   config.optim.grad_clip_norm = 0.0
-
-  config.classification.label_smoothing = 0.1
-  config.classification.mixup_alpha = 0.8
-  config.classification.cutmix_alpha = 1.0
-  config.classification.mix_prob = 1.0
-  config.classification.switch_prob = 0.5
   return config
