@@ -388,9 +388,9 @@ def test_converter_errors_name_the_key(tmp_path, monkeypatch):
     assert message.startswith("error: checkpoint") and "\n" not in message
     with pytest.raises(ValueError, match="needs PyTorch|unsupported"):
         if importlib.util.find_spec("torch") is None:
-            conv.load_state_dict(str(tmp_path / "x.pth"))
+            conv.read_checkpoint(str(tmp_path / "x.pth"))
         else:
-            conv.load_state_dict(str(tmp_path / "x.ckpt"))
+            conv.read_checkpoint(str(tmp_path / "x.ckpt"))
 
 
 def test_pth_checkpoint_when_torch_is_installed(tmp_path):
@@ -400,7 +400,7 @@ def test_pth_checkpoint_when_torch_is_installed(tmp_path):
     path = str(tmp_path / "groupmixformer.pth")
     torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}}, path)
     model = gmf.GroupMixFormer(dims=(20, 30, 40, 40), depths=(1, 1, 1, 1))
-    variables = conv.state_dict_to_flax(conv.load_state_dict(path), _abstract(model, (1, 32, 32, 3)))
+    variables = conv.state_dict_to_flax(conv.read_checkpoint(path), _abstract(model, (1, 32, 32, 3)))
     np.testing.assert_array_equal(conv.flax_to_state_dict(variables)["head.weight"], sd["head.weight"])
 
 

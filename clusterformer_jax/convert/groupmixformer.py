@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from clusterformer_jax.convert.mmcls_clusterformer import load_flax_params, save_flax_params
+from clusterformer_jax.convert.mmcls_clusterformer import load_flax_params, read_checkpoint, save_flax_params
 
 Variables = Dict[str, Any]
 _LEAVES = {
@@ -41,7 +41,7 @@ __all__ = [
     "torch_key",
     "flax_to_state_dict",
     "state_dict_to_flax",
-    "load_state_dict",
+    "read_checkpoint",
     "convert",
     "save_flax_params",
     "load_flax_params",
@@ -133,22 +133,6 @@ def state_dict_to_flax(state_dict: Mapping[str, Any], abstract_variables: Mappin
     return {c: traverse_util.unflatten_dict(leaves) for c, leaves in out.items() if leaves}
 
 
-def load_state_dict(path: str) -> Dict[str, np.ndarray]:
-    """Reads a flat ``.safetensors`` state_dict, or an official ``.pth`` (``{'model': ...}``) with PyTorch."""
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    if path.endswith((".pth", ".pt", ".bin")):
-        try:
-            import torch
-        except ImportError as err:
-            raise ValueError(f"reading {path} needs PyTorch installed; or convert it to .safetensors") from err
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-        return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "numpy")}
-    raise ValueError(f"unsupported checkpoint file {path}: expected .pth or .safetensors")
-
 
 def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides: Any) -> Variables:
     """Converts an official checkpoint into the variables of registry preset ``model_name``."""
@@ -158,7 +142,7 @@ def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides
     model = create_model(model_name, **overrides)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, images))
-    return state_dict_to_flax(load_state_dict(checkpoint), abstract)
+    return state_dict_to_flax(read_checkpoint(checkpoint), abstract)
 
 
 def main() -> None:

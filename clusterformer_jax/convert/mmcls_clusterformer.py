@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -106,23 +106,30 @@ def state_dict_to_flax(state_dict: Mapping[str, np.ndarray], abstract_params: Pa
     return traverse_util.unflatten_dict(out)
 
 
-def load_state_dict(path: str) -> Dict[str, np.ndarray]:
-    """Reads a ``.safetensors`` file, or an mmcls ``.pth`` checkpoint when PyTorch is installed."""
+def read_checkpoint(path: str, entry: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """A flat state_dict from ``.safetensors``, or from a PyTorch file (needs torch).
+
+    PyTorch files may hold the state_dict itself or a dict with it under ``entry`` (default: 'state_dict',
+    then 'model', then the file itself).
+    """
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
         return load_file(path)
-    if path.endswith((".pth", ".pt", ".bin")):
-        try:
-            import torch
-        except ImportError as err:
-            raise ValueError(
-                f"reading {path} needs PyTorch (pip install torch==2.13.0); or convert it to .safetensors"
-            ) from err
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
-        return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
-    raise ValueError(f"unsupported checkpoint file {path}: expected .pth or .safetensors")
+    if not path.endswith((".pth", ".pt", ".bin", ".tar")):
+        raise ValueError(f"unsupported checkpoint file {path}: expected .pth, .pth.tar or .safetensors")
+    try:
+        import torch
+    except ImportError as err:
+        raise ValueError(f"reading {path} needs PyTorch (pip install torch); or convert it to .safetensors") from err
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if entry is not None:
+        if entry not in ckpt:
+            raise ValueError(f"checkpoint {path} has no entry {entry!r}; it has {sorted(ckpt)}")
+        state = ckpt[entry]
+    else:
+        state = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
 
 
 def save_flax_params(params: Params, path: str) -> None:
@@ -145,7 +152,7 @@ def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides
     model = create_model(model_name, **overrides)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, images))["params"]
-    return state_dict_to_flax(load_state_dict(checkpoint), abstract)
+    return state_dict_to_flax(read_checkpoint(checkpoint), abstract)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from clusterformer_jax.convert.mmcls_clusterformer import save_flax_params
+from clusterformer_jax.convert.mmcls_clusterformer import read_checkpoint, save_flax_params
 
 Params = Dict[str, Any]
 Path = Tuple[str, ...]
@@ -115,31 +115,6 @@ def fill_params(state_dict: Mapping[str, Any], abstract_params: Params, key_fn: 
         out[path] = jnp.asarray(value, flat[path].dtype)
     return traverse_util.unflatten_dict(out)
 
-
-def read_checkpoint(path: str, entry: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """A flat state_dict from ``.safetensors``, or from a PyTorch file (needs torch).
-
-    PyTorch files may hold the state_dict itself or a dict with it under ``entry`` (default: 'state_dict',
-    then 'model', then the file itself).
-    """
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    if not path.endswith((".pth", ".pt", ".bin", ".tar")):
-        raise ValueError(f"unsupported checkpoint file {path}: expected .pth, .pth.tar or .safetensors")
-    try:
-        import torch
-    except ImportError as err:
-        raise ValueError(f"reading {path} needs PyTorch (pip install torch); or convert it to .safetensors") from err
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if entry is not None:
-        if entry not in ckpt:
-            raise ValueError(f"checkpoint {path} has no entry {entry!r}; it has {sorted(ckpt)}")
-        state = ckpt[entry]
-    else:
-        state = ckpt.get("state_dict", ckpt.get("model", ckpt))
-    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
 
 
 def abstract_params_of(model_name: str, image_size: int, **overrides: Any) -> Params:
