@@ -19,16 +19,20 @@ with '/'-joined keys ('params/backbone/conv_stem/proj1/kernel', 'batch_stats/nor
 
 from __future__ import annotations
 
-import argparse
 import re
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from clusterformer_jax.convert.mmcls_clusterformer import load_flax_params, read_checkpoint, save_flax_params
+from clusterformer_jax.convert.mmcls_clusterformer import (
+    load_flax_params,
+    read_checkpoint,
+    run_converter_cli,
+    save_flax_params,
+)
 
 Variables = Dict[str, Any]
 _LEAVES = {
@@ -145,19 +149,8 @@ def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides
     return state_dict_to_flax(read_checkpoint(checkpoint), abstract)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help=".pth (needs torch) or .safetensors")
-    parser.add_argument("--model", default="gmf_small", help="gmf_miny | gmf_tiny | gmf_small | gmf_base | gmf_large")
-    parser.add_argument("--output", required=True, help="output .safetensors with '/'-joined Flax variable keys")
-    args = parser.parse_args()
-    try:
-        variables = convert(args.checkpoint, args.model)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}")
-    save_flax_params(variables, args.output)
-    count = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables["params"]))
-    print(f"wrote {args.output}: {count:,} parameters (+ BatchNorm statistics) for {args.model}")
+def main(argv: Optional[list[str]] = None) -> None:
+    run_converter_cli(__doc__.split("\n")[0], convert, "gmf_small", argv)
 
 
 if __name__ == "__main__":

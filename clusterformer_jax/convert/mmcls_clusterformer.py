@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -155,19 +155,33 @@ def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides
     return state_dict_to_flax(read_checkpoint(checkpoint), abstract)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_converter_cli(
+    description: str,
+    convert_fn: Callable[..., Params],
+    default_model: str,
+    argv: Optional[list[str]] = None,
+    with_ema: bool = False,
+) -> None:
+    """The shared ``--checkpoint/--model/--output`` command line of every converter in this package."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--checkpoint", required=True, help=".pth (needs torch) or .safetensors")
-    parser.add_argument("--model", default="clusterformer_tiny_official")
-    parser.add_argument("--output", required=True, help="output .safetensors with Flax-path keys")
-    args = parser.parse_args()
+    parser.add_argument("--model", default=default_model, help="registry preset")
+    parser.add_argument("--output", required=True, help="output .safetensors with '/'-joined Flax keys")
+    if with_ema:
+        parser.add_argument("--ema", action="store_true", help="take the checkpoint's state_dict_ema")
+    args = parser.parse_args(argv)
     try:
-        params = convert(args.checkpoint, args.model)
+        tree = convert_fn(args.checkpoint, args.model, **({"ema": args.ema} if with_ema else {}))
     except ValueError as err:
         raise SystemExit(f"error: {err}")
-    save_flax_params(params, args.output)
+    save_flax_params(tree, args.output)
+    params = tree.get("params", tree)  # variables with BatchNorm statistics, or plain params
     count = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
     print(f"wrote {args.output}: {count:,} parameters for {args.model}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    run_converter_cli(__doc__.split("\n")[0], convert, "clusterformer_tiny_official", argv)
 
 
 if __name__ == "__main__":

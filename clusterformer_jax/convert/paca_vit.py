@@ -24,14 +24,12 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import jax
 import numpy as np
 
-from clusterformer_jax.convert.mmcls_clusterformer import save_flax_params
+from clusterformer_jax.convert.mmcls_clusterformer import run_converter_cli
 from clusterformer_jax.convert.timm_context_cluster import (
     Params,
     Path,
@@ -114,18 +112,7 @@ def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help=".pth (needs torch) or .safetensors")
-    parser.add_argument("--model", default="pacavit_tiny_p2cconv_100_0", help="registry preset")
-    parser.add_argument("--output", required=True, help="output .safetensors with Flax-path keys")
-    args = parser.parse_args(argv)
-    try:
-        params = convert(args.checkpoint, args.model)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}")
-    save_flax_params(params, args.output)
-    count = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.output}: {count:,} parameters for {args.model}")
+    run_converter_cli(__doc__.split("\n")[0], convert, "pacavit_tiny_p2cconv_100_0", argv)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Flax-path keys ('backbone/stage_0_block_0/...') that ``config.init_from`` reads.
 
 from __future__ import annotations
 
-import argparse
 import re
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from clusterformer_jax.convert.mmcls_clusterformer import read_checkpoint, save_flax_params
+from clusterformer_jax.convert.mmcls_clusterformer import read_checkpoint, run_converter_cli
 
 Params = Dict[str, Any]
 Path = Tuple[str, ...]
@@ -177,19 +176,7 @@ def convert(checkpoint: str, model_name: str, image_size: int = 224, ema: bool =
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help=".pth / .pth.tar (needs torch) or .safetensors")
-    parser.add_argument("--model", default="coc_tiny", help="registry preset, e.g. coc_small")
-    parser.add_argument("--output", required=True, help="output .safetensors with Flax-path keys")
-    parser.add_argument("--ema", action="store_true", help="take the checkpoint's state_dict_ema")
-    args = parser.parse_args(argv)
-    try:
-        params = convert(args.checkpoint, args.model, ema=args.ema)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}")
-    save_flax_params(params, args.output)
-    count = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.output}: {count:,} parameters for {args.model}")
+    run_converter_cli(__doc__.split("\n")[0], convert, "coc_tiny", argv, with_ema=True)
 
 
 if __name__ == "__main__":
