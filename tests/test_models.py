@@ -113,7 +113,8 @@ def _torch_layout(params):
 
 @pytest.mark.parametrize(
     "variant,windows,size,center_hw",
-    [("clusters", 2, 8, (10, 10)), ("clusters", 1, 6, (3, 3)), ("tokens", 2, 8, (5, 5))],
+    # 2x2 maps pooled to 4x4 centers give identical centers, so the dispatch argmax meets exact ties
+    [("clusters", 2, 8, (10, 10)), ("clusters", 1, 6, (3, 3)), ("tokens", 2, 8, (5, 5)), ("clusters", 2, 4, (4, 4))],
 )
 def test_raw_mixer_matches_released_forward(variant, windows, size, center_hw):
     dim, heads, e = 12, 2, 8
@@ -131,6 +132,53 @@ def test_raw_mixer_matches_released_forward(variant, windows, size, center_hw):
     )
     np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), rtol=2e-4, atol=2e-5)
     assert centers.shape == (2, windows * windows * center_hw[0] * center_hw[1], heads * e)
+
+
+def _dense_dispatch(token_dirs, center_dirs, alpha, beta, values, center_values):
+    """The released dispatch as written there: sim * one-hot mask and two dense K x N x e products."""
+    sim = jax.nn.sigmoid(beta + alpha * jnp.einsum("gke,gne->gkn", center_dirs, token_dirs))
+    mask = jax.nn.one_hot(jnp.argmax(sim, axis=1), center_dirs.shape[1], axis=1)
+    sim = sim * mask
+    agg = (jnp.einsum("gkn,gne->gke", sim, values) + center_values) / (mask.sum(2, keepdims=True) + 1.0)
+    return jnp.einsum("gkn,gke->gne", sim, agg)
+
+
+def test_gather_dispatch_equals_dense_form_with_gradients():
+    rng = np.random.RandomState(7)
+    g, k, n, e = 4, 9, 13, 5
+    dirs = [clustering.l2_normalize(jnp.asarray(rng.randn(g, m, e), jnp.float32)) for m in (n, k)]
+    dirs[1] = dirs[1].at[:, 3].set(dirs[1][:, 1])  # duplicate centers: ties must go to the first index
+    values, center_values = (jnp.asarray(rng.randn(g, m, e), jnp.float32) for m in (n, k))
+    args = (*dirs, jnp.array([2.5]), jnp.array([-0.4]), values, center_values)
+    np.testing.assert_allclose(clustering._hard_dispatch(*args), _dense_dispatch(*args), rtol=1e-5, atol=1e-6)
+    probe = jnp.asarray(rng.randn(g, n, e), jnp.float32)
+    grads = [
+        jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=tuple(range(6)))(*args)
+        for fn in (clustering._hard_dispatch, _dense_dispatch)
+    ]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_affine_sigmoid_vjp_equals_autodiff():
+    rng = np.random.RandomState(8)
+    cos, probe = (jnp.asarray(rng.uniform(-1, 1, (3, 7, 5)), jnp.float32) for _ in range(2))
+    alpha, beta = jnp.array([1.3]), jnp.array([0.2])
+    loss = lambda fn: lambda c, a, b: jnp.sum(fn(c, a, b) * probe)  # noqa: E731
+    got = jax.grad(loss(clustering.affine_sigmoid), argnums=(0, 1, 2))(cos, alpha, beta)
+    want = jax.grad(loss(lambda c, a, b: jax.nn.sigmoid(b + a * c)), argnums=(0, 1, 2))(cos, alpha, beta)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_em_remat_changes_no_number():
+    x = jnp.asarray(np.random.RandomState(9).randn(2, 8, 8, 12), jnp.float32)
+    grads = []
+    for remat in (False, True):
+        mixer = clustering.ClusteringMixer(12, 2, head_dim=6, windows=2, centers=(3, 3), em_remat=remat)
+        params = mixer.init(jax.random.PRNGKey(0), x)
+        grads.append(jax.grad(lambda p: jnp.sum(jnp.sin(mixer.apply(p, x)[0])))(params))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
 
 
 def test_spatial_windows_are_true_windows():
@@ -242,3 +290,11 @@ def test_cosine_normalisation_has_finite_gradient_at_zero():
     assert bool(jnp.all(jnp.isfinite(grad)))
     x = jnp.asarray([[3.0, 4.0], [1e-14, 0.0]])
     np.testing.assert_allclose(np.asarray(clustering.l2_normalize(x)), [[0.6, 0.8], [1e-2, 0.0]], rtol=1e-6)
+
+
+def test_gelu_is_the_exact_erf_form():
+    import math
+
+    x = np.linspace(-6, 6, 25).astype(np.float32)
+    want = [0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.astype(np.float64)]
+    np.testing.assert_allclose(clustering.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)

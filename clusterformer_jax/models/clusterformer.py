@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from clusterformer_jax.models.clustering import (
     ClusteringMixer,
     ModelConfigError,
+    gelu,
     torch_default_bias_init,
     torch_default_kernel_init,
 )
@@ -78,7 +79,7 @@ class Mlp(nn.Module):
         init = nn.initializers.truncated_normal(0.02)
         dim = x.shape[-1]
         x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=init, name="fc1")(x)
-        x = nn.Dropout(self.drop)(nn.gelu(x, approximate=False), deterministic)
+        x = nn.Dropout(self.drop)(gelu(x), deterministic)
         x = nn.Dense(dim, dtype=self.dtype, kernel_init=init, name="fc2")(x)
         return nn.Dropout(self.drop)(x, deterministic)
 
@@ -132,6 +133,7 @@ class ClusterFormerBackbone(nn.Module):
     drop_path_rate: float = 0.0
     layer_scale_init: float = 1e-5
     remat: bool = False
+    em_remat: bool = True
     dtype: Dtype = jnp.float32
 
     def _validate(self, images: jax.Array) -> None:
@@ -178,6 +180,7 @@ class ClusterFormerBackbone(nn.Module):
                 center_ffn=self.center_ffn,
                 dispatch=self.dispatch,
                 partition=self.partition,
+                em_remat=self.em_remat,
             )
             for block in range(depth):
                 rate = self.drop_path_rate * index / max(total - 1, 1)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clusterformer_jax.models.clustering import ModelConfigError
+from clusterformer_jax.models.clustering import ModelConfigError, gelu
 from clusterformer_jax.models.clusterformer import DropPath
 from clusterformer_jax.models.registry import register_model
 
@@ -76,11 +76,11 @@ class P2CConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        x = nn.gelu(_conv(c, self.kernel, 1, "dwconv", self.dtype, groups=c)(x), approximate=False)
+        x = gelu(_conv(c, self.kernel, 1, "dwconv", self.dtype, groups=c)(x))
         pw = lambda f, n, bias=True: nn.Dense(  # noqa: E731  1x1 convs with PaCa's conv init
             f, use_bias=bias, dtype=self.dtype, kernel_init=_conv_init(1, f), name=n
         )
-        x = nn.gelu(pw(c, "pwconv")(x), approximate=False)
+        x = gelu(pw(c, "pwconv")(x))
         x = pw(self.num_clusters, "to_clusters", False)(x)
         return x.reshape(b, h * w, self.num_clusters).transpose(0, 2, 1)
 
@@ -95,7 +95,7 @@ class P2CMlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        x = nn.gelu(_dense(int(c * self.mlp_ratio), "fc1", self.dtype)(x), approximate=False)
+        x = gelu(_dense(int(c * self.mlp_ratio), "fc1", self.dtype)(x))
         x = _dense(self.num_clusters, "fc2", self.dtype)(x)
         return x.reshape(b, h * w, self.num_clusters).transpose(0, 2, 1)
 
@@ -175,7 +175,7 @@ class PaCaMlp(nn.Module):
         h = _dense(self.hidden, "fc1", self.dtype)(x)
         dw = _conv(self.hidden, 3, 1, "dwconv", self.dtype, groups=self.hidden)(h.reshape(b, *hw, self.hidden))
         h = h + dw.reshape(b, n, self.hidden)
-        h = nn.Dropout(self.drop)(nn.gelu(h, approximate=False), deterministic)
+        h = nn.Dropout(self.drop)(gelu(h), deterministic)
         return nn.Dropout(self.drop)(_dense(c, "fc2", self.dtype)(h), deterministic)
 
 
