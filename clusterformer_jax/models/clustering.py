@@ -68,6 +68,42 @@ def pointwise(features: int, fan_in: int, name: str, dtype: Dtype) -> nn.Dense:
     )
 
 
+class DepthwiseConv(nn.Module):
+    """Depthwise k x k conv (PyTorch ``groups=channels``, symmetric padding (k-1)//2); nn.Conv's params.
+
+    Stride 1 runs as a sum of k*k shifted products, which XLA fuses into one loop: on CPU that is 30-50x
+    faster than its grouped ``conv_general_dilated`` forward and about 2x faster backward (same numbers).
+    """
+
+    kernel: int
+    stride: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = torch_default_kernel_init()
+    bias_init: Optional[Callable] = None  # None: PyTorch's default for fan_in = k*k
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, channels, pad = self.kernel, x.shape[-1], (self.kernel - 1) // 2
+        weight = self.param("kernel", self.kernel_init, (k, k, 1, channels)).astype(self.dtype)
+        x = x.astype(self.dtype)
+        if self.stride == 1 and k % 2:
+            height, width = x.shape[1:3]
+            padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+            out = sum(
+                padded[:, i : i + height, j : j + width, :] * weight[i, j, 0] for i in range(k) for j in range(k)
+            )
+        else:
+            out = jax.lax.conv_general_dilated(
+                x, weight, (self.stride,) * 2, ((pad, pad), (pad, pad)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
+            )
+        if self.use_bias:
+            bias_init = self.bias_init or torch_default_bias_init(k * k)
+            out = out + self.param("bias", bias_init, (channels,)).astype(self.dtype)
+        return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Adaptive average pooling with PyTorch's (possibly overlapping) bins.
 

@@ -28,7 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from clusterformer_jax.models.clusterformer import DropPath, Mlp, conv
-from clusterformer_jax.models.clustering import ModelConfigError, torch_default_bias_init, torch_default_kernel_init
+from clusterformer_jax.models.clustering import (
+    DepthwiseConv,
+    ModelConfigError,
+    torch_default_kernel_init,
+)
 from clusterformer_jax.models.registry import register_model
 
 Dtype = Any
@@ -66,21 +70,10 @@ def linear(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.
     )
 
 
-def depthwise_conv(channels: int, kernel: int, stride: int, use_bias: bool, name: str, dtype: Dtype) -> nn.Conv:
+def depthwise_conv(channels: int, kernel: int, stride: int, use_bias: bool, name: str, dtype: Dtype) -> nn.Module:
     """Depthwise k x k conv with symmetric padding k//2 (PyTorch ``groups=channels``) and default init."""
-    pad = kernel // 2
-    return nn.Conv(
-        channels,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        feature_group_count=channels,
-        use_bias=use_bias,
-        dtype=dtype,
-        kernel_init=torch_default_kernel_init(),
-        bias_init=torch_default_bias_init(kernel * kernel),
-        name=name,
-    )
+    del channels  # taken from the input
+    return DepthwiseConv(kernel, stride, use_bias, dtype, name=name)
 
 
 class SeparableConv(nn.Module):

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clusterformer_jax.models.clustering import ModelConfigError, gelu
+from clusterformer_jax.models.clustering import DepthwiseConv, ModelConfigError, gelu
 from clusterformer_jax.models.clusterformer import DropPath
 from clusterformer_jax.models.registry import register_model
 
@@ -41,8 +41,11 @@ def _conv_init(kernel: int, features: int, groups: int = 1) -> Callable:
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype, groups: int = 1,
-          use_bias: bool = True) -> nn.Conv:
+          use_bias: bool = True) -> nn.Module:
     """k x k conv with PyTorch's symmetric padding (k-1)/2 (never 'SAME', which pads stride-2 convs 0/1)."""
+    if groups == features and groups > 1:  # depthwise
+        init = _conv_init(kernel, features, groups)
+        return DepthwiseConv(kernel, stride, use_bias, dtype, init, nn.initializers.zeros, name=name)
     pad = (kernel - 1) // 2
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
