@@ -1,41 +1,61 @@
 """Backbone throughput: forward and train-step images/s, XLA FLOPs, MFU against a measured matmul peak.
 
-  python benchmarks/model_throughput.py                       # ClusterFormer presets, batch 8, 224
-  python benchmarks/model_throughput.py --models coc_tiny --batch 8 32 --sizes 224 448
+  python benchmarks/model_throughput.py                       # ClusterFormer-T presets, batch 8, 224
+  python benchmarks/model_throughput.py --models coc_tiny gmf_miny --batch 8 32 --sizes 224 448
+  python benchmarks/model_throughput.py --baseline 66645e6    # the same rows for an older commit, side by side
+  python benchmarks/model_throughput.py --torch swin_tiny_patch4_window7_224   # + timm, same run
 
 The peak is a float32 (or --dtype) 4096^3 matmul timed in the same process just before the models, so the
 MFU column is comparable across rows of one run. Each timing is the median of --repeats runs after a
-warm-up call. Prints a table and appends it to benchmarks/RESULTS.md with date, machine and versions.
+warm-up call. A train step is forward + backward + AdamW update with donated buffers. ``--baseline REV``
+checks REV out into a temporary git worktree and times the same models with that code in a subprocess
+right after this one, then prints the speed ratios. ``--torch NAME`` times timm's NAME (random init,
+PyTorch on CPU with all cores; needs benchmarks/requirements.txt) in the same process and reports its MFU
+against the same peak. Prints a table and appends it to benchmarks/RESULTS.md with date, machine and
+versions.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODELS = ("clusterformer_tiny_official", "clusterformer_tiny")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+def _code_root() -> str:
+    """The tree whose ``clusterformer_jax`` is benchmarked (a baseline worktree when --code-root is given)."""
+    if "--code-root" in sys.argv:
+        return os.path.abspath(sys.argv[sys.argv.index("--code-root") + 1])
+    return REPO
+
+
+sys.path.insert(0, _code_root())
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
 from clusterformer_jax.models.registry import create_model  # noqa: E402
-
-DEFAULT_MODELS = ("clusterformer_tiny_official", "clusterformer_tiny", "clusterformer_small_official",
-                  "clusterformer_small")
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up (compiled already)
+    fn()  # warm-up (compiled already)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -44,7 +64,7 @@ def matmul_peak(dtype, n: int = 4096, repeats: int = 3) -> float:
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     jax.block_until_ready(f(a))
-    return 2 * n**3 / _median_seconds(lambda: f(a), repeats)
+    return 2 * n**3 / _median_seconds(lambda: jax.block_until_ready(f(a)), repeats)
 
 
 def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
@@ -55,13 +75,16 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
     model = create_model(name, dtype=dtype, **kwargs)
     images = jnp.asarray(np.random.RandomState(0).rand(batch, size, size, 3), jnp.float32)
     variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, images[:1])
-    params = variables["params"]
+    params, extra = variables["params"], {k: v for k, v in variables.items() if k != "params"}
     tx = optax.adamw(1e-4)
     opt_state = tx.init(params)
     labels = jnp.zeros((batch,), jnp.int32)
+    mutable = list(extra)  # BatchNorm statistics update in training
 
     def loss_fn(p):
-        logits = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+        logits = model.apply({"params": p, **extra}, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
+                             mutable=mutable or False)
+        logits = logits[0] if mutable else logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     def train_step(p, o):
@@ -69,26 +92,69 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o
 
-    fwd = jax.jit(lambda p: model.apply({"params": p}, images)).lower(params).compile()
+    fwd = jax.jit(lambda p: model.apply({"params": p, **extra}, images)).lower(params).compile()
     step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
     fwd_flops = fwd.cost_analysis()["flops"]
     step_flops = step.cost_analysis()["flops"]
     memory = step.memory_analysis()
-    fwd_s = _median_seconds(lambda: fwd(params), repeats)
+    fwd_s = _median_seconds(lambda: jax.block_until_ready(fwd(params)), repeats)
     state = [params, opt_state]
 
     def run_step():
         state[0], state[1] = step(state[0], state[1])
-        return state[0]
+        jax.block_until_ready(state[0])
 
     step_s = _median_seconds(run_step, repeats)
     return dict(
         model=name, batch=batch, size=size, dtype=dtype,
         params=sum(x.size for x in jax.tree_util.tree_leaves(params)),
-        gflop_fwd=fwd_flops / batch / 1e9, fwd_s=fwd_s, fwd_ips=batch / fwd_s,
-        step_s=step_s, step_ips=batch / step_s,
-        fwd_flops_s=fwd_flops / fwd_s, step_flops_s=step_flops / step_s,
+        gflop_fwd=fwd_flops / batch / 1e9, fwd_s=fwd_s, step_s=step_s,
+        fwd_flops=fwd_flops, step_flops=step_flops,
         temp_mib=getattr(memory, "temp_size_in_bytes", 0) / 2**20,
+    )
+
+
+def bench_torch(name: str, batch: int, size: int, repeats: int) -> dict:
+    """timm ``name`` in PyTorch (random init, float32, all cores): forward and AdamW train step."""
+    import torch
+
+    # timm imports torchvision, whose CPU wheel pinned with torch 2.13 lacks these two operator schemas
+    # (benchmarks/requirements.txt); defining them lets torchvision import. timm models never call them.
+    if not hasattr(torch.ops, "torchvision") or not hasattr(torch.ops.torchvision, "nms"):
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        bench_torch._keep = lib
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(os.cpu_count())
+    model = timm.create_model(name, pretrained=False, img_size=size) if size != 224 else timm.create_model(name)
+    images = torch.rand(batch, 3, size, size)
+    labels = torch.zeros(batch, dtype=torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def forward():
+        with torch.inference_mode():
+            model(images)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            model(images)
+    fwd_flops = counter.get_total_flops()
+    fwd_s = _median_seconds(forward, repeats)
+    model.train()
+    step_s = _median_seconds(train_step, repeats)
+    return dict(
+        model=f"{name} (PyTorch {torch.__version__}, timm {timm.__version__})", batch=batch, size=size,
+        dtype="float32", params=sum(p.numel() for p in model.parameters()), gflop_fwd=fwd_flops / batch / 1e9,
+        fwd_s=fwd_s, step_s=step_s, fwd_flops=fwd_flops, step_flops=3 * fwd_flops, temp_mib=float("nan"),
     )
 
 
@@ -100,6 +166,64 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def run_baseline(rev: str, argv: list[str]) -> tuple[list[dict], float]:
+    """Times the same rows with the code of git revision ``rev`` (temporary worktree, subprocess)."""
+    tmp = tempfile.mkdtemp(prefix="cf_baseline_")
+    tree = os.path.join(tmp, "tree")
+    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", tree, rev], check=True,
+                   capture_output=True)
+    try:
+        out = os.path.join(tmp, "rows.json")
+        args = [a for a in argv if a not in ("--baseline", rev)]
+        subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--no-append", "--code-root", tree,
+                        "--json-out", out], check=True)
+        with open(out) as f:
+            result = json.load(f)
+        return result["rows"], result["peak"]
+    finally:
+        subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def table(rows: list[dict], peak: float) -> list[str]:
+    lines = ["| model | code | batch | size | params | GFLOP/img fwd | fwd s/batch | fwd img/s | train s/step | "
+             "train img/s | fwd MFU | train MFU | step temp MiB |", "|" + "---|" * 13]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r.get('code', 'this')} | {r['batch']} | {r['size']} | {r['params'] / 1e6:.2f}M | "
+            f"{r['gflop_fwd']:.2f} | {r['fwd_s']:.3f} | {r['batch'] / r['fwd_s']:.2f} | {r['step_s']:.3f} | "
+            f"{r['batch'] / r['step_s']:.2f} | {r['fwd_flops'] / r['fwd_s'] / peak:.1%} | "
+            f"{r['step_flops'] / r['step_s'] / peak:.1%} | {r['temp_mib']:.0f} |"
+        )
+    return lines
+
+
+def notes(rows: list[dict], baseline: list[dict], peak: float) -> list[str]:
+    out = []
+    for r in rows:  # resolution scaling
+        base = next((b for b in rows if b["model"] == r["model"] and b["batch"] == r["batch"] and b["size"] == 224
+                     and b.get("code") == r.get("code")), None)
+        if base and r["size"] != 224:
+            out.append(f"{r['model']} b{r['batch']} {r['size']}²/224²: time per image x{r['fwd_s'] / base['fwd_s']:.2f} "
+                       f"forward, x{r['step_s'] / base['step_s']:.2f} train; pixels x{(r['size'] / 224) ** 2:.1f}")
+    for r in rows:  # speedup over the baseline revision
+        old = next((b for b in baseline if (b["model"], b["batch"], b["size"]) == (r["model"], r["batch"], r["size"])),
+                   None)
+        if old:
+            out.append(f"{r['model']} b{r['batch']} {r['size']}: this code is x{old['fwd_s'] / r['fwd_s']:.2f} "
+                       f"forward, x{old['step_s'] / r['step_s']:.2f} train against {old['code']}")
+    torch_rows = [r for r in rows if "PyTorch" in r["model"]]
+    for t in torch_rows:  # MFU ratio against the PyTorch reference at the same batch and size
+        for r in rows:
+            if r is not t and "PyTorch" not in r["model"] and (r["batch"], r["size"]) == (t["batch"], t["size"]) \
+                    and r.get("code", "this") == "this":
+                ratio = lambda key, s: (r[key] / r[s]) / (t[key] / t[s])  # noqa: E731
+                out.append(f"{r['model']} / {t['model'].split(' ')[0]} b{r['batch']}: images/s x"
+                           f"{t['fwd_s'] / r['fwd_s']:.2f} forward, x{t['step_s'] / r['step_s']:.2f} train; "
+                           f"MFU x{ratio('fwd_flops', 'fwd_s'):.2f} forward, x{ratio('step_flops', 'step_s'):.2f} train")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
@@ -107,7 +231,12 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[224])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch", nargs="*", default=[], metavar="TIMM_NAME",
+                        help="timm models to time in PyTorch in the same run (e.g. swin_tiny_patch4_window7_224)")
+    parser.add_argument("--baseline", metavar="GIT_REV", help="also time the models with this revision's code")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    parser.add_argument("--code-root", help=argparse.SUPPRESS)
+    parser.add_argument("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     peak = matmul_peak(jnp.dtype(args.dtype))
@@ -115,42 +244,40 @@ def main() -> None:
     for name in args.models:
         for batch in args.batch:
             for size in args.sizes:
-                r = bench(name, batch, size, args.dtype, args.repeats)
-                rows.append(r)
-                print(f"{name} b{batch} {size}: fwd {r['fwd_ips']:.2f} img/s, train {r['step_ips']:.2f} img/s",
-                      flush=True)
+                rows.append(bench(name, batch, size, args.dtype, args.repeats))
+                print(f"{name} b{batch} {size}: fwd {batch / rows[-1]['fwd_s']:.2f} img/s, "
+                      f"train {batch / rows[-1]['step_s']:.2f} img/s", flush=True)
+    for name in args.torch:
+        for batch in args.batch:
+            for size in args.sizes:
+                rows.append(bench_torch(name, batch, size, args.repeats))
+                print(f"{rows[-1]['model']} b{batch} {size}: fwd {batch / rows[-1]['fwd_s']:.2f} img/s, "
+                      f"train {batch / rows[-1]['step_s']:.2f} img/s", flush=True)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"rows": rows, "peak": peak}, f)
+        return
 
+    baseline = []
+    if args.baseline:
+        baseline, base_peak = run_baseline(args.baseline, sys.argv[1:])
+        for r in baseline:
+            r["code"] = args.baseline
+        print(f"baseline matmul peak {base_peak / 1e9:.0f} GFLOP/s")
     device = jax.devices()[0]
-    header = ("| model | batch | size | params | GFLOP/img fwd | fwd s/batch | fwd img/s | train s/step | "
-              "train img/s | fwd MFU | train MFU | step temp MiB |")
-    lines = [header, "|" + "---|" * 12]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['gflop_fwd']:.2f} | "
-            f"{r['fwd_s']:.3f} | {r['fwd_ips']:.2f} | {r['step_s']:.3f} | {r['step_ips']:.2f} | "
-            f"{r['fwd_flops_s'] / peak:.1%} | {r['step_flops_s'] / peak:.1%} | {r['temp_mib']:.0f} |"
-        )
-    scaling = []
-    for r in rows:
-        base = next((b for b in rows if b["model"] == r["model"] and b["batch"] == r["batch"]
-                     and b["size"] == 224), None)
-        if base and r["size"] != 224:
-            pixels = (r["size"] / 224) ** 2
-            scaling.append(f"{r['model']} b{r['batch']} {r['size']}²/224²: time per image x"
-                           f"{(r['fwd_s'] / base['fwd_s']):.2f} forward, x{(r['step_s'] / base['step_s']):.2f} "
-                           f"train, pixels x{pixels:.1f}")
     versions = f"jax {jax.__version__}, numpy {np.__version__}"
     title = (f"## Backbone throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
              f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), device {device.platform}:"
              f"{device.device_kind}; Python {platform.python_version()}; {versions}; dtype {args.dtype}; "
-             f"matmul peak {peak / 1e9:.0f} GFLOP/s (4096³, same run); load average {os.getloadavg()[0]:.1f} "
-             f"at the end; peak RSS {rss_mib():.0f} MiB; `python benchmarks/model_throughput.py "
-             f"{' '.join(sys.argv[1:])}`.\n")
-    text = title + "\n" + "\n".join(lines) + ("\n\n" + "\n".join(f"- {s}" for s in scaling) if scaling else "") + "\n"
+             f"matmul peak {peak / 1e9:.0f} GFLOP/s (4096³, same run; MFU of every row is against it); load "
+             f"average {os.getloadavg()[0]:.1f} at the end; peak RSS {rss_mib():.0f} MiB; "
+             f"`python benchmarks/model_throughput.py {' '.join(sys.argv[1:])}`.\n")
+    body = table(rows + [r for r in baseline if "PyTorch" not in r["model"]], peak)
+    extra = notes(rows, baseline, peak)
+    text = title + "\n" + "\n".join(body) + ("\n\n" + "\n".join(f"- {s}" for s in extra) if extra else "") + "\n"
     print("\n" + text)
     if not args.no_append:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
-        with open(path, "a") as f:
+        with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
             f.write("\n" + text)
 
 

@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.std = IMAGENET_STD
   config.input.num_threads = 2
   config.input.prefetch_buffer_size = placeholder(int)  # None: 2 * local batch
+  config.input.batch_prefetch = 2  # train batches stacked ahead in a background thread (0: off)
 
   config.batch_size = 1024  # global, over all processes
   config.eval_batch_size = -1  # -1: batch_size

@@ -104,6 +104,20 @@ class DepthwiseConv(nn.Module):
         return out
 
 
+class PointwiseParams(nn.Module):
+    """The kernel and bias ``pointwise(features, fan_in)`` would create, returned unapplied so that several
+    1x1 convolutions of one input can run as one matmul (same parameter tree as separate layers)."""
+
+    features: int
+    fan_in: int
+
+    @nn.compact
+    def __call__(self) -> Tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", torch_default_kernel_init(), (self.fan_in, self.features))
+        bias = self.param("bias", torch_default_bias_init(self.fan_in), (self.features,))
+        return kernel, bias
+
+
 # ---------------------------------------------------------------------------------------------------
 # Adaptive average pooling with PyTorch's (possibly overlapping) bins.
 
@@ -179,9 +193,19 @@ def window_partition(
         x = x.reshape(b, windows, n_h, windows, n_w, heads, e)
         x = x.transpose(0, 5, 1, 3, 2, 4, 6)
         return x.reshape(b * heads * windows * windows, n_h, n_w, e)
+    return raw_chunks(x, heads, windows).transpose(0, 2, 1).reshape(-1, n_h, n_w, e)
+
+
+def raw_chunks(x: jax.Array, heads: int, windows: int) -> jax.Array:
+    """(B, H, W, heads*e) -> the released code's windows, channel-first: (B*heads*windows**2, e, N).
+
+    Per (image, head) the channel-first (e, H, W) buffer is cut into ``windows**2`` contiguous chunks of
+    e*N values (N = H*W / windows**2), each read as (e, N).
+    """
+    b, h, w, c = x.shape
+    e = c // heads
     x = x.reshape(b, h, w, heads, e).transpose(0, 3, 4, 1, 2)  # (B, heads, e, H, W)
-    x = x.reshape(b * heads * windows * windows, e, n_h, n_w)  # raw chunks
-    return x.transpose(0, 2, 3, 1)
+    return x.reshape(b * heads * windows * windows, e, h * w // (windows * windows))
 
 
 def window_merge(
@@ -406,28 +430,31 @@ class ClusteringMixer(nn.Module):
         raw = self.partition == "raw"
         windows = self.windows if self.windows > 1 else 1
 
-        q = pointwise(inner, self.dim, "conv1", self.dtype)(x)
-        v = pointwise(inner, self.dim, "conv_v", self.dtype)(x)
-        f = pointwise(inner, self.dim, "conv_f", self.dtype)(x)
+        # conv1 / conv_v / conv_f as one matmul, split into groups by one layout change
+        kernels, biases = zip(*(PointwiseParams(inner, self.dim, name=n)() for n in ("conv1", "conv_v", "conv_f")))
+        qvf = jnp.dot(x.astype(self.dtype), jnp.concatenate(kernels, axis=1).astype(self.dtype))
+        qvf = qvf + jnp.concatenate(biases).astype(self.dtype)
+        stacked = qvf.reshape(b, h, w, 3, inner).transpose(3, 0, 1, 2, 4).reshape(3 * b, h, w, inner)
         n_h, n_w = h // windows, w // windows
-        g = b * heads * windows * windows
-        q_tok, v_tok, f_tok = (
-            window_partition(t, heads, windows, self.partition).reshape(g, n_h * n_w, e) for t in (q, v, f)
-        )
+        g, n = b * heads * windows * windows, n_h * n_w
         kh, kw = self.centers
         num_centers = kh * kw
-
-        pool = jnp.asarray(adaptive_pool_token_matrix((n_h, n_w), (kh, kw)), self.dtype)
+        pool = jnp.asarray(adaptive_pool_token_matrix((n_h, n_w), (kh, kw)), self.dtype)  # (K, N)
+        if raw:
+            # channel-first chunks: keys/values in the released layout are plain reshapes of them, and the
+            # scrambled center values one (G*e, N) x (N, K) matmul
+            q_cf, v_cf, f_cf = raw_chunks(stacked, heads, windows).reshape(3, g, e, n)
+            q_tok = jnp.swapaxes(q_cf, 1, 2)
+            keys, values = v_cf.reshape(g, n, e), f_cf.reshape(g, n, e)
+            center_values = jnp.einsum("gen,kn->gek", f_cf, pool).reshape(g, num_centers, e)
+        else:
+            q_tok, keys, values = window_partition(stacked, heads, windows, "spatial").reshape(3, g, n, e)
+            center_values = jnp.einsum("kn,gne->gke", pool, values)
         centers = jnp.einsum("kn,gne->gke", pool, q_tok)
-        center_values = jnp.einsum("kn,gne->gke", pool, f_tok)
         if self.center_ffn:  # Eq. 5: C0 = FFN(AdaptivePool_K(I))
             hidden = nn.Dense(4 * e, dtype=self.dtype, name="center_ffn_fc1")(centers)
-            centers = nn.Dense(e, dtype=self.dtype, name="center_ffn_fc2")(
-                gelu(hidden)
-            )
+            centers = nn.Dense(e, dtype=self.dtype, name="center_ffn_fc2")(gelu(hidden))
 
-        layout = _scramble if raw else (lambda t: t)
-        keys, values = layout(v_tok), layout(f_tok)
         em_keys, em_values = keys, values
         if raw and self.estep_axis == "tokens":
             em_keys, em_values = _flash_regroup(keys, heads), _flash_regroup(values, heads)
@@ -450,7 +477,7 @@ class ClusteringMixer(nn.Module):
         center_dirs = l2_normalize(centers.astype(jnp.float32))
         if self.dispatch == "official":
             out = _hard_dispatch(
-                token_dirs, center_dirs, alpha, beta, values, layout(center_values).astype(jnp.float32)
+                token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32)
             )
             out = _unscramble(out) if raw else out
         else:  # Eq. 6: (1/K) sum_k sim(C_k, p_i) C_k, then an MLP (dispatch_fc -> GELU -> conv2)
