@@ -245,6 +245,7 @@ def main() -> None:
         for batch in args.batch:
             for size in args.sizes:
                 rows.append(bench(name, batch, size, args.dtype, args.repeats))
+                jax.clear_caches()  # drop this model's executables before the next one
                 print(f"{name} b{batch} {size}: fwd {batch / rows[-1]['fwd_s']:.2f} img/s, "
                       f"train {batch / rows[-1]['step_s']:.2f} img/s", flush=True)
     for name in args.torch:
