@@ -246,14 +246,13 @@ def main() -> None:
             for size in args.sizes:
                 rows.append(bench(name, batch, size, args.dtype, args.repeats))
                 jax.clear_caches()  # drop this model's executables before the next one
-                print(f"{name} b{batch} {size}: fwd {batch / rows[-1]['fwd_s']:.2f} img/s, "
-                      f"train {batch / rows[-1]['step_s']:.2f} img/s", flush=True)
+                # the full table row now, so a later row that runs out of memory loses nothing measured
+                print(table(rows[-1:], peak)[-1], flush=True)
     for name in args.torch:
         for batch in args.batch:
             for size in args.sizes:
                 rows.append(bench_torch(name, batch, size, args.repeats))
-                print(f"{rows[-1]['model']} b{batch} {size}: fwd {batch / rows[-1]['fwd_s']:.2f} img/s, "
-                      f"train {batch / rows[-1]['step_s']:.2f} img/s", flush=True)
+                print(table(rows[-1:], peak)[-1], flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"rows": rows, "peak": peak}, f)
