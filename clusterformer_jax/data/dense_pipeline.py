@@ -81,6 +81,7 @@ annotations named by `get_dataset_info` (COCO jsons / panoptic PNGs).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -405,28 +406,6 @@ def create_train_iterator(
     return iter(_finish(it_ds, config, local_batch))
 
 
-class _EvalElement(grain.transforms.Map):
-    """Maps a local eval position to a transformed example with mask 1, or padding with mask 0."""
-
-    def __init__(self, source: _DenseSource, process_index: int, process_count: int,
-                 transform: DT.DenseEvalTransform, keys: tuple[str, ...] | None):
-        self._source = source
-        self._num = len(source)
-        self._pi = process_index
-        self._pc = process_count
-        self._transform = transform
-        self._keys = keys
-
-    def map(self, position: int) -> dict[str, np.ndarray]:
-        index = self._pi + position * self._pc
-        element = self._source[index] if index < self._num else None
-        if element is None:  # Padding, or a record that failed to load.
-            out = {**DT.empty_output(self._transform.spec), 'mask': np.float32(0.0)}
-        else:
-            out = {**self._transform.map(element), 'mask': np.float32(1.0)}
-        return {k: out[k] for k in self._keys} if self._keys else out
-
-
 def create_eval_iterator(
     config: Mapping[str, Any],
     *,
@@ -446,7 +425,11 @@ def create_eval_iterator(
     keys = _outputs(config, eval_mode=True)
     source = _open_split(config, _field(config, 'eval_split'))
     num_batches = math.ceil(math.ceil(len(source) / pc) / local_batch)
-    ds = grain.MapDataset.range(num_batches * local_batch).map(_EvalElement(source, pi, pc, transform, keys))
+    element = input_pipeline.EvalElement(source, pi, pc, transform.map,
+                                         functools.partial(DT.empty_output, transform.spec))
+    ds = grain.MapDataset.range(num_batches * local_batch).map(element)
+    if keys:
+        ds = ds.map(_Select(keys))
     return _finish(ds.to_iter_dataset(_read_options(config, local_batch)), config, local_batch)
 
 

@@ -50,11 +50,12 @@ counted in `skipped_examples()` and logged.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -326,29 +327,39 @@ def create_train_iterator(
     return iter(it_ds)
 
 
-class _EvalElement(grain.transforms.Map):
-    """Maps a local eval position to a transformed, masked example (or padding)."""
+class EvalElement(grain.transforms.Map):
+    """Maps local eval position i of process p to example p + i*P, transformed, with mask 1.
+
+    Past the split's end, or for a record that failed to load, the element is
+    `padding()` with mask 0. `transform` and `padding` must pickle (grain may run
+    them in worker processes). Shared by the classification and dense pipelines.
+    """
 
     def __init__(self, source: _DecodedSource, process_index: int, process_count: int,
-                 transform: T.Compose, image_size: int):
+                 transform: Callable[[dict[str, Any]], dict[str, np.ndarray]],
+                 padding: Callable[[], dict[str, np.ndarray]]):
         self._source = source
         self._num = len(source)
         self._pi = process_index
         self._pc = process_count
         self._transform = transform
-        self._size = image_size
+        self._padding = padding
 
     def map(self, position: int) -> dict[str, np.ndarray]:
         index = self._pi + position * self._pc
         element = self._source[index] if index < self._num else None
-        if element is None:  # Padding, or a record that failed to load.
-            return {
-                'image': np.zeros((self._size, self._size, 3), np.float32),
-                'label': np.int32(0),
-                'mask': np.float32(0.0),
-            }
-        element = self._transform.map(element)
-        return {'image': element['image'], 'label': element['label'], 'mask': np.float32(1.0)}
+        if element is None:
+            return {**self._padding(), 'mask': np.float32(0.0)}
+        return {**self._transform(element), 'mask': np.float32(1.0)}
+
+
+def _image_label(transform: T.Compose, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    element = transform.map(element)
+    return {'image': element['image'], 'label': element['label']}
+
+
+def _blank_example(size: int) -> dict[str, np.ndarray]:
+    return {'image': np.zeros((size, size, 3), np.float32), 'label': np.int32(0)}
 
 
 def create_eval_iterator(
@@ -370,7 +381,8 @@ def create_eval_iterator(
     source = _open_split(config, _field(config, 'eval_split'))
     per_process = math.ceil(len(source) / pc)
     num_batches = math.ceil(per_process / local_batch)
-    element = _EvalElement(source, pi, pc, transform, int(_field(config, 'image_size')))
+    element = EvalElement(source, pi, pc, functools.partial(_image_label, transform),
+                          functools.partial(_blank_example, int(_field(config, 'image_size'))))
     ds = grain.MapDataset.range(num_batches * local_batch).map(element)
     it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
     return it_ds.batch(local_batch, drop_remainder=True)
