@@ -95,6 +95,15 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
+def parse_model_arg(arg: str | None, models: tuple[str, ...], default: str) -> tuple[str, bool]:
+  """A recipe's config argument MODEL[,quickstart] -> (model, whether to train on the quickstart digits)."""
+  parts = [p.strip() for p in (arg or default).split(',') if p.strip()]
+  model, modes = parts[0], parts[1:]
+  if model not in models or any(m != 'quickstart' for m in modes):
+    raise ValueError(f"config argument must be MODEL[,quickstart] with MODEL in {', '.join(models)}; got {arg!r}")
+  return model, bool(modes)
+
+
 def set_imagenet_input(config: ml_collections.ConfigDict, eval_crop_pct: float) -> ml_collections.ConfigDict:
   """tfds imagenet2012 with the augmentation every published recipe here shares: bicubic inception crop,
   flip, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25; eval resize + centre crop ``eval_crop_pct``.

@@ -43,14 +43,6 @@ def _load(name: str):
   return module
 
 
-def _parse(arg: str | None) -> tuple[str, bool]:
-  parts = [p.strip() for p in (arg or 'paca_tiny').split(',') if p.strip()]
-  model, modes = parts[0], parts[1:]
-  if model not in MODELS or any(m != 'quickstart' for m in modes):
-    raise ValueError(f"config argument must be MODEL[,quickstart] with MODEL in {', '.join(MODELS)}; got {arg!r}")
-  return model, bool(modes)
-
-
 def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
   config.model.kwargs.clusters = placeholder(tuple)  # per stage; 0 = plain MHSA
   config.model.kwargs.onsite = placeholder(tuple)  # 0 stage-wise, 1 block-wise, k every k blocks
@@ -59,7 +51,7 @@ def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  model, quickstart = _parse(arg)
+  model, quickstart = _load('common').parse_model_arg(arg, MODELS, 'paca_tiny')
   if quickstart:
     config = _load('quickstart').get_config()
     config.model.name = model
