@@ -111,6 +111,43 @@ def test_train_batches_shapes_and_determinism(digits_dir):
     assert not np.array_equal(a[0]['image'], c[0]['image'])
 
 
+@pytest.mark.parametrize('augment', [dict(train_augment='resize'),
+                                     dict(train_augment='inception_crop', randaugment='rand-m9-mstd0.5-inc1',
+                                          random_erase_prob=0.25)])
+def test_train_cache_gives_the_same_batches_and_decodes_once(digits_dir, monkeypatch, augment):
+    decoded = collections.Counter()
+    decode = T.DecodeImage.map
+
+    def counting_decode(self, element):
+        decoded['n'] += 1
+        return decode(self, element)
+
+    monkeypatch.setattr(T.DecodeImage, 'map', counting_decode)
+    kwargs = dict(seed=5, global_batch_size=64, process_index=0, process_count=1)
+    num_batches = 50 if augment['train_augment'] == 'resize' else 3  # 50 * 64 > 2 epochs of 1437
+    batches = {}
+    for cache in (False, True):
+        decoded.clear()
+        cfg = _digits_cfg(digits_dir, cache_train=cache, num_threads=0, batch_prefetch=0, **augment)
+        batches[cache] = _take(pipeline.create_train_iterator(cfg, **kwargs), num_batches)
+        if num_batches * 64 > 1437:
+            assert decoded['n'] == (1437 if cache else num_batches * 64)
+    for x, y in zip(batches[False], batches[True]):
+        np.testing.assert_array_equal(x['image'], y['image'])
+        np.testing.assert_array_equal(x['label'], y['label'])
+
+
+def test_train_cache_is_read_only(digits_dir):
+    cfg = _digits_cfg(digits_dir)
+    prefix, rest = pipeline.train_transforms(cfg).split_deterministic()
+    assert [type(t) for t in prefix.transforms] == [T.Resize, T.Normalize] and not rest.transforms
+    source = pipeline._CachedSource(pipeline._open_split(cfg, 'train'), prefix)
+    first = source[3]
+    assert first['image'].dtype == np.float32 and source[3] is first
+    with pytest.raises(ValueError):
+        first['image'][0, 0, 0] = 0.0  # a transform writing into a cached array fails instead of corrupting it
+
+
 def test_train_checkpoint_resume(digits_dir):
     cfg = _digits_cfg(digits_dir, train_augment='inception_crop', randaugment='rand-m9-mstd0.5-inc1')
     kwargs = dict(seed=3, global_batch_size=16, process_index=0, process_count=1)

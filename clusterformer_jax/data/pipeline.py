@@ -26,10 +26,18 @@ optional except `dataset`):
   random_erase_prob  default 0.0 (off); mode 'rand', area (0.02, 1/3).
   mean, std          per channel on the 0..255 scale; default ImageNet
                      (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375).
-  num_threads        grain reader threads per process; default 2.
+  num_threads        grain reader threads per process; default 2 (imagenet2012) /
+                     0 (digits: from the cache, reader threads cost more CPU than
+                     they save: 5.7 against 2.2 ms per batch of 64).
   prefetch_buffer_size  elements grain prefetches; default 2 * local batch.
   batch_prefetch     whole train batches a background thread assembles ahead of
                      the trainer; default 2 (0: assemble in the trainer's thread).
+  cache_train        keep every decoded train example in memory, after the
+                     transform steps that come before the first random one
+                     (for digits: the resize and the normalisation, so an epoch
+                     after the first costs only indexing). Default True for
+                     digits, False for imagenet2012; only for splits that fit
+                     in RAM. Same batches either way.
 
 Elements are `{'image': float32 (B, H, W, 3), 'label': int32 (B,)}` (plus
 `'mask': float32 (B,)` in eval), with B = global_batch_size // process_count.
@@ -69,7 +77,8 @@ _log = logging.getLogger(__name__)
 
 DATASETS = ('digits', 'imagenet2012')
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    'digits': dict(eval_split='test', image_size=32, train_augment='resize', hflip=False),
+    'digits': dict(eval_split='test', image_size=32, train_augment='resize', hflip=False,
+                   cache_train=True, num_threads=0),
     'imagenet2012': dict(
         eval_split='validation', image_size=224, train_augment='inception_crop', hflip=True),
 }
@@ -199,6 +208,36 @@ class _DecodedSource:
         return element
 
 
+class _CachedSource:
+    """`source[i]` passed through the deterministic `prefix` transform, computed once per index.
+
+    Cached arrays are read-only, so a later transform that wrote into its input
+    would fail loudly instead of corrupting the cache. Failed records (None) are
+    not cached: they are retried, and counted, on every access as without a cache.
+    """
+
+    def __init__(self, source: _DecodedSource, prefix: T.Compose):
+        self._source = source
+        self._prefix = prefix
+        self._cache: list[dict[str, Any] | None] = [None] * len(source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        element = self._cache[index]
+        if element is None:
+            element = self._source[index]
+            if element is None:
+                return None
+            element = self._prefix.map(element)
+            for value in element.values():
+                if isinstance(value, np.ndarray):
+                    value.flags.writeable = False
+            self._cache[index] = element  # two threads may both fill it: same value
+        return element
+
+
 def _open_split(cfg: Mapping[str, Any], split: str) -> _DecodedSource:
     builder = _builder(cfg)
     _num_examples(builder, cfg, split)
@@ -311,11 +350,17 @@ def create_train_iterator(
     pi, pc, local_batch = _process_layout(global_batch_size, process_index, process_count)
     transform = train_transforms(config)
     source = _open_split(config, _field(config, 'train_split', 'train'))
+    if _field(config, 'cache_train', False):
+        prefix, transform = transform.split_deterministic()
+        source = _CachedSource(source, prefix)
     shuffle_seed, augment_seed = _seeds(seed, pi)
     ds = grain.MapDataset.source(source)[pi::pc]
     ds = ds.shuffle(seed=shuffle_seed).repeat()
     # Unreadable records are None here; to_iter_dataset drops them.
-    ds = ds.random_map(transform, seed=augment_seed)
+    if transform.is_random:
+        ds = ds.random_map(transform, seed=augment_seed)
+    elif transform.transforms:
+        ds = ds.map(transform.map)
     it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
     it_ds = it_ds.batch(local_batch, drop_remainder=True)
     # Batches are stacked in a background thread so the trainer's thread only dispatches steps (14% of

@@ -87,6 +87,16 @@ class Compose(grain.transforms.RandomMap):
                 element = t.map(element)
         return element
 
+    @property
+    def is_random(self) -> bool:
+        return any(isinstance(t, grain.transforms.RandomMap) for t in self.transforms)
+
+    def split_deterministic(self) -> tuple['Compose', 'Compose']:
+        """(leading non-random steps, the rest): the first part's output depends on the element only."""
+        cut = next((i for i, t in enumerate(self.transforms) if isinstance(t, grain.transforms.RandomMap)),
+                   len(self.transforms))
+        return Compose(self.transforms[:cut]), Compose(self.transforms[cut:])
+
     def map(self, element: Element) -> Element:
         """Applies the transforms when none of them is random."""
         for t in self.transforms:
