@@ -10,6 +10,8 @@ import importlib.util
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -394,3 +396,39 @@ def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
   ckpt.close()
   assert ckpt.directory == str(tmp_path / 'runs' / 'rel' / 'checkpoints')
   assert (tmp_path / 'runs' / 'rel' / 'checkpoints' / '3').is_dir()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input stall accounting.
+
+
+class _GatedOutput:
+  """Stands in for a dispatched step's output: ready once ``gate`` is set."""
+
+  def __init__(self, gate: threading.Event):
+    self._gate = gate
+
+  def block_until_ready(self):
+    self._gate.wait()
+    return self
+
+
+def test_step_clock_counts_only_idle_device_time():
+  clock = trainer.StepClock()
+  gate = threading.Event()
+  start = time.time()
+  clock.dispatched(1, _GatedOutput(gate))
+  # The batch for step 2 arrived while step 1 still ran: the wait overlapped the step, no stall.
+  assert clock.stall(1, start, start + 0.25) == 0.0
+  gate.set()
+  deadline = time.time() + 10
+  while clock.stall(1, start, time.time()) == 0.0 and time.time() < deadline:
+    time.sleep(0.001)
+  end = time.time()
+  stall = clock.stall(1, start, end)
+  assert 0.0 < stall <= end - start  # only the part of the wait after step 1 finished
+  # A wait that began after step 1 had finished is idle time from start to end.
+  assert clock.stall(1, end + 1.0, end + 1.5) == pytest.approx(0.5)
+  # The clock has not seen step 2 finish: no stall is charged against it.
+  assert clock.stall(2, end, end + 1.0) == 0.0
+  clock.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -382,6 +384,49 @@ def _shard(batch: Mapping[str, np.ndarray], setup: Setup) -> dict[str, jax.Array
   return sharding.shard_batch(batch, setup.batch_sharding)
 
 
+class StepClock:
+  """Measures input stalls: time the device sat idle because the next batch was not there yet.
+
+  Steps are dispatched asynchronously, so the time the loop blocks in ``next(train_iter)`` mostly
+  overlaps the previous step's execution. A thread blocks on each dispatched step's output and records
+  when it finished; the stall before step k+1 is the part of the wait for its batch after step k finished.
+  """
+
+  def __init__(self):
+    self._pending: queue.SimpleQueue = queue.SimpleQueue()
+    self._lock = threading.Lock()
+    self._finished: tuple[int, float] = (-1, 0.0)  # (last finished step, when)
+    self._thread = threading.Thread(target=self._watch, name='step-clock', daemon=True)
+    self._thread.start()
+
+  def _watch(self) -> None:
+    while (item := self._pending.get()) is not None:
+      step, output = item
+      try:
+        jax.block_until_ready(output)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('input stall accounting stopped: %s', e)
+        return
+      with self._lock:
+        self._finished = (step, time.time())
+
+  def dispatched(self, step: int, output: Any) -> None:
+    """``output`` must become ready when the step finishes and must not be donated to a later step."""
+    self._pending.put((step, output))
+
+  def stall(self, previous_step: int, wait_start: float, wait_end: float) -> float:
+    """Idle device time within [wait_start, wait_end] while waiting for the batch after ``previous_step``."""
+    with self._lock:
+      step, finished = self._finished
+    if step != previous_step:  # still running when the batch arrived (or not yet seen to finish)
+      return 0.0
+    return max(0.0, wait_end - max(finished, wait_start))
+
+  def close(self) -> None:
+    self._pending.put(None)
+    self._thread.join()
+
+
 _merge_metrics = jax.jit(lambda a, b: a.merge(b))
 
 
@@ -444,9 +489,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       async_save=config.checkpoint.async_save,
   )
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_primary, asynchronous=True)
+  clock = StepClock()
   try:
-    return _run(config, workdir_path, setup, ckpt, writer, train_iter, total_steps, steps_per_epoch, start_time)
+    return _run(config, workdir_path, setup, ckpt, writer, train_iter, clock, total_steps, steps_per_epoch,
+                start_time)
   finally:
+    clock.close()
     ckpt.close()
     writer.flush()
     writer.close()
@@ -461,6 +509,7 @@ def _run(
     ckpt: checkpointing.Checkpointer,
     writer: metric_writers.MetricWriter,
     train_iter: Iterator[Mapping[str, np.ndarray]],
+    clock: StepClock,
     total_steps: int,
     steps_per_epoch: float,
     start_time: float,
@@ -491,17 +540,23 @@ def _run(
   loop_start_step = step
   preempted = False
 
-  data_wait = 0.0  # seconds blocked on the input pipeline since the last log step
+  # Since the last log step: seconds the loop blocked on the input pipeline (mostly overlapping the running
+  # step, which was dispatched asynchronously) and seconds the device sat idle for lack of a batch.
+  data_wait = input_stall = 0.0
+  run_totals = dict(seconds=0.0, steps=0, wait=0.0, stall=0.0)  # over the logged windows of this run
   while step < total_steps:
     wait_start = time.time()
     batch = _shard(next(train_iter), setup)
-    data_wait += time.time() - wait_start
+    wait_end = time.time()
+    data_wait += wait_end - wait_start
+    input_stall += clock.stall(step, wait_start, wait_end)
     if train_step is None:
       train_step = setup.train_step.lower(state, batch, acc).compile()
       logging.info('Compiled train step; memory: %s', _memory_report(train_step))
-      log_time, data_wait = time.time(), 0.0  # keep compilation out of steps/s and the data-wait share
+      log_time, data_wait, input_stall = time.time(), 0.0, 0.0  # keep compilation out of the rates
     state, acc = train_step(state, batch, acc)
     step += 1
+    clock.dispatched(step, jnp.copy(state.step))  # state itself is donated to the next step
     report_progress(step, time.time())
 
     preempted = ckpt.reached_preemption(step)
@@ -510,13 +565,18 @@ def _run(
       values = {f'train_{k}': float(v) for k, v in acc[0].compute().items()}
       now = time.time()
       values['train_data_wait_fraction'] = data_wait / max(now - log_time, 1e-9)
+      values['train_input_stall_fraction'] = input_stall / max(now - log_time, 1e-9)
       writer.write_scalars(step, values)
       rate = (step - log_step) / max(now - log_time, 1e-9)
       eta = (total_steps - step) / rate if rate > 0 else float('inf')
-      logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  data wait %.1f%%  ETA %s', step, total_steps,
-                   values['train_loss'], values['train_learning_rate'], rate,
-                   100 * values['train_data_wait_fraction'], _format_duration(eta))
-      log_time, log_step, data_wait = now, step, 0.0
+      logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  input stall %.1f%% (waited %.1f%%)  ETA %s',
+                   step, total_steps, values['train_loss'], values['train_learning_rate'], rate,
+                   100 * values['train_input_stall_fraction'], 100 * values['train_data_wait_fraction'],
+                   _format_duration(eta))
+      for key, value in (('seconds', now - log_time), ('steps', step - log_step), ('wait', data_wait),
+                         ('stall', input_stall)):
+        run_totals[key] += value
+      log_time, log_step, data_wait, input_stall = now, step, 0.0, 0.0
       acc = setup.empty_train_accumulator()
 
     if ckpt.should_save(step) or step == total_steps or preempted:
@@ -553,6 +613,10 @@ def _run(
       'num_devices': setup.mesh.size,
       'mesh': dict(setup.mesh.shape),
       'train_steps_this_run': step - loop_start_step,
+      # training only (no compilation, eval or checkpoint waits at the end)
+      'train_steps_per_second': run_totals['steps'] / max(run_totals['seconds'], 1e-9),
+      'train_input_stall_fraction': run_totals['stall'] / max(run_totals['seconds'], 1e-9),
+      'train_data_wait_fraction': run_totals['wait'] / max(run_totals['seconds'], 1e-9),
   }
   logging.info('Final eval at step %d: %s', step, _format_metrics(metrics))
   if is_primary:
