@@ -3,16 +3,17 @@
   python benchmarks/model_throughput.py                       # ClusterFormer-T presets, batch 8, 224
   python benchmarks/model_throughput.py --models coc_tiny gmf_miny --batch 8 32 --sizes 224 448
   python benchmarks/model_throughput.py --baseline 66645e6    # the same rows for an older commit, side by side
-  python benchmarks/model_throughput.py --torch swin_tiny_patch4_window7_224   # + timm, same run
+  python benchmarks/model_throughput.py --torch clusterformer_tiny_official swin_tiny_patch4_window7_224
 
 The peak is a float32 (or --dtype) 4096^3 matmul timed in the same process just before the models, so the
 MFU column is comparable across rows of one run. Each timing is the median of --repeats runs after a
 warm-up call. A train step is forward + backward + AdamW update with donated buffers. ``--baseline REV``
 checks REV out into a temporary git worktree and times the same models with that code in a subprocess
-right after this one, then prints the speed ratios. ``--torch NAME`` times timm's NAME (random init,
-PyTorch on CPU with all cores; needs benchmarks/requirements.txt) in the same process and reports its MFU
-against the same peak. Prints a table and appends it to benchmarks/RESULTS.md with date, machine and
-versions.
+right after this one, then prints the speed ratios. ``--torch NAME`` times NAME in PyTorch (random init,
+CPU, all cores; needs benchmarks/requirements.txt) in the same process and reports its MFU against the
+same peak: clusterformer_{tiny,small}_official is the released model (torch_clusterformer.py, the
+issue's anchor, checked against ours by tests/test_torch_anchor.py), anything else a timm model.
+Prints a table and appends it to benchmarks/RESULTS.md with date, machine and versions.
 """
 
 from __future__ import annotations
@@ -70,8 +71,7 @@ def matmul_peak(dtype, n: int = 4096, repeats: int = 3) -> float:
 def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
     kwargs = {}
     if name.startswith("clusterformer") and size % 224 == 0 and size != 224:
-        # keep 7x7-token windows (what "cost linear in pixels" assumes): window counts grow with the input
-        kwargs["window_counts"] = tuple(c * size // 224 for c in (8, 4, 2, 1))
+        kwargs["window_counts"] = _window_counts(size)
     model = create_model(name, dtype=dtype, **kwargs)
     images = jnp.asarray(np.random.RandomState(0).rand(batch, size, size, 3), jnp.float32)
     variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, images[:1])
@@ -114,22 +114,42 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
     )
 
 
-def bench_torch(name: str, batch: int, size: int, repeats: int) -> dict:
-    """timm ``name`` in PyTorch (random init, float32, all cores): forward and AdamW train step."""
+def _window_counts(size: int) -> tuple[int, ...]:
+    """ClusterFormer window counts that keep 7x7-token windows (what "cost linear in pixels" assumes)."""
+    return tuple(c * size // 224 for c in (8, 4, 2, 1))
+
+
+def _torch_model(name: str, size: int):
+    """(model, label): the released ClusterFormer transcription (benchmarks/torch_clusterformer.py) for its
+    registry names, else timm's ``name``."""
     import torch
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_clusterformer
+
+    if name in torch_clusterformer.CONFIGS:
+        overrides = {"window_counts": _window_counts(size)} if size != 224 else {}
+        return torch_clusterformer.create(name, **overrides), f"{name} (PyTorch {torch.__version__}, released code)"
     # timm imports torchvision, whose CPU wheel pinned with torch 2.13 lacks these two operator schemas
     # (benchmarks/requirements.txt); defining them lets torchvision import. timm models never call them.
     if not hasattr(torch.ops, "torchvision") or not hasattr(torch.ops.torchvision, "nms"):
         lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        bench_torch._keep = lib
+        _torch_model.keep = lib
     import timm
+
+    model = timm.create_model(name, pretrained=False, img_size=size) if size != 224 else timm.create_model(name)
+    return model, f"{name} (PyTorch {torch.__version__}, timm {timm.__version__})"
+
+
+def bench_torch(name: str, batch: int, size: int, repeats: int) -> dict:
+    """``name`` in PyTorch (random init, float32, all cores): forward and AdamW train step."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(os.cpu_count())
-    model = timm.create_model(name, pretrained=False, img_size=size) if size != 224 else timm.create_model(name)
+    model, label = _torch_model(name, size)
     images = torch.rand(batch, 3, size, size)
     labels = torch.zeros(batch, dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -152,7 +172,7 @@ def bench_torch(name: str, batch: int, size: int, repeats: int) -> dict:
     model.train()
     step_s = _median_seconds(train_step, repeats)
     return dict(
-        model=f"{name} (PyTorch {torch.__version__}, timm {timm.__version__})", batch=batch, size=size,
+        model=label, batch=batch, size=size,
         dtype="float32", params=sum(p.numel() for p in model.parameters()), gflop_fwd=fwd_flops / batch / 1e9,
         fwd_s=fwd_s, step_s=step_s, fwd_flops=fwd_flops, step_flops=3 * fwd_flops, temp_mib=float("nan"),
     )
@@ -231,8 +251,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[224])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torch", nargs="*", default=[], metavar="TIMM_NAME",
-                        help="timm models to time in PyTorch in the same run (e.g. swin_tiny_patch4_window7_224)")
+    parser.add_argument("--torch", nargs="*", default=[], metavar="NAME",
+                        help="PyTorch models to time in the same run: clusterformer_{tiny,small}_official (the "
+                             "released code) or timm names (e.g. swin_tiny_patch4_window7_224)")
     parser.add_argument("--baseline", metavar="GIT_REV", help="also time the models with this revision's code")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--code-root", help=argparse.SUPPRESS)
