@@ -238,7 +238,7 @@ def notes(rows: list[dict], baseline: list[dict], peak: float) -> list[str]:
             if r is not t and "PyTorch" not in r["model"] and (r["batch"], r["size"]) == (t["batch"], t["size"]) \
                     and r.get("code", "this") == "this":
                 ratio = lambda key, s: (r[key] / r[s]) / (t[key] / t[s])  # noqa: E731
-                out.append(f"{r['model']} / {t['model'].split(' ')[0]} b{r['batch']}: images/s x"
+                out.append(f"{r['model']} / {t['model'].split(' ')[0]} (PyTorch) b{r['batch']}: images/s x"
                            f"{t['fwd_s'] / r['fwd_s']:.2f} forward, x{t['step_s'] / r['step_s']:.2f} train; "
                            f"MFU x{ratio('fwd_flops', 'fwd_s'):.2f} forward, x{ratio('step_flops', 'step_s'):.2f} train")
     return out

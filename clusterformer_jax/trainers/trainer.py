@@ -564,17 +564,17 @@ def _run(
       _check_health(acc[1], last_good, config)
       values = {f'train_{k}': float(v) for k, v in acc[0].compute().items()}
       now = time.time()
-      values['train_data_wait_fraction'] = data_wait / max(now - log_time, 1e-9)
-      values['train_input_stall_fraction'] = input_stall / max(now - log_time, 1e-9)
+      window = max(now - log_time, 1e-9)
+      values['train_data_wait_fraction'] = data_wait / window
+      values['train_input_stall_fraction'] = input_stall / window
       writer.write_scalars(step, values)
-      rate = (step - log_step) / max(now - log_time, 1e-9)
+      rate = (step - log_step) / window
       eta = (total_steps - step) / rate if rate > 0 else float('inf')
       logging.info('step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  input stall %.1f%% (waited %.1f%%)  ETA %s',
                    step, total_steps, values['train_loss'], values['train_learning_rate'], rate,
                    100 * values['train_input_stall_fraction'], 100 * values['train_data_wait_fraction'],
                    _format_duration(eta))
-      for key, value in (('seconds', now - log_time), ('steps', step - log_step), ('wait', data_wait),
-                         ('stall', input_stall)):
+      for key, value in (('seconds', window), ('steps', step - log_step), ('wait', data_wait), ('stall', input_stall)):
         run_totals[key] += value
       log_time, log_step, data_wait, input_stall = now, step, 0.0, 0.0
       acc = setup.empty_train_accumulator()
