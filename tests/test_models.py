@@ -150,13 +150,34 @@ def test_gather_dispatch_equals_dense_form_with_gradients():
     dirs[1] = dirs[1].at[:, 3].set(dirs[1][:, 1])  # duplicate centers: ties must go to the first index
     values, center_values = (jnp.asarray(rng.randn(g, m, e), jnp.float32) for m in (n, k))
     args = (*dirs, jnp.array([2.5]), jnp.array([-0.4]), values, center_values)
-    np.testing.assert_allclose(clustering._hard_dispatch(*args), _dense_dispatch(*args), rtol=1e-5, atol=1e-6)
+    # ours takes the token directions channel-first
+    ours = lambda t, *rest: clustering._hard_dispatch(jnp.swapaxes(t, 1, 2), *rest)  # noqa: E731
+    np.testing.assert_allclose(ours(*args), _dense_dispatch(*args), rtol=1e-5, atol=1e-6)
     probe = jnp.asarray(rng.randn(g, n, e), jnp.float32)
     grads = [
         jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=tuple(range(6)))(*args)
-        for fn in (clustering._hard_dispatch, _dense_dispatch)
+        for fn in (ours, _dense_dispatch)
     ]
     for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("over_clusters,scale", [(True, 1.0), (False, 0.25)])
+def test_soft_assign_sum_vjp_equals_autodiff(over_clusters, scale):
+    rng = np.random.RandomState(9)
+    g, k, n, e = 3, 6, 11, 4
+    q, keys, values = (jnp.asarray(rng.randn(g, m, e), jnp.float32) for m in (k, n, n))
+    probe = jnp.asarray(rng.randn(g, k, e), jnp.float32)
+
+    def plain(q, keys, values):
+        logits = scale * jnp.einsum("gke,gne->gkn", q, keys)
+        return jnp.einsum("gkn,gne->gke", jax.nn.softmax(logits, axis=1 if over_clusters else 2), values)
+
+    custom = lambda *a: clustering.soft_assign_sum(*a, over_clusters, scale)  # noqa: E731
+    np.testing.assert_allclose(custom(q, keys, values), plain(q, keys, values), rtol=1e-5, atol=1e-6)
+    grads = [jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=(0, 1, 2))(q, keys, values) for fn in (custom, plain)]
+    for got, want in zip(*grads):
+        assert float(jnp.max(jnp.abs(want))) > 1e-2  # every input gets a real gradient
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -287,16 +287,18 @@ def _hard_dispatch(
     Per group, with s_n = sigmoid(beta + alpha cos(C_k, p_n)) at the chosen k = a(n):
       agg_k = (C^v_k + sum_{n: a(n)=k} s_n v_n) / (1 + |{n: a(n)=k}|),   out_n = s_n agg_{a(n)}.
     This equals the released dense form (sim * one_hot mask, two K x N x e products), but only the
-    argmax needs the (G, N, K) similarity; sums and gradients run on (G, N, e) gathers and scatters.
-    ``token_dirs``/``center_dirs`` are unit vectors (G, N, e)/(G, K, e); ``values`` and ``center_values``
-    are in the M-step layout. Returns (G, N, e) in that layout, float32.
+    argmax needs the (G, K, N) similarity; sums and gradients run on (G, N, e) gathers and scatters.
+    ``token_dirs`` are channel-first unit vectors (G, e, N) (the layout the released windows come in,
+    which makes the similarity a plain (K, e) x (e, N) product), ``center_dirs`` unit vectors (G, K, e);
+    ``values`` and ``center_values`` are in the M-step layout. Returns (G, N, e) in that layout, float32.
     """
     g, k = center_dirs.shape[:2]
-    cos = jnp.einsum("gne,gke->gnk", jax.lax.stop_gradient(token_dirs), jax.lax.stop_gradient(center_dirs))
-    choice = jnp.argmax(jax.nn.sigmoid(beta + alpha * cos), axis=-1)  # (G, N)
+    cos = jnp.einsum("gke,gen->gkn", jax.lax.stop_gradient(center_dirs), jax.lax.stop_gradient(token_dirs))
+    choice = jnp.argmax(jax.nn.sigmoid(beta + alpha * cos), axis=1)  # (G, N)
     take = lambda t: jnp.take_along_axis(t, choice[..., None], axis=1)  # noqa: E731  (G, K, e) -> (G, N, e)
     # the chosen similarity, recomputed from the chosen center: its gradient stays (G, N, e)-sized
-    sim = jax.nn.sigmoid(beta + alpha * jnp.sum(token_dirs * take(center_dirs), axis=-1))[..., None]
+    chosen_dirs = jnp.take_along_axis(jnp.swapaxes(center_dirs, 1, 2), choice[:, None, :], axis=2)
+    sim = jax.nn.sigmoid(beta + alpha * jnp.sum(token_dirs * chosen_dirs, axis=1))[..., None]
     groups = jnp.arange(g)[:, None]
     agg = center_values.at[groups, choice].add(sim * values.astype(jnp.float32))
     count = jnp.zeros((g, k), jnp.float32).at[groups, choice].add(1.0)
@@ -305,6 +307,49 @@ def _hard_dispatch(
 
 # ---------------------------------------------------------------------------------------------------
 # Recurrent EM cross-attention (Eq. 3).
+
+
+def _assignment_logits(queries, keys, scale, transposed):
+    spec = "gne,gke->gnk" if transposed else "gke,gne->gkn"
+    operands = (keys, queries) if transposed else (queries, keys)
+    logits = jnp.einsum(spec, *operands, preferred_element_type=jnp.float32)
+    return logits if scale == 1.0 else logits * scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def soft_assign_sum(queries, keys, values, over_clusters: bool, scale: float):
+    """E-step then M-step of Eq. 3: C = softmax(scale Q K^T) V, the softmax over the K centers of each
+    token (``over_clusters``) or over the N tokens of each center. (G, K, e), (G, N, e), (G, N, e) -> (G, K, e).
+
+    The forward pass is what XLA fuses into one kernel. The hand-written backward pass recomputes the
+    assignment transposed, (G, N, K): there the softmax reduces a minor axis for the clusters variant and
+    two of its three products (dK = dL^T Q, dV = A^T dC) take both operands in their stored order, where
+    autodiff's (G, K, N) assignment makes XLA CPU run both as slow transposed-operand products.
+    """
+    assign = jax.nn.softmax(_assignment_logits(queries, keys, scale, False), axis=1 if over_clusters else 2)
+    return jnp.einsum("gkn,gne->gke", assign.astype(values.dtype), values)
+
+
+def _soft_assign_sum_fwd(queries, keys, values, over_clusters, scale):
+    return soft_assign_sum(queries, keys, values, over_clusters, scale), (queries, keys, values)
+
+
+def _soft_assign_sum_bwd(over_clusters, scale, residuals, grad):
+    queries, keys, values = residuals
+    axis = 2 if over_clusters else 1  # the softmax axis in the transposed (G, N, K) assignment
+    assign_t = jax.nn.softmax(_assignment_logits(queries, keys, scale, True), axis=axis)
+    d_assign_t = jnp.einsum("gne,gke->gnk", values, grad, preferred_element_type=jnp.float32)
+    d_logits_t = assign_t * (d_assign_t - jnp.sum(assign_t * d_assign_t, axis=axis, keepdims=True))
+    if scale != 1.0:
+        d_logits_t = d_logits_t * scale
+    d_logits_t = d_logits_t.astype(queries.dtype)
+    d_queries = jnp.einsum("gnk,gne->gke", d_logits_t, keys)
+    d_keys = jnp.einsum("gnk,gke->gne", d_logits_t, queries)
+    d_values = jnp.einsum("gnk,gke->gne", assign_t.astype(grad.dtype), grad).astype(values.dtype)
+    return d_queries, d_keys, d_values
+
+
+soft_assign_sum.defvjp(_soft_assign_sum_fwd, _soft_assign_sum_bwd)
 
 
 class EMStep(nn.Module):
@@ -341,13 +386,15 @@ class EMStep(nn.Module):
         if self.query_proj:
             q = pointwise(self.head_dim, self.head_dim, "conv_c", self.dtype)(q)
         q = self._to_estep(q)
-        logits = jnp.einsum("gke,gne->gkn", q, keys, preferred_element_type=jnp.float32)
-        if self.estep_axis == "clusters":  # Eq. 3 / commit 0c384d2: softmax over the K centers, no scaling
-            assign = jax.nn.softmax(logits, axis=1)
-        else:  # flash commit: softmax over tokens with 1/sqrt(head_dim)
-            assign = jax.nn.softmax(logits * self.head_dim**-0.5, axis=2)
-        new = jnp.einsum("gkn,gne->gke", assign.astype(values.dtype), values)
-        if self.mstep == "mean":
+        # Eq. 3 / commit 0c384d2: softmax over the K centers, no scaling; the flash commit: softmax over
+        # tokens with 1/sqrt(head_dim)
+        over_clusters = self.estep_axis == "clusters"
+        scale = 1.0 if over_clusters else self.head_dim**-0.5
+        if self.mstep == "sum":
+            new = soft_assign_sum(q, keys, values, over_clusters, scale)
+        else:
+            assign = jax.nn.softmax(_assignment_logits(q, keys, scale, False), axis=1 if over_clusters else 2)
+            new = jnp.einsum("gkn,gne->gke", assign.astype(values.dtype), values)
             mass = jnp.sum(assign, axis=2, keepdims=True)
             new = new / jnp.maximum(mass, 1e-6).astype(new.dtype)
         return self._from_estep(new), None
@@ -433,24 +480,30 @@ class ClusteringMixer(nn.Module):
         raw = self.partition == "raw"
         windows = self.windows if self.windows > 1 else 1
 
-        # conv1 / conv_v / conv_f as one matmul, split into groups by one layout change
         kernels, biases = zip(*(PointwiseParams(inner, self.dim, name=n)() for n in ("conv1", "conv_v", "conv_f")))
-        qvf = jnp.dot(x.astype(self.dtype), jnp.concatenate(kernels, axis=1).astype(self.dtype))
-        qvf = qvf + jnp.concatenate(biases).astype(self.dtype)
-        stacked = qvf.reshape(b, h, w, 3, inner).transpose(3, 0, 1, 2, 4).reshape(3 * b, h, w, inner)
         n_h, n_w = h // windows, w // windows
         g, n = b * heads * windows * windows, n_h * n_w
         kh, kw = self.centers
         num_centers = kh * kw
         pool = jnp.asarray(adaptive_pool_token_matrix((n_h, n_w), (kh, kw)), self.dtype)  # (K, N)
         if raw:
-            # channel-first chunks: keys/values in the released layout are plain reshapes of them, and the
-            # scrambled center values one (G*e, N) x (N, K) matmul
-            q_cf, v_cf, f_cf = raw_chunks(stacked, heads, windows).reshape(3, g, e, n)
+            # conv1 / conv_v / conv_f straight into the released channel-first (B, heads*e, H*W) buffers: its
+            # windows are then plain reshapes (G, e, N), keys/values raw views of them, and the scrambled
+            # center values one (G*e, N) x (N, K) matmul
+            tokens = x.astype(self.dtype).reshape(b, h * w, self.dim)
+            q_cf, v_cf, f_cf = (
+                (jnp.einsum("bnd,dc->bcn", tokens, k.astype(self.dtype)) + bias.astype(self.dtype)[:, None])
+                .reshape(g, e, n)
+                for k, bias in zip(kernels, biases)
+            )
             q_tok = jnp.swapaxes(q_cf, 1, 2)
             keys, values = v_cf.reshape(g, n, e), f_cf.reshape(g, n, e)
             center_values = jnp.einsum("gen,kn->gek", f_cf, pool).reshape(g, num_centers, e)
         else:
+            # conv1 / conv_v / conv_f as one matmul, split into groups by one layout change
+            qvf = jnp.dot(x.astype(self.dtype), jnp.concatenate(kernels, axis=1).astype(self.dtype))
+            qvf = qvf + jnp.concatenate(biases).astype(self.dtype)
+            stacked = qvf.reshape(b, h, w, 3, inner).transpose(3, 0, 1, 2, 4).reshape(3 * b, h, w, inner)
             q_tok, keys, values = window_partition(stacked, heads, windows, "spatial").reshape(3, g, n, e)
             center_values = jnp.einsum("kn,gne->gke", pool, values)
         centers = jnp.einsum("kn,gne->gke", pool, q_tok)
@@ -476,14 +529,16 @@ class ClusteringMixer(nn.Module):
 
         alpha = self.param("sim_alpha", nn.initializers.ones, (1,))
         beta = self.param("sim_beta", nn.initializers.zeros, (1,))
-        token_dirs = l2_normalize(q_tok.astype(jnp.float32))
         center_dirs = l2_normalize(centers.astype(jnp.float32))
         if self.dispatch == "official":
+            q_cf = q_cf if raw else jnp.swapaxes(q_tok, 1, 2)
+            token_dirs = l2_normalize(q_cf.astype(jnp.float32), axis=1)  # channel-first (G, e, N)
             out = _hard_dispatch(
                 token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32)
             )
             out = _unscramble(out) if raw else out
         else:  # Eq. 6: (1/K) sum_k sim(C_k, p_i) C_k, then an MLP (dispatch_fc -> GELU -> conv2)
+            token_dirs = l2_normalize(q_tok.astype(jnp.float32))
             cos = jnp.einsum("gne,gke->gnk", token_dirs, center_dirs)
             sim = affine_sigmoid(cos, alpha, beta)  # (G, N, K)
             out = jnp.einsum("gnk,gke->gne", sim.astype(centers.dtype), centers) / num_centers
