@@ -1,9 +1,12 @@
 """Backbone throughput: forward and train-step images/s, XLA FLOPs, MFU against a measured matmul peak.
 
-  python benchmarks/model_throughput.py                       # ClusterFormer-T presets, batch 8, 224
-  python benchmarks/model_throughput.py --models coc_tiny gmf_miny --batch 8 32 --sizes 224 448
-  python benchmarks/model_throughput.py --baseline 66645e6    # the same rows for an older commit, side by side
-  python benchmarks/model_throughput.py --torch clusterformer_tiny_official swin_tiny_patch4_window7_224
+  bash launch/python.sh benchmarks/model_throughput.py        # ClusterFormer-T presets, batch 8, 224
+  bash launch/python.sh benchmarks/model_throughput.py --models coc_tiny gmf_miny --batch 8 32 --sizes 224 448
+  bash launch/python.sh benchmarks/model_throughput.py --baseline 66645e6   # an older commit, side by side
+  bash launch/python.sh benchmarks/model_throughput.py --torch clusterformer_tiny_official swin_tiny_patch4_window7_224
+
+launch/python.sh runs it in the project venv with tcmalloc preloaded when the system has it (the header of
+each result names the host allocator; PyTorch rows run in the same process, so with the same allocator).
 
 The peak is a float32 (or --dtype) 4096^3 matmul timed in the same process just before the models, so the
 MFU column is comparable across rows of one run. Each timing is the median of --repeats runs after a
@@ -49,6 +52,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from clusterformer_jax.models.registry import create_model  # noqa: E402
+from clusterformer_jax.runtime import host_allocator  # noqa: E402
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -289,7 +293,8 @@ def main() -> None:
     versions = f"jax {jax.__version__}, numpy {np.__version__}"
     title = (f"## Backbone throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
              f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), device {device.platform}:"
-             f"{device.device_kind}; Python {platform.python_version()}; {versions}; dtype {args.dtype}; "
+             f"{device.device_kind}; Python {platform.python_version()}; {versions}; host allocator "
+             f"{host_allocator()}; dtype {args.dtype}; "
              f"matmul peak {peak / 1e9:.0f} GFLOP/s (4096³, same run; MFU of every row is against it); load "
              f"average {os.getloadavg()[0]:.1f} at the end; peak RSS {rss_mib():.0f} MiB; "
              f"`python benchmarks/model_throughput.py {' '.join(sys.argv[1:])}`.\n")

@@ -1,7 +1,7 @@
 """What the input pipeline costs the quickstart: train steps/s with the real pipeline against the same
 training fed one repeated in-memory batch, side by side in one process.
 
-  python benchmarks/quickstart_input.py [--steps=400] [--rounds=2]
+  bash launch/python.sh benchmarks/quickstart_input.py [--steps=400] [--rounds=2]
 
 Variants, each run --rounds times in turn (so drifts in machine speed hit all of them alike):
   defaults      configs/quickstart.py as shipped (digits: cached train examples, no reader threads).
@@ -35,6 +35,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
 
+from clusterformer_jax import runtime  # noqa: E402
 from clusterformer_jax.data import pipeline  # noqa: E402
 from clusterformer_jax.trainers import trainer  # noqa: E402
 
@@ -121,7 +122,8 @@ def main() -> None:
     header = (
         f'## Quickstart input cost, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n'
         f'Machine: {os.cpu_count()} CPUs ({platform.machine()}), device {jax.devices()[0].platform}; '
-        f'Python {platform.python_version()}; jax {jax.__version__}; {args.steps} steps x {args.rounds} rounds, '
+        f'Python {platform.python_version()}; jax {jax.__version__}; host allocator {runtime.host_allocator()}; '
+        f'{args.steps} steps x {args.rounds} rounds, '
         f'batch 64, clusterformer_nano on digits 32 px; `python benchmarks/quickstart_input.py '
         f'--steps={args.steps} --rounds={args.rounds}`.\n'
     )

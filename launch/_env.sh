@@ -5,6 +5,11 @@
 # the one stored in .venv/.requirements.sha256 after the last successful install; it is then updated with
 # `pip install -r requirements.txt`. CLUSTERFORMER_JAX_EXTRA=tpu|cuda12|cuda13 also installs jax[EXTRA] at
 # the pinned jax version for accelerators. PYTHON selects the interpreter that creates the venv (python3).
+#
+# cf_ensure_env also preloads tcmalloc when the system has it (Debian/Ubuntu: apt-get install
+# libtcmalloc-minimal4). XLA on CPU allocates and frees buffers of tens of MB every step; glibc hands them
+# back to the kernel and page-faults them in again, which cost ClusterFormer-T's CPU train step about a fifth
+# of its time (benchmarks/RESULTS.md). CLUSTERFORMER_TCMALLOC=0 turns this off, =/path/lib.so picks the library.
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
@@ -39,4 +44,20 @@ cf_ensure_env() {
   fi
   PY="$venv/bin/python"
   export PY
+  cf_preload_tcmalloc
+}
+
+cf_preload_tcmalloc() {
+  local lib="${CLUSTERFORMER_TCMALLOC:-}"
+  [[ "$lib" == 0 || "${LD_PRELOAD:-}" == *tcmalloc* ]] && return 0
+  if [[ -z "$lib" ]]; then
+    lib="$( (ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null) | sed -n 's/.*libtcmalloc_minimal\.so\.4 .*=> //p' | head -n 1)"
+    [[ -z "$lib" ]] && return 0
+  elif [[ ! -f "$lib" ]]; then
+    echo "[launch] CLUSTERFORMER_TCMALLOC=$lib is not a file; set it to a libtcmalloc .so or to 0" >&2
+    return 1
+  fi
+  export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+  # no stderr line for every allocation over 1 GiB (tcmalloc's default report threshold)
+  export TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD="${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-1099511627776}"
 }

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from clusterformer_jax import checkpointing
 from clusterformer_jax import optim
+from clusterformer_jax import runtime
 from clusterformer_jax import sharding
 from clusterformer_jax.data import pipeline as input_pipeline
 from clusterformer_jax.models import registry as model_registry
@@ -474,6 +475,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.create_mesh(config.mesh)
   _validate(config, mesh)
   logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
+  if jax.default_backend() == 'cpu' and runtime.host_allocator() == 'glibc':
+    logging.info('Host allocator is glibc malloc; %s', runtime.TCMALLOC_HINT)
 
   dataset_info = input_pipeline.get_dataset_info(config.input)
   total_steps, steps_per_epoch = resolve_run_lengths(config, int(dataset_info['num_train']))
