@@ -274,6 +274,15 @@ def _affine_sigmoid_bwd(residuals, grad):
 affine_sigmoid.defvjp(_affine_sigmoid_fwd, _affine_sigmoid_bwd)
 
 
+def _first_argmax(x: jax.Array, axis: int) -> jax.Array:
+    """``jnp.argmax`` (first index among equal maxima) as two plain reductions, which XLA CPU vectorises;
+    its single (value, index) reduction does not. A NaN row gives the last index instead of the NaN's."""
+    size = x.shape[axis]
+    reversed_index = size - 1 - jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    at_max = x == jnp.max(x, axis=axis, keepdims=True)
+    return size - 1 - jnp.max(jnp.where(at_max, reversed_index, 0), axis=axis)
+
+
 def _hard_dispatch(
     token_dirs: jax.Array,
     center_dirs: jax.Array,
@@ -294,7 +303,7 @@ def _hard_dispatch(
     """
     g, k = center_dirs.shape[:2]
     cos = jnp.einsum("gke,gen->gkn", jax.lax.stop_gradient(center_dirs), jax.lax.stop_gradient(token_dirs))
-    choice = jnp.argmax(jax.nn.sigmoid(beta + alpha * cos), axis=1)  # (G, N)
+    choice = _first_argmax(jax.nn.sigmoid(beta + alpha * cos), axis=1)  # (G, N)
     take = lambda t: jnp.take_along_axis(t, choice[..., None], axis=1)  # noqa: E731  (G, K, e) -> (G, N, e)
     # the chosen similarity, recomputed from the chosen center: its gradient stays (G, N, e)-sized
     chosen_dirs = jnp.take_along_axis(jnp.swapaxes(center_dirs, 1, 2), choice[:, None, :], axis=2)
