@@ -52,7 +52,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from clusterformer_jax.models.registry import create_model  # noqa: E402
-from clusterformer_jax.runtime import host_allocator  # noqa: E402
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -289,6 +288,9 @@ def main() -> None:
         for r in baseline:
             r["code"] = args.baseline
         print(f"baseline matmul peak {base_peak / 1e9:.0f} GFLOP/s")
+    # imported here: a --baseline subprocess runs an older tree's package, which may predate this module
+    from clusterformer_jax.runtime import host_allocator
+
     device = jax.devices()[0]
     versions = f"jax {jax.__version__}, numpy {np.__version__}"
     title = (f"## Backbone throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
