@@ -51,7 +51,9 @@ cf_preload_tcmalloc() {
   local lib="${CLUSTERFORMER_TCMALLOC:-}"
   [[ "$lib" == 0 || "${LD_PRELOAD:-}" == *tcmalloc* ]] && return 0
   if [[ -z "$lib" ]]; then
-    lib="$( (ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null) | sed -n 's/.*libtcmalloc_minimal\.so\.4 .*=> //p' | head -n 1)"
+    # `|| true`: no ldconfig at all must not stop a `set -e` caller
+    lib="$( { ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true; } \
+      | sed -n 's/.*libtcmalloc_minimal\.so\.4 .*=> //p' | head -n 1)" || true
     [[ -z "$lib" ]] && return 0
   elif [[ ! -f "$lib" ]]; then
     echo "[launch] CLUSTERFORMER_TCMALLOC=$lib is not a file; set it to a libtcmalloc .so or to 0" >&2
