@@ -198,14 +198,31 @@ def test_affine_sigmoid_vjp_equals_autodiff():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_em_remat_changes_no_number():
+def test_em_remat_and_unroll_change_no_number():
     x = jnp.asarray(np.random.RandomState(9).randn(2, 8, 8, 12), jnp.float32)
-    grads = []
-    for remat in (False, True):
-        mixer = clustering.ClusteringMixer(12, 2, head_dim=6, windows=2, centers=(3, 3), em_remat=remat)
+    results = []
+    for remat, unroll in ((False, 1), (True, 1), (True, 2), (True, 3), (False, 3)):
+        mixer = clustering.ClusteringMixer(
+            12, 2, head_dim=6, windows=2, centers=(3, 3), em_remat=remat, em_unroll=unroll
+        )
         params = mixer.init(jax.random.PRNGKey(0), x)
-        grads.append(jax.grad(lambda p: jnp.sum(jnp.sin(mixer.apply(p, x)[0])))(params))
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
+        loss = lambda p: jnp.sum(jnp.sin(mixer.apply(p, x)[0]))  # noqa: E731
+        results.append((loss(params), jax.grad(loss)(params)))
+    for other in results[1:]:
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[0], other)
+
+
+def test_em_unroll_resolution(monkeypatch):
+    assert clustering.resolve_em_unroll(2, 3) == 2
+    assert clustering.resolve_em_unroll(8, 3) == 3
+    for allocator, want in (("glibc", 1), ("tcmalloc", 3)):
+        monkeypatch.setattr(clustering, "host_allocator", lambda a=allocator: a)
+        assert clustering.resolve_em_unroll(None, 3) == want
+    monkeypatch.setattr(clustering.jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(clustering, "host_allocator", lambda: "glibc")
+    assert clustering.resolve_em_unroll(None, 3) == 3
+    with pytest.raises(clustering.ModelConfigError, match="em_unroll=0 must be >= 1"):
+        clustering.resolve_em_unroll(0, 3)
 
 
 def test_spatial_windows_are_true_windows():

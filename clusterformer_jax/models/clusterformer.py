@@ -134,6 +134,7 @@ class ClusterFormerBackbone(nn.Module):
     layer_scale_init: float = 1e-5
     remat: bool = False
     em_remat: bool = True
+    em_unroll: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     def _validate(self, images: jax.Array) -> None:
@@ -181,6 +182,7 @@ class ClusterFormerBackbone(nn.Module):
                 dispatch=self.dispatch,
                 partition=self.partition,
                 em_remat=self.em_remat,
+                em_unroll=self.em_unroll,
             )
             for block in range(depth):
                 rate = self.drop_path_rate * index / max(total - 1, 1)
