@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -84,21 +85,26 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
     labels = jnp.zeros((batch,), jnp.int32)
     mutable = list(extra)  # BatchNorm statistics update in training
 
-    def loss_fn(p):
-        logits = model.apply({"params": p, **extra}, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
-                             mutable=mutable or False)
+    def loss_fn(p, m):
+        logits = m.apply({"params": p, **extra}, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
+                         mutable=mutable or False)
         logits = logits[0] if mutable else logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    def train_step(p, o):
-        grads = jax.grad(loss_fn)(p)
+    def train_step(p, o, m):
+        grads = jax.grad(loss_fn)(p, m)
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o
 
-    fwd = jax.jit(lambda p: model.apply({"params": p, **extra}, images)).lower(params).compile()
-    step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state).compile()
-    fwd_flops = fwd.cost_analysis()["flops"]
-    step_flops = step.cost_analysis()["flops"]
+    def compile_pair(m):
+        fwd = jax.jit(lambda p: m.apply({"params": p, **extra}, images)).lower(params).compile()
+        step = jax.jit(functools.partial(train_step, m=m), donate_argnums=(0, 1))
+        return fwd, step.lower(params, opt_state).compile()
+
+    fwd, step = compile_pair(model)
+    unrolled = _rolled_em_unrolled(name, dtype, kwargs)
+    counted = compile_pair(unrolled) if unrolled is not None else (fwd, step)
+    fwd_flops, step_flops = (c.cost_analysis()["flops"] for c in counted)
     memory = step.memory_analysis()
     fwd_s = _median_seconds(lambda: jax.block_until_ready(fwd(params)), repeats)
     state = [params, opt_state]
@@ -115,6 +121,21 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
         fwd_flops=fwd_flops, step_flops=step_flops,
         temp_mib=getattr(memory, "temp_size_in_bytes", 0) / 2**20,
     )
+
+
+def _rolled_em_unrolled(name: str, dtype: str, kwargs: dict):
+    """A fully unrolled copy of a ClusterFormer whose EM scan runs as a loop here, else None.
+
+    XLA's cost analysis counts a while loop's body once, so a rolled EM scan (the default on CPU without
+    tcmalloc) would hide T-1 of its T iterations from the FLOP count; the unrolled copy has the same FLOPs.
+    """
+    try:
+        from clusterformer_jax.models.clustering import resolve_em_unroll
+    except ImportError:  # code older than em_unroll (--baseline): its loop was always rolled
+        return None
+    if not name.startswith("clusterformer") or resolve_em_unroll(None, 2) == 2:
+        return None
+    return create_model(name, dtype=dtype, em_unroll=1 << 16, **kwargs)  # capped at T: no loop
 
 
 def _window_counts(size: int) -> tuple[int, ...]:

@@ -146,7 +146,7 @@ def _dense_dispatch(token_dirs, center_dirs, alpha, beta, values, center_values)
 def test_first_argmax_equals_argmax_with_ties():
     x = jnp.asarray(np.random.RandomState(3).randint(0, 3, (5, 7, 6)), jnp.float32)  # many tied maxima
     for axis in range(3):
-        np.testing.assert_array_equal(clustering._first_argmax(x, axis), jnp.argmax(x, axis=axis))
+        np.testing.assert_array_equal(clustering.first_argmax(x, axis), jnp.argmax(x, axis=axis))
 
 
 def test_gather_dispatch_equals_dense_form_with_gradients():

@@ -276,7 +276,7 @@ def _affine_sigmoid_bwd(residuals, grad):
 affine_sigmoid.defvjp(_affine_sigmoid_fwd, _affine_sigmoid_bwd)
 
 
-def _first_argmax(x: jax.Array, axis: int) -> jax.Array:
+def first_argmax(x: jax.Array, axis: int) -> jax.Array:
     """``jnp.argmax`` (first index among equal maxima) as two plain reductions, which XLA CPU vectorises;
     its single (value, index) reduction does not. A NaN row gives the last index instead of the NaN's."""
     size = x.shape[axis]
@@ -305,7 +305,7 @@ def _hard_dispatch(
     """
     g, k = center_dirs.shape[:2]
     cos = jnp.einsum("gke,gen->gkn", jax.lax.stop_gradient(center_dirs), jax.lax.stop_gradient(token_dirs))
-    choice = _first_argmax(jax.nn.sigmoid(beta + alpha * cos), axis=1)  # (G, N)
+    choice = first_argmax(jax.nn.sigmoid(beta + alpha * cos), axis=1)  # (G, N)
     take = lambda t: jnp.take_along_axis(t, choice[..., None], axis=1)  # noqa: E731  (G, K, e) -> (G, N, e)
     # the chosen similarity, recomputed from the chosen center: its gradient stays (G, N, e)-sized
     chosen_dirs = jnp.take_along_axis(jnp.swapaxes(center_dirs, 1, 2), choice[:, None, :], axis=2)

@@ -23,7 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from clusterformer_jax.models.clusterformer import DropPath, Mlp, conv, group_norm, position_channels
-from clusterformer_jax.models.clustering import ModelConfigError, adaptive_avg_pool, l2_normalize, pointwise
+from clusterformer_jax.models.clustering import (
+    ModelConfigError,
+    adaptive_avg_pool,
+    first_argmax,
+    l2_normalize,
+    pointwise,
+)
 from clusterformer_jax.models.registry import register_model
 
 Dtype = Any
@@ -98,7 +104,7 @@ class ClusterMixer(nn.Module):
             l2_normalize(points.astype(jnp.float32)),
         )
         sim = jax.nn.sigmoid(beta + alpha * cos)  # (G, M, N)
-        mask = jax.nn.one_hot(jnp.argmax(sim, axis=1), m, axis=1, dtype=sim.dtype)  # each point: one center
+        mask = jax.nn.one_hot(first_argmax(sim, axis=1), m, axis=1, dtype=sim.dtype)  # each point: one center
         sim = sim * mask
         weight = sim if self.denominator == "similarity" else mask
         agg = (jnp.einsum("gmn,gne->gme", sim, values) + value_centers) / (
