@@ -11,8 +11,8 @@ PROBE = 'from clusterformer_jax import runtime; print(runtime.host_allocator())'
 
 
 def _launch_python(env_update, *args):
-  env = dict(os.environ, **env_update)
-  env.pop('LD_PRELOAD', None)
+  env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', 'CLUSTERFORMER_TCMALLOC')}
+  env.update(env_update)
   return subprocess.run(['bash', os.path.join(REPO, 'launch', 'python.sh'), *args], env=env,
                         capture_output=True, text=True, timeout=600)
 

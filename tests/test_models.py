@@ -212,6 +212,19 @@ def test_em_remat_and_unroll_change_no_number():
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[0], other)
 
 
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 1), (7, 1), (3, 2)])
+def test_depthwise_shifted_sums_equal_grouped_conv(kernel, stride):
+    x = jnp.asarray(np.random.RandomState(kernel).randn(2, 9, 9, 6), jnp.float32)
+    results = []
+    for impl in ("shifted", "grouped"):
+        conv = clustering.DepthwiseConv(kernel, stride, impl=impl)
+        params = conv.init(jax.random.PRNGKey(0), x)
+        loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))  # noqa: E731
+        results.append((conv.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *results)
+    assert results[0][0].shape == (2, -(-9 // stride), -(-9 // stride), 6)
+
+
 def test_em_unroll_resolution(monkeypatch):
     assert clustering.resolve_em_unroll(2, 3) == 2
     assert clustering.resolve_em_unroll(8, 3) == 3

@@ -76,7 +76,8 @@ class DepthwiseConv(nn.Module):
     Stride 1 runs as a sum of k*k shifted products, which XLA fuses into one loop: on CPU that is 30-50x
     faster than its grouped ``conv_general_dilated`` forward and 1.3-2.5x faster forward + backward (same
     numbers). The cost is compile time: a 7x7 kernel is 49 slices, and a GroupMixFormer train step
-    compiles for minutes.
+    compiles for minutes. So ``impl=None`` takes the shifted sums on CPU only and the grouped convolution
+    (the native depthwise kernels of cuDNN and the TPU, which compile in seconds) on other backends.
     """
 
     kernel: int
@@ -85,13 +86,17 @@ class DepthwiseConv(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Callable = torch_default_kernel_init()
     bias_init: Optional[Callable] = None  # None: PyTorch's default for fan_in = k*k
+    impl: Optional[str] = None  # 'shifted' | 'grouped'; None: 'shifted' on CPU, else 'grouped'
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, channels, pad = self.kernel, x.shape[-1], (self.kernel - 1) // 2
+        impl = self.impl or ("shifted" if jax.default_backend() == "cpu" else "grouped")
+        if impl not in ("shifted", "grouped"):
+            raise ModelConfigError(f"DepthwiseConv impl={impl!r} is not one of ('shifted', 'grouped')")
         weight = self.param("kernel", self.kernel_init, (k, k, 1, channels)).astype(self.dtype)
         x = x.astype(self.dtype)
-        if self.stride == 1 and k % 2:
+        if impl == "shifted" and self.stride == 1 and k % 2:
             height, width = x.shape[1:3]
             padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
             out = sum(
