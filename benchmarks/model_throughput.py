@@ -102,7 +102,7 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
         return fwd, step.lower(params, opt_state).compile()
 
     fwd, step = compile_pair(model)
-    unrolled = _rolled_em_unrolled(name, dtype, kwargs)
+    unrolled = _flop_count_model(name, dtype, kwargs)
     counted = compile_pair(unrolled) if unrolled is not None else (fwd, step)
     fwd_flops, step_flops = (c.cost_analysis()["flops"] for c in counted)
     memory = step.memory_analysis()
@@ -123,8 +123,8 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
     )
 
 
-def _rolled_em_unrolled(name: str, dtype: str, kwargs: dict):
-    """A fully unrolled copy of a ClusterFormer whose EM scan runs as a loop here, else None.
+def _flop_count_model(name: str, dtype: str, kwargs: dict):
+    """For a ClusterFormer whose EM scan runs as a loop here: a fully unrolled copy to count FLOPs on; else None.
 
     XLA's cost analysis counts a while loop's body once, so a rolled EM scan (the default on CPU without
     tcmalloc) would hide T-1 of its T iterations from the FLOP count; the unrolled copy has the same FLOPs.

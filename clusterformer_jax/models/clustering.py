@@ -421,9 +421,9 @@ def resolve_em_unroll(unroll: Optional[int], num_iters: int) -> int:
     without tcmalloc, where the rolled loop is faster.
 
     Unrolled, the T steps need no stacked carry residuals, no loop-carried copies and no while loop: the
-    ClusterFormer-T CPU train step ran 1.07-1.13x faster with tcmalloc. Its temporaries are a quarter larger
-    (2840 against 2247 MiB at batch 8), and glibc maps and faults those pages in anew every step, which made
-    the unrolled step 0.76x there.
+    ClusterFormer-T CPU train step ran 1.06-1.13x faster with tcmalloc (four A/Bs). Its temporaries are a
+    quarter larger (2840 against 2247 MiB at batch 8), and glibc maps and faults those pages in anew every
+    step, which made the unrolled step 0.76x there.
     """
     if unroll is not None:
         if unroll < 1:
@@ -435,8 +435,9 @@ def resolve_em_unroll(unroll: Optional[int], num_iters: int) -> int:
 def em_scan(num_iters: int, remat: bool = True, unroll: int = 1, **step_kwargs) -> nn.Module:
     """T EM steps as one ``nn.scan`` sharing a single set of weights across iterations.
 
-    ``remat`` recomputes each step's (G, K, N) assignment in the backward pass instead of stacking all T
-    of them as scan residuals: the same numbers, and on CPU a third less backward time for ClusterFormer-T.
+    ``remat`` keeps only each step's input centers as scan residuals and recomputes the rest in the backward
+    pass (same numbers). It matters for ``mstep='mean'``, whose (G, K, N) assignment autodiff would otherwise
+    stack T times; the 'sum' E-step's own VJP recomputes its assignment either way.
     ``unroll`` steps run per loop iteration (see ``resolve_em_unroll``); any value gives the same numbers.
     """
     scanned = nn.scan(
