@@ -1,26 +1,15 @@
 """benchmarks/model_throughput.py counts every EM iteration's FLOPs, whether the EM scan runs as a loop or not."""
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clusterformer_jax.models import clustering
 from clusterformer_jax.models.registry import create_model
-
-
-def _throughput_module():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "model_throughput.py")
-    spec = importlib.util.spec_from_file_location("model_throughput", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests import load_benchmark
 
 
 def test_flop_count_includes_every_em_iteration(monkeypatch):
-    throughput = _throughput_module()
+    throughput = load_benchmark("model_throughput.py")
     rows = {}
     for allocator in ("glibc", "tcmalloc"):  # on CPU: the EM scan rolled into a loop, then unrolled
         monkeypatch.setattr(clustering, "host_allocator", lambda a=allocator: a)

@@ -4,9 +4,6 @@ weights, so timing it side by side compares like with like. Skipped without torc
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,20 +11,12 @@ import pytest
 
 from clusterformer_jax.convert import mmcls_clusterformer
 from clusterformer_jax.models.registry import create_model
+from tests import load_benchmark
 
 torch = pytest.importorskip("torch")
 
 SMALL = dict(depths=(1, 1, 2, 1), dims=(64, 64, 96, 128), num_heads=(2, 2, 3, 4), window_counts=(4, 2, 1, 1),
              mlp_ratios=(2, 2, 2, 2), num_iters=2)
-
-
-def _torch_module():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                        "torch_clusterformer.py")
-    spec = importlib.util.spec_from_file_location("torch_clusterformer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_torch_anchor_matches_the_official_preset():
@@ -39,7 +28,7 @@ def test_torch_anchor_matches_the_official_preset():
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.3 * rng.randn(*x.shape).astype(np.float32)
         if any(k in jax.tree_util.keystr(path) for k in ("layer_scale", "sim_", "scale", "norm")) else x, params)
-    torch_model = _torch_module().create(
+    torch_model = load_benchmark("torch_clusterformer.py").create(
         "clusterformer_tiny_official", num_classes=7, depths=SMALL["depths"], dims=SMALL["dims"],
         heads=SMALL["num_heads"], window_counts=SMALL["window_counts"], mlp_ratios=SMALL["mlp_ratios"],
         num_iters=SMALL["num_iters"])
