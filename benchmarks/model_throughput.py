@@ -124,18 +124,30 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
 
 
 def _flop_count_model(name: str, dtype: str, kwargs: dict):
-    """For a ClusterFormer whose EM scan runs as a loop here: a fully unrolled copy to count FLOPs on; else None.
+    """For a ClusterFormer that runs loops here (the EM scan rolled, or the clustering in group chunks): a
+    copy without either to count FLOPs on; else None.
 
     XLA's cost analysis counts a while loop's body once, so a rolled EM scan (the default on CPU without
-    tcmalloc) would hide T-1 of its T iterations from the FLOP count; the unrolled copy has the same FLOPs.
+    tcmalloc) would hide T-1 of its T iterations, and the group-chunk loop (the default on CPU) all chunks
+    but one, from the FLOP count; the loop-free copy has the same FLOPs.
     """
+    if not name.startswith("clusterformer"):
+        return None
     try:
         from clusterformer_jax.models.clustering import resolve_em_unroll
     except ImportError:  # code older than em_unroll (--baseline): its loop was always rolled
         return None
-    if not name.startswith("clusterformer") or resolve_em_unroll(None, 2) == 2:
+    loop_free = dict(em_unroll=1 << 16)  # capped at T
+    try:
+        from clusterformer_jax.models.clustering import resolve_group_chunk
+    except ImportError:  # code older than group chunks (--baseline)
+        chunked = False
+    else:
+        chunked = resolve_group_chunk(None, 1 << 30, 1, 1) < 1 << 30
+        loop_free["group_chunk"] = 1 << 30  # one chunk: every group at once
+    if resolve_em_unroll(None, 2) == 2 and not chunked:
         return None
-    return create_model(name, dtype=dtype, em_unroll=1 << 16, **kwargs)  # capped at T: no loop
+    return create_model(name, dtype=dtype, **loop_free, **kwargs)
 
 
 def _window_counts(size: int) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.kwargs.dtype = placeholder(str)  # 'float32' | 'bfloat16' | 'float16'
   config.model.kwargs.remat = placeholder(bool)
   config.model.kwargs.em_unroll = placeholder(int)  # ClusterFormer: EM steps per scan-loop iteration
+  config.model.kwargs.group_chunk = placeholder(int)  # ClusterFormer: groups per iteration of the clustering loop
 
   config.input = ml_collections.ConfigDict()
   config.input.dataset = 'digits'  # 'digits' | 'imagenet2012'

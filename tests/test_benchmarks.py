@@ -1,4 +1,5 @@
-"""benchmarks/model_throughput.py counts every EM iteration's FLOPs, whether the EM scan runs as a loop or not."""
+"""benchmarks/model_throughput.py counts every EM iteration's and every group chunk's FLOPs, whether the EM
+scan and the clustering run as loops or not."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +15,11 @@ def test_flop_count_includes_every_em_iteration(monkeypatch):
     for allocator in ("glibc", "tcmalloc"):  # on CPU: the EM scan rolled into a loop, then unrolled
         monkeypatch.setattr(clustering, "host_allocator", lambda a=allocator: a)
         rows[allocator] = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1)
+    # nano's groups (batch x heads) fit one chunk; 4 KiB chunks make stage 1 a loop over its groups
+    monkeypatch.setattr(clustering, "GROUP_CHUNK_BYTES", 4096)
+    rows["chunked"] = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1)
     for key in ("fwd_flops", "step_flops"):
-        assert rows["glibc"][key] == rows["tcmalloc"][key] > 0
+        assert rows["glibc"][key] == rows["tcmalloc"][key] == rows["chunked"][key] > 0
 
     # what the count would be without the unrolled copy: XLA counts the loop body once
     monkeypatch.setattr(clustering, "host_allocator", lambda: "glibc")

@@ -212,6 +212,50 @@ def test_em_remat_and_unroll_change_no_number():
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), results[0], other)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),  # the released layout and dispatch
+        dict(estep_axis="tokens"),  # the flash layout mixes the heads of one window: chunks keep them together
+        dict(partition="spatial", dispatch="paper", center_ffn=True, mstep="mean"),
+    ],
+)
+def test_group_chunks_change_no_number(variant):
+    x = jnp.asarray(np.random.RandomState(4).randn(2, 8, 8, 12), jnp.float32)  # G = 2 images * 2 heads * 4
+    results = []
+    for group_chunk in (16, 4, 2):
+        mixer = clustering.ClusteringMixer(
+            12, 2, head_dim=6, windows=2, centers=(3, 3), em_unroll=3, group_chunk=group_chunk, **variant
+        )
+        params = mixer.init(jax.random.PRNGKey(0), x)
+        loss = lambda p: jnp.sum(jnp.sin(mixer.apply(p, x)[0])) + jnp.sum(mixer.apply(p, x)[1] ** 2)  # noqa: E731
+        text = jax.jit(loss).lower(params).as_text()
+        assert ("while" in text) == (group_chunk < 16)
+        results.append((mixer.apply(params, x), jax.grad(loss)(params)))
+    for other in results[1:]:
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), results[0], other)
+
+
+def test_group_chunk_resolution(monkeypatch):
+    resolve = clustering.resolve_group_chunk
+    # explicit: the largest multiple of heads that divides the groups and is at most the request
+    assert resolve(48, 1536, 3, 4900) == 48
+    assert resolve(50, 1536, 3, 4900) == 48
+    assert resolve(4, 24, 3, 10) == 3
+    assert resolve(2, 24, 3, 10) == 24  # no multiple of 3 fits: one pass
+    assert resolve(1000, 24, 3, 10) == 24
+    # default on CPU: (K, N) float32 assignments of one chunk within GROUP_CHUNK_BYTES (1 MiB)
+    monkeypatch.setattr(clustering.jax, "default_backend", lambda: "cpu")
+    assert resolve(None, 1536, 3, 100 * 49) == 48  # 1 MiB / 19600 B = 53 -> 48 divides 1536
+    assert resolve(None, 192, 24, 100 * 49) == 48  # 53 -> the multiple of 24 heads below it
+    assert resolve(None, 192, 24, 100 * 4900) == 24  # chunks never split a window's heads
+    assert resolve(None, 64, 2, 16 * 64) == 64  # everything fits: one pass
+    monkeypatch.setattr(clustering.jax, "default_backend", lambda: "gpu")
+    assert resolve(None, 1536, 3, 100 * 49) == 1536
+    with pytest.raises(clustering.ModelConfigError, match="group_chunk=0 must be >= 1"):
+        resolve(0, 1536, 3, 4900)
+
+
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 1), (7, 1), (3, 2)])
 def test_depthwise_shifted_sums_equal_grouped_conv(kernel, stride):
     x = jnp.asarray(np.random.RandomState(kernel).randn(2, 9, 9, 6), jnp.float32)

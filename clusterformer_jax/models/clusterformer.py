@@ -135,6 +135,7 @@ class ClusterFormerBackbone(nn.Module):
     remat: bool = False
     em_remat: bool = True
     em_unroll: Optional[int] = None
+    group_chunk: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     def _validate(self, images: jax.Array) -> None:
@@ -183,6 +184,7 @@ class ClusterFormerBackbone(nn.Module):
                 partition=self.partition,
                 em_remat=self.em_remat,
                 em_unroll=self.em_unroll,
+                group_chunk=self.group_chunk,
             )
             for block in range(depth):
                 rate = self.drop_path_rate * index / max(total - 1, 1)

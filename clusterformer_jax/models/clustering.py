@@ -432,6 +432,27 @@ def resolve_em_unroll(unroll: Optional[int], num_iters: int) -> int:
     return 1 if jax.default_backend() == "cpu" and host_allocator() != "tcmalloc" else num_iters
 
 
+GROUP_CHUNK_BYTES = 1 << 20  # CPU default: one chunk's (K, N) float32 assignments, sized to stay in a core's L2
+
+
+def resolve_group_chunk(per_chunk: Optional[int], groups: int, heads: int, assignment_size: int) -> int:
+    """Groups per chunk of the clustering loop: ``per_chunk`` as given, or, for None, all groups (no loop) on
+    accelerators and on CPU the largest divisor of ``groups`` whose (K, N) assignments fit
+    ``GROUP_CHUNK_BYTES``. Chunks hold whole multiples of ``heads`` groups, which the flash layout mixes.
+
+    On CPU every EM and dispatch op otherwise streams all groups' (G, K, N) tensors (30 MB in ClusterFormer-T's
+    first stage at batch 8) through memory between ops; in cache-sized chunks the whole EM runs in cache.
+    """
+    if per_chunk is None:
+        if jax.default_backend() != "cpu":
+            return groups
+        per_chunk = max(heads, GROUP_CHUNK_BYTES // (4 * assignment_size))
+    elif per_chunk < 1:
+        raise ModelConfigError(f"model field group_chunk={per_chunk} must be >= 1 (or None for the default)")
+    fits = [d for d in range(heads, min(per_chunk, groups) + 1, heads) if groups % d == 0]
+    return fits[-1] if fits else groups
+
+
 def em_scan(num_iters: int, remat: bool = True, unroll: int = 1, **step_kwargs) -> nn.Module:
     """T EM steps as one ``nn.scan`` sharing a single set of weights across iterations.
 
@@ -474,6 +495,8 @@ class ClusteringMixer(nn.Module):
       em_remat: recompute the EM assignments in the backward pass (see ``em_scan``); same numbers.
       em_unroll: EM steps per scan-loop iteration; None picks by backend and allocator
         (``resolve_em_unroll``); same numbers.
+      group_chunk: groups (image x head x window) per iteration of a loop over the clustering (EM and
+        dispatch); None: cache-sized chunks on CPU, one pass elsewhere (``resolve_group_chunk``); same numbers.
     """
 
     dim: int
@@ -490,6 +513,7 @@ class ClusteringMixer(nn.Module):
     partition: str = "raw"
     em_remat: bool = True
     em_unroll: Optional[int] = None
+    group_chunk: Optional[int] = None
     dtype: Dtype = jnp.float32
 
     def _check(self, h: int, w: int) -> None:
@@ -508,6 +532,36 @@ class ClusteringMixer(nn.Module):
                 f"a {h}x{w} feature map is not divisible by window count {self.windows}; "
                 "choose window_counts that divide every stage's size (e.g. [8,4,2,1] for 224 inputs)"
             )
+
+    def _cluster_groups(self, group_inputs, alpha, beta) -> Tuple[jax.Array, jax.Array]:
+        """EM (Eq. 3) then dispatch for a run of groups: returns (out (G', N, e) float32, centers (G', K, e))."""
+        centers, em_keys, em_values, dispatch_queries, values, center_values = group_inputs
+        raw = self.partition == "raw"
+        centers, _ = em_scan(
+            self.num_iters,
+            remat=self.em_remat,
+            unroll=resolve_em_unroll(self.em_unroll, self.num_iters),
+            head_dim=self.head_dim,
+            heads=self.heads,
+            estep_axis=self.estep_axis,
+            mstep=self.mstep,
+            query_proj=self.query_proj,
+            raw_layout=raw,
+            dtype=self.dtype,
+            name="em",
+        )(centers, em_keys, em_values)
+        center_dirs = l2_normalize(centers.astype(jnp.float32))
+        if self.dispatch == "official":
+            token_dirs = l2_normalize(dispatch_queries.astype(jnp.float32), axis=1)  # channel-first (G, e, N)
+            out = _hard_dispatch(
+                token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32)
+            )
+            return (_unscramble(out) if raw else out), centers
+        # Eq. 6: (1/K) sum_k sim(C_k, p_i) C_k (the MLP after it runs on the merged map)
+        token_dirs = l2_normalize(dispatch_queries.astype(jnp.float32))
+        cos = jnp.einsum("gne,gke->gnk", token_dirs, center_dirs)
+        sim = affine_sigmoid(cos, alpha, beta)  # (G, N, K)
+        return jnp.einsum("gnk,gke->gne", sim.astype(centers.dtype), centers) / centers.shape[1], centers
 
     @nn.compact
     def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
@@ -552,35 +606,24 @@ class ClusteringMixer(nn.Module):
         em_keys, em_values = keys, values
         if raw and self.estep_axis == "tokens":
             em_keys, em_values = _flash_regroup(keys, heads), _flash_regroup(values, heads)
-        centers, _ = em_scan(
-            self.num_iters,
-            remat=self.em_remat,
-            unroll=resolve_em_unroll(self.em_unroll, self.num_iters),
-            head_dim=e,
-            heads=heads,
-            estep_axis=self.estep_axis,
-            mstep=self.mstep,
-            query_proj=self.query_proj,
-            raw_layout=raw,
-            dtype=self.dtype,
-            name="em",
-        )(centers, em_keys, em_values)
-
         alpha = self.param("sim_alpha", nn.initializers.ones, (1,))
         beta = self.param("sim_beta", nn.initializers.zeros, (1,))
-        center_dirs = l2_normalize(centers.astype(jnp.float32))
-        if self.dispatch == "official":
-            q_cf = q_cf if raw else jnp.swapaxes(q_tok, 1, 2)
-            token_dirs = l2_normalize(q_cf.astype(jnp.float32), axis=1)  # channel-first (G, e, N)
-            out = _hard_dispatch(
-                token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32)
-            )
-            out = _unscramble(out) if raw else out
-        else:  # Eq. 6: (1/K) sum_k sim(C_k, p_i) C_k, then an MLP (dispatch_fc -> GELU -> conv2)
-            token_dirs = l2_normalize(q_tok.astype(jnp.float32))
-            cos = jnp.einsum("gne,gke->gnk", token_dirs, center_dirs)
-            sim = affine_sigmoid(cos, alpha, beta)  # (G, N, K)
-            out = jnp.einsum("gnk,gke->gne", sim.astype(centers.dtype), centers) / num_centers
+        # the (G, e, N) channel-first queries feed the official dispatch, the (G, N, e) ones Eq. 6
+        dispatch_queries = (q_cf if raw else jnp.swapaxes(q_tok, 1, 2)) if self.dispatch == "official" else q_tok
+        group_inputs = (centers, em_keys, em_values, dispatch_queries, values, center_values)
+        per_chunk = resolve_group_chunk(self.group_chunk, g, heads, num_centers * n)
+        if per_chunk == g:
+            out, centers = self._cluster_groups(group_inputs, alpha, beta)
+        else:
+            # every group clusters independently: run them in cache-sized chunks, one loop iteration each
+            def body(mdl, carry, chunk):
+                return carry, mdl._cluster_groups(chunk, alpha, beta)
+
+            chunked = tuple(t.reshape(g // per_chunk, per_chunk, *t.shape[1:]) for t in group_inputs)
+            _, (out, centers) = nn.scan(
+                body, variable_broadcast="params", split_rngs={"params": False}
+            )(self, None, chunked)
+            out, centers = out.reshape(g, *out.shape[2:]), centers.reshape(g, *centers.shape[2:])
 
         out = window_merge(out.astype(self.dtype).reshape(g, n_h, n_w, e), b, heads, windows, self.partition)
         if self.dispatch == "paper":
