@@ -254,8 +254,12 @@ def table(rows: list[dict], peak: float) -> list[str]:
     return lines
 
 
-def notes(rows: list[dict], baseline: list[dict], peak: float) -> list[str]:
+def notes(rows: list[dict], baseline: list[dict], peak: float, base_peak: float = 0.0) -> list[str]:
     out = []
+    if baseline and abs(base_peak / peak - 1) > 0.1:
+        out.append(f"the baseline's process measured a matmul peak of {base_peak / 1e9:.0f} GFLOP/s against "
+                   f"{peak / 1e9:.0f} here: the machine's speed changed between the two processes, so the ratios "
+                   "against the baseline below do not measure the code")
     for r in rows:  # resolution scaling
         base = next((b for b in rows if b["model"] == r["model"] and b["batch"] == r["batch"] and b["size"] == 224
                      and b.get("code") == r.get("code")), None)
@@ -296,6 +300,12 @@ def main() -> None:
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    baseline, base_peak = [], 0.0
+    if args.baseline:  # first: this process holds no model memory while the baseline runs
+        baseline, base_peak = run_baseline(args.baseline, sys.argv[1:])
+        for r in baseline:
+            r["code"] = args.baseline
+        print(f"baseline matmul peak {base_peak / 1e9:.0f} GFLOP/s")
     peak = matmul_peak(jnp.dtype(args.dtype))
     rows = []
     for name in args.models:
@@ -315,12 +325,6 @@ def main() -> None:
             json.dump({"rows": rows, "peak": peak}, f)
         return
 
-    baseline = []
-    if args.baseline:
-        baseline, base_peak = run_baseline(args.baseline, sys.argv[1:])
-        for r in baseline:
-            r["code"] = args.baseline
-        print(f"baseline matmul peak {base_peak / 1e9:.0f} GFLOP/s")
     # imported here: a --baseline subprocess runs an older tree's package, which may predate this module
     from clusterformer_jax.runtime import host_allocator
 
@@ -334,7 +338,7 @@ def main() -> None:
              f"average {os.getloadavg()[0]:.1f} at the end; peak RSS {rss_mib():.0f} MiB; "
              f"`python benchmarks/model_throughput.py {' '.join(sys.argv[1:])}`.\n")
     body = table(rows + [r for r in baseline if "PyTorch" not in r["model"]], peak)
-    extra = notes(rows, baseline, peak)
+    extra = notes(rows, baseline, peak, base_peak)
     text = title + "\n" + "\n".join(body) + ("\n\n" + "\n".join(f"- {s}" for s in extra) if extra else "") + "\n"
     print("\n" + text)
     if not args.no_append:
