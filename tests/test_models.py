@@ -246,10 +246,14 @@ def test_group_chunk_resolution(monkeypatch):
     assert resolve(1000, 24, 3, 10) == 24
     # default on CPU: (K, N) float32 assignments of one chunk within GROUP_CHUNK_BYTES (1 MiB)
     monkeypatch.setattr(clustering.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(clustering.jax, "device_count", lambda: 1)
     assert resolve(None, 1536, 3, 100 * 49) == 48  # 1 MiB / 19600 B = 53 -> 48 divides 1536
     assert resolve(None, 192, 24, 100 * 49) == 48  # 53 -> the multiple of 24 heads below it
     assert resolve(None, 192, 24, 100 * 4900) == 24  # chunks never split a window's heads
     assert resolve(None, 64, 2, 16 * 64) == 64  # everything fits: one pass
+    monkeypatch.setattr(clustering.jax, "device_count", lambda: 8)  # the group axis may be sharded
+    assert resolve(None, 1536, 3, 100 * 49) == 1536
+    monkeypatch.setattr(clustering.jax, "device_count", lambda: 1)
     monkeypatch.setattr(clustering.jax, "default_backend", lambda: "gpu")
     assert resolve(None, 1536, 3, 100 * 49) == 1536
     with pytest.raises(clustering.ModelConfigError, match="group_chunk=0 must be >= 1"):

@@ -442,9 +442,11 @@ def resolve_group_chunk(per_chunk: Optional[int], groups: int, heads: int, assig
 
     On CPU every EM and dispatch op otherwise streams all groups' (G, K, N) tensors (30 MB in ClusterFormer-T's
     first stage at batch 8) through memory between ops; in cache-sized chunks the whole EM runs in cache.
+    The default leaves several CPU devices alone: there the group axis is the sharded batch, and a loop
+    slicing it would gather every chunk onto every device.
     """
     if per_chunk is None:
-        if jax.default_backend() != "cpu":
+        if jax.default_backend() != "cpu" or jax.device_count() > 1:
             return groups
         per_chunk = max(heads, GROUP_CHUNK_BYTES // (4 * assignment_size))
     elif per_chunk < 1:
@@ -496,7 +498,7 @@ class ClusteringMixer(nn.Module):
       em_unroll: EM steps per scan-loop iteration; None picks by backend and allocator
         (``resolve_em_unroll``); same numbers.
       group_chunk: groups (image x head x window) per iteration of a loop over the clustering (EM and
-        dispatch); None: cache-sized chunks on CPU, one pass elsewhere (``resolve_group_chunk``); same numbers.
+        dispatch); None: cache-sized chunks on one CPU device, else one pass (``resolve_group_chunk``); same numbers.
     """
 
     dim: int
