@@ -16,12 +16,15 @@ right after this one, then prints the speed ratios. ``--torch NAME`` times NAME 
 CPU, all cores; needs benchmarks/requirements.txt) in the same process and reports its MFU against the
 same peak: clusterformer_{tiny,small}_official is the released model (torch_clusterformer.py, the
 issue's anchor, checked against ours by tests/test_torch_anchor.py), anything else a timm model.
+Each row starts from a clean slate (the previous row's executables dropped, the allocator's free pages handed
+back) and reports XLA's temporary buffers for the train step and the process's peak RSS while its steps ran.
 Prints a table and appends it to benchmarks/RESULTS.md with date, machine and versions.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import functools
 import json
@@ -109,6 +112,7 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
     if loop_free is None:
         fwd_flops, step_flops = (c.cost_analysis()["flops"] for c in (fwd, step))
     memory = step.memory_analysis()
+    reset_peak_rss()  # compiling (the loop-free copy above above all) peaks higher than running
     fwd_s = _median_seconds(lambda: jax.block_until_ready(fwd(params)), repeats)
     state = [params, opt_state]
 
@@ -217,12 +221,45 @@ def bench_torch(name: str, batch: int, size: int, repeats: int) -> dict:
     )
 
 
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+def release_free_memory() -> None:
+    """Hands the host allocator's free pages back to the kernel (between rows).
+
+    tcmalloc keeps what the process freed, cut into the sizes the last program used; the next row's program
+    (448 after 224) cannot reuse all of it, and the paper preset's 224 + 448 rows went past 24 GiB in one process.
+    """
+    process = ctypes.CDLL(None)
+    if hasattr(process, "MallocExtension_ReleaseFreeMemory"):  # tcmalloc preloaded
+        process.MallocExtension_ReleaseFreeMemory()
+    elif hasattr(process, "malloc_trim"):  # glibc
+        process.malloc_trim(ctypes.c_size_t(0))
+
+
+def _proc_status_mib(field: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):  # not Linux
+        return float("nan")
+
+
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass
+
+
+def measure_row(run) -> dict:
+    """``run()``'s row plus the process's peak RSS while it ran, from a clean slate: the previous row's
+    executables dropped, the allocator's free pages returned and the kernel's high-water mark reset (``bench``
+    resets it again after compiling, so a JAX row's peak is that of running its steps)."""
+    jax.clear_caches()
+    release_free_memory()
+    reset_peak_rss()
+    row = run()
+    row["rss_mib"] = _proc_status_mib("VmHWM")
+    return row
 
 
 def run_baseline(rev: str, argv: list[str]) -> tuple[list[dict], float]:
@@ -246,13 +283,13 @@ def run_baseline(rev: str, argv: list[str]) -> tuple[list[dict], float]:
 
 def table(rows: list[dict], peak: float) -> list[str]:
     lines = ["| model | code | batch | size | params | GFLOP/img fwd | fwd s/batch | fwd img/s | train s/step | "
-             "train img/s | fwd MFU | train MFU | step temp MiB |", "|" + "---|" * 13]
+             "train img/s | fwd MFU | train MFU | step temp MiB | peak RSS MiB |", "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r.get('code', 'this')} | {r['batch']} | {r['size']} | {r['params'] / 1e6:.2f}M | "
             f"{r['gflop_fwd']:.2f} | {r['fwd_s']:.3f} | {r['batch'] / r['fwd_s']:.2f} | {r['step_s']:.3f} | "
             f"{r['batch'] / r['step_s']:.2f} | {r['fwd_flops'] / r['fwd_s'] / peak:.1%} | "
-            f"{r['step_flops'] / r['step_s'] / peak:.1%} | {r['temp_mib']:.0f} |"
+            f"{r['step_flops'] / r['step_s'] / peak:.1%} | {r['temp_mib']:.0f} | {r['rss_mib']:.0f} |"
         )
     return lines
 
@@ -311,18 +348,13 @@ def main() -> None:
         print(f"baseline matmul peak {base_peak / 1e9:.0f} GFLOP/s")
     peak = matmul_peak(jnp.dtype(args.dtype))
     rows = []
-    for name in args.models:
-        for batch in args.batch:
-            for size in args.sizes:
-                rows.append(bench(name, batch, size, args.dtype, args.repeats))
-                jax.clear_caches()  # drop this model's executables before the next one
-                # the full table row now, so a later row that runs out of memory loses nothing measured
-                print(table(rows[-1:], peak)[-1], flush=True)
-    for name in args.torch:
-        for batch in args.batch:
-            for size in args.sizes:
-                rows.append(bench_torch(name, batch, size, args.repeats))
-                print(table(rows[-1:], peak)[-1], flush=True)
+    for timer, names in ((functools.partial(bench, dtype=args.dtype), args.models), (bench_torch, args.torch)):
+        for name in names:
+            for batch in args.batch:
+                for size in args.sizes:
+                    rows.append(measure_row(lambda: timer(name, batch, size, repeats=args.repeats)))
+                    # the full table row now, so a later row that runs out of memory loses nothing measured
+                    print(table(rows[-1:], peak)[-1], flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"rows": rows, "peak": peak}, f)
@@ -338,7 +370,7 @@ def main() -> None:
              f"{device.device_kind}; Python {platform.python_version()}; {versions}; host allocator "
              f"{host_allocator()}; dtype {args.dtype}; "
              f"matmul peak {peak / 1e9:.0f} GFLOP/s (4096³, same run; MFU of every row is against it); load "
-             f"average {os.getloadavg()[0]:.1f} at the end; peak RSS {rss_mib():.0f} MiB; "
+             f"average {os.getloadavg()[0]:.1f} at the end; "
              f"`python benchmarks/model_throughput.py {' '.join(sys.argv[1:])}`.\n")
     body = table(rows + [r for r in baseline if "PyTorch" not in r["model"]], peak)
     extra = notes(rows, baseline, peak, base_peak)

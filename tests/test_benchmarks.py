@@ -30,3 +30,16 @@ def test_flop_count_includes_every_em_iteration(monkeypatch):
     rolled = jax.jit(model.apply).lower(params, images).compile()
     assert "while" in rolled.as_text()
     assert rolled.cost_analysis()["flops"] < 0.99 * rows["glibc"]["fwd_flops"]
+
+
+def test_rows_start_from_returned_memory_and_report_their_own_peak_rss():
+    throughput = load_benchmark("model_throughput.py")
+    blocks = [bytearray(b"\1" * 60000) for _ in range(4000)]  # 229 MiB in blocks below glibc's mmap threshold
+    del blocks[::2]  # 114 MiB freed between live blocks: nothing at the heap's top for free() to trim
+    before = throughput._proc_status_mib("VmRSS")
+    throughput.release_free_memory()  # glibc's malloc_trim, or tcmalloc's when launch/test.sh preloads it
+    assert before - throughput._proc_status_mib("VmRSS") > 80
+
+    big = throughput.measure_row(lambda: {"sum": np.ones(300 * 2**20 // 8).sum()})  # touches 300 MiB
+    small = throughput.measure_row(lambda: {})
+    assert big["rss_mib"] - small["rss_mib"] > 250  # the high-water mark was reset between the rows
