@@ -112,7 +112,8 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
     if loop_free is None:
         fwd_flops, step_flops = (c.cost_analysis()["flops"] for c in (fwd, step))
     memory = step.memory_analysis()
-    reset_peak_rss()  # compiling (the loop-free copy above above all) peaks higher than running
+    release_free_memory()  # what compiling (the loop-free copy above all) freed
+    reset_peak_rss()
     fwd_s = _median_seconds(lambda: jax.block_until_ready(fwd(params)), repeats)
     state = [params, opt_state]
 

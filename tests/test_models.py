@@ -273,6 +273,15 @@ def test_depthwise_shifted_sums_equal_grouped_conv(kernel, stride):
     assert results[0][0].shape == (2, -(-9 // stride), -(-9 // stride), 6)
 
 
+def test_depthwise_shifted_backward_keeps_no_copy_per_tap():
+    x = jnp.zeros((4, 32, 32, 64), jnp.float32)
+    conv = clustering.DepthwiseConv(7, impl="shifted")
+    params = conv.init(jax.random.PRNGKey(0), x)
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x))), argnums=(0, 1)))
+    temp = grad.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 12 * x.nbytes  # autodiff's backward held its 49 tap products at once: 48x
+
+
 def test_em_unroll_resolution(monkeypatch):
     assert clustering.resolve_em_unroll(2, 3) == 2
     assert clustering.resolve_em_unroll(8, 3) == 3
