@@ -55,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from clusterformer_jax.models.registry import create_model  # noqa: E402
+from clusterformer_jax.models.registry import create_model, list_models  # noqa: E402
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -340,6 +340,9 @@ def main() -> None:
     parser.add_argument("--code-root", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = sorted(set(args.models) - set(list_models()))
+    if unknown:  # before anything is timed, not as a failed row after minutes of others
+        parser.error(f"unknown model {unknown[0]!r}; available: {', '.join(list_models())}")
 
     baseline, base_peak = [], 0.0
     if args.baseline:  # first: this process holds no model memory while the baseline runs
@@ -348,13 +351,18 @@ def main() -> None:
             r["code"] = args.baseline
         print(f"baseline matmul peak {base_peak / 1e9:.0f} GFLOP/s")
     peak = matmul_peak(jnp.dtype(args.dtype))
-    rows = []
+    rows, failed = [], []
     for timer, names in ((functools.partial(bench, dtype=args.dtype), args.models), (bench_torch, args.torch)):
         for name in names:
             for batch in args.batch:
                 for size in args.sizes:
-                    rows.append(measure_row(lambda: timer(name, batch, size, repeats=args.repeats)))
-                    # the full table row now, so a later row that runs out of memory loses nothing measured
+                    try:
+                        rows.append(measure_row(lambda: timer(name, batch, size, repeats=args.repeats)))
+                    except Exception as e:  # e.g. XLA out of memory: report it, keep the other rows
+                        failed.append(f"{name} b{batch} {size} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+                        print(failed[-1], flush=True)
+                        continue
+                    # the full table row now, so a run the kernel kills for memory loses nothing measured
                     print(table(rows[-1:], peak)[-1], flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -374,7 +382,7 @@ def main() -> None:
              f"average {os.getloadavg()[0]:.1f} at the end; "
              f"`python benchmarks/model_throughput.py {' '.join(sys.argv[1:])}`.\n")
     body = table(rows + [r for r in baseline if "PyTorch" not in r["model"]], peak)
-    extra = notes(rows, baseline, peak, base_peak)
+    extra = failed + notes(rows, baseline, peak, base_peak)
     text = title + "\n" + "\n".join(body) + ("\n\n" + "\n".join(f"- {s}" for s in extra) if extra else "") + "\n"
     print("\n" + text)
     if not args.no_append:

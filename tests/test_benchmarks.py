@@ -1,8 +1,12 @@
-"""benchmarks/model_throughput.py counts every EM iteration's and every group chunk's FLOPs, whether the EM
-scan and the clustering run as loops or not."""
+"""benchmarks/model_throughput.py: it counts every EM iteration's and every group chunk's FLOPs, whether the EM
+scan and the clustering run as loops or not; each row starts from returned memory and reports its own peak RSS;
+a failing row is reported without losing the others."""
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from clusterformer_jax.models import clustering
 from clusterformer_jax.models.registry import create_model
@@ -43,3 +47,29 @@ def test_rows_start_from_returned_memory_and_report_their_own_peak_rss():
     big = throughput.measure_row(lambda: {"sum": np.ones(300 * 2**20 // 8).sum()})  # touches 300 MiB
     small = throughput.measure_row(lambda: {})
     assert big["rss_mib"] - small["rss_mib"] > 250  # the high-water mark was reset between the rows
+
+
+def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):
+    throughput = load_benchmark("model_throughput.py")
+
+    def bench(name, batch, size, dtype, repeats):
+        if name == "coc_tiny":
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 29741585472 bytes.\n(more lines)")
+        return dict(model=name, batch=batch, size=size, dtype=dtype, params=10**6, gflop_fwd=1.0, fwd_s=0.5,
+                    step_s=2.0, fwd_flops=8e9, step_flops=24e9, temp_mib=3.0)
+
+    monkeypatch.setattr(throughput, "bench", bench)
+    monkeypatch.setattr(throughput, "matmul_peak", lambda dtype: 1e11)
+    argv = ["model_throughput.py", "--models", "coc_tiny", "clusterformer_nano", "--no-append"]
+    monkeypatch.setattr(sys, "argv", argv)
+    throughput.main()
+    out = capsys.readouterr().out
+    oom = "RESOURCE_EXHAUSTED: Out of memory allocating 29741585472 bytes."
+    assert f"- coc_tiny b8 224 failed: RuntimeError: {oom}\n" in out  # its first line, in the notes
+    row = "| clusterformer_nano | this | 8 | 224 | 1.00M | 1.00 | 0.500 | 16.00 | 2.000 | 4.00 | 16.0% | 12.0% | 3 |"
+    assert row in out
+
+    monkeypatch.setattr(sys, "argv", argv[:2] + ["coc_tinny"])
+    with pytest.raises(SystemExit):
+        throughput.main()
+    assert "unknown model 'coc_tinny'; available: " in capsys.readouterr().err
