@@ -112,8 +112,7 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
     if loop_free is None:
         fwd_flops, step_flops = (c.cost_analysis()["flops"] for c in (fwd, step))
     memory = step.memory_analysis()
-    release_free_memory()  # what compiling (the loop-free copy above all) freed
-    reset_peak_rss()
+    reset_peak_rss()  # compiling (the loop-free copy above all) peaks higher than running
     fwd_s = _median_seconds(lambda: jax.block_until_ready(fwd(params)), repeats)
     state = [params, opt_state]
 
@@ -244,6 +243,8 @@ def _proc_status_mib(field: str) -> float:
 
 
 def reset_peak_rss() -> None:
+    """Returns the allocator's free pages, then sets the kernel's RSS high-water mark to what is left."""
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
@@ -256,7 +257,6 @@ def measure_row(run) -> dict:
     executables dropped, the allocator's free pages returned and the kernel's high-water mark reset (``bench``
     resets it again after compiling, so a JAX row's peak is that of running its steps)."""
     jax.clear_caches()
-    release_free_memory()
     reset_peak_rss()
     row = run()
     row["rss_mib"] = _proc_status_mib("VmHWM")
