@@ -75,8 +75,8 @@ def matmul_peak(dtype, n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / _median_seconds(lambda: jax.block_until_ready(f(a)), repeats)
 
 
-def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
-    kwargs = {}
+def bench(name: str, batch: int, size: int, dtype: str, repeats: int, remat: bool = False) -> dict:
+    kwargs = {"remat": True} if remat else {}
     if name.startswith("clusterformer") and size % 224 == 0 and size != 224:
         kwargs["window_counts"] = _window_counts(size)
     model = create_model(name, dtype=dtype, **kwargs)
@@ -104,12 +104,12 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
         step = jax.jit(functools.partial(train_step, m=m), donate_argnums=(0, 1))
         return fwd, step.lower(params, opt_state).compile()
 
-    loop_free = _flop_count_model(name, dtype, kwargs)
-    if loop_free is not None:  # counted first and dropped: only one model's executables in memory at a time
-        fwd_flops, step_flops = (c.cost_analysis()["flops"] for c in compile_pair(loop_free))
+    counted = _flop_count_model(name, dtype, kwargs)
+    if counted is not None:  # counted first and dropped: only one model's executables in memory at a time
+        fwd_flops, step_flops = (c.cost_analysis()["flops"] for c in compile_pair(counted))
         jax.clear_caches()
     fwd, step = compile_pair(model)
-    if loop_free is None:
+    if counted is None:
         fwd_flops, step_flops = (c.cost_analysis()["flops"] for c in (fwd, step))
     memory = step.memory_analysis()
     reset_peak_rss()  # compiling (the loop-free copy above all) peaks higher than running
@@ -122,7 +122,7 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
 
     step_s = _median_seconds(run_step, repeats)
     return dict(
-        model=name, batch=batch, size=size, dtype=dtype,
+        model=name + (" +remat" if remat else ""), batch=batch, size=size, dtype=dtype,
         params=sum(x.size for x in jax.tree_util.tree_leaves(params)),
         gflop_fwd=fwd_flops / batch / 1e9, fwd_s=fwd_s, step_s=step_s,
         fwd_flops=fwd_flops, step_flops=step_flops,
@@ -131,30 +131,35 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int) -> dict:
 
 
 def _flop_count_model(name: str, dtype: str, kwargs: dict):
-    """For a ClusterFormer that runs loops here (the EM scan rolled, or the clustering in group chunks): a
-    copy without either to count FLOPs on; else None.
+    """A copy of the model to count FLOPs on, when the timed one would count wrong; else None.
 
-    XLA's cost analysis counts a while loop's body once, so a rolled EM scan (the default on CPU without
-    tcmalloc) would hide T-1 of its T iterations, and the group-chunk loop (the default on CPU) all chunks
-    but one, from the FLOP count; the loop-free copy has the same FLOPs.
+    XLA's cost analysis counts a while loop's body once, so a ClusterFormer's rolled EM scan (the default on
+    CPU without tcmalloc) would hide T-1 of its T iterations, and the group-chunk loop (the default on CPU)
+    all chunks but one; the copy runs neither loop and has the same FLOPs. Block rematerialisation
+    (``remat``) adds the recomputed forward to the train step's count; the copy leaves it out, so that MFU
+    counts the model's FLOPs only (compiling it allocates none of its buffers).
     """
-    if not name.startswith("clusterformer"):
-        return None
+    count = {k: v for k, v in kwargs.items() if k != "remat"}
+    if name.startswith("clusterformer"):
+        count.update(_loop_free_overrides())
+    return None if count == kwargs else create_model(name, dtype=dtype, **count)
+
+
+def _loop_free_overrides() -> dict:
+    """ClusterFormer fields that run neither the EM scan nor the clustering as a loop; {} where neither does."""
     try:
         from clusterformer_jax.models.clustering import resolve_em_unroll
     except ImportError:  # code older than em_unroll (--baseline): its loop was always rolled
-        return None
-    loop_free = dict(em_unroll=1 << 16)  # capped at T
+        return {}
+    overrides = dict(em_unroll=1 << 16)  # capped at T
     try:
         from clusterformer_jax.models.clustering import resolve_group_chunk
     except ImportError:  # code older than group chunks (--baseline)
         chunked = False
     else:
         chunked = resolve_group_chunk(None, 1 << 30, 1, 1) < 1 << 30
-        loop_free["group_chunk"] = 1 << 30  # one chunk: every group at once
-    if resolve_em_unroll(None, 2) == 2 and not chunked:
-        return None
-    return create_model(name, dtype=dtype, **loop_free, **kwargs)
+        overrides["group_chunk"] = 1 << 30  # one chunk: every group at once
+    return overrides if resolve_em_unroll(None, 2) != 2 or chunked else {}
 
 
 def _window_counts(size: int) -> tuple[int, ...]:
@@ -313,6 +318,13 @@ def notes(rows: list[dict], baseline: list[dict], peak: float, base_peak: float 
         if old:
             out.append(f"{r['model']} b{r['batch']} {r['size']}: this code is x{old['fwd_s'] / r['fwd_s']:.2f} "
                        f"forward, x{old['step_s'] / r['step_s']:.2f} train against {old['code']}")
+    for r in rows:  # what block rematerialisation costs and saves
+        plain = next((b for b in rows if b["model"] + " +remat" == r["model"] and (b["batch"], b["size"], b.get("code"))
+                      == (r["batch"], r["size"], r.get("code"))), None)
+        if plain:
+            out.append(f"{r['model']} b{r['batch']} {r['size']}: train step x{r['step_s'] / plain['step_s']:.2f} the time "
+                       f"of {plain['model']}'s, temporaries {plain['temp_mib']:.0f} -> {r['temp_mib']:.0f} MiB, peak "
+                       f"RSS {plain['rss_mib']:.0f} -> {r['rss_mib']:.0f} MiB")
     torch_rows = [r for r in rows if "PyTorch" in r["model"]]
     for t in torch_rows:  # MFU ratio against the PyTorch reference at the same batch and size
         for r in rows:
@@ -335,6 +347,9 @@ def main() -> None:
     parser.add_argument("--torch", nargs="*", default=[], metavar="NAME",
                         help="PyTorch models to time in the same run: clusterformer_{tiny,small}_official (the "
                              "released code) or timm names (e.g. swin_tiny_patch4_window7_224)")
+    parser.add_argument("--remat", nargs="+", choices=["off", "on"], default=["off"],
+                        help="'on' rematerialises every block in the backward (the models' remat field: less "
+                             "memory for more compute; MFU still counts the model's FLOPs only); 'off on' times both")
     parser.add_argument("--baseline", metavar="GIT_REV", help="also time the models with this revision's code")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--code-root", help=argparse.SUPPRESS)
@@ -352,18 +367,21 @@ def main() -> None:
         print(f"baseline matmul peak {base_peak / 1e9:.0f} GFLOP/s")
     peak = matmul_peak(jnp.dtype(args.dtype))
     rows, failed = [], []
-    for timer, names in ((functools.partial(bench, dtype=args.dtype), args.models), (bench_torch, args.torch)):
-        for name in names:
-            for batch in args.batch:
-                for size in args.sizes:
-                    try:
-                        rows.append(measure_row(lambda: timer(name, batch, size, repeats=args.repeats)))
-                    except Exception as e:  # e.g. XLA out of memory: report it, keep the other rows
-                        failed.append(f"{name} b{batch} {size} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
-                        print(failed[-1], flush=True)
-                        continue
-                    # the full table row now, so a run the kernel kills for memory loses nothing measured
-                    print(table(rows[-1:], peak)[-1], flush=True)
+    remats = [setting == "on" for setting in dict.fromkeys(args.remat)]
+    tasks = [(f"{name}{' +remat' * remat} b{batch} {size}",
+              functools.partial(bench, name, batch, size, args.dtype, args.repeats, remat=remat))
+             for name in args.models for remat in remats for batch in args.batch for size in args.sizes]
+    tasks += [(f"{name} b{batch} {size}", functools.partial(bench_torch, name, batch, size, repeats=args.repeats))
+              for name in args.torch for batch in args.batch for size in args.sizes]
+    for label, run in tasks:
+        try:
+            rows.append(measure_row(run))
+        except Exception as e:  # e.g. XLA out of memory: report it, keep the other rows
+            failed.append(f"{label} failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+            print(failed[-1], flush=True)
+            continue
+        # the full table row now, so a run the kernel kills for memory loses nothing measured
+        print(table(rows[-1:], peak)[-1], flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"rows": rows, "peak": peak}, f)

@@ -1,5 +1,6 @@
 """benchmarks/model_throughput.py: it counts every EM iteration's and every group chunk's FLOPs, whether the EM
-scan and the clustering run as loops or not; each row starts from returned memory and reports its own peak RSS;
+scan and the clustering run as loops or not, and without the forward that block rematerialisation recomputes;
+each row starts from returned memory and reports its own peak RSS;
 a failing row is reported without losing the others."""
 import sys
 
@@ -36,6 +37,21 @@ def test_flop_count_includes_every_em_iteration(monkeypatch):
     assert rolled.cost_analysis()["flops"] < 0.99 * rows["glibc"]["fwd_flops"]
 
 
+def test_remat_rows_count_the_models_flops_not_the_recomputed_ones(monkeypatch):
+    throughput = load_benchmark("model_throughput.py")
+    monkeypatch.setattr(clustering, "host_allocator", lambda: "tcmalloc")  # no EM loop, and on 8 devices no
+    plain = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1)  # chunk loop
+    remat = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1, remat=True)
+    assert remat["model"] == "clusterformer_nano +remat"
+    assert (remat["fwd_flops"], remat["step_flops"]) == (plain["fwd_flops"], plain["step_flops"])
+
+    # counted on the timed model, the train step would include every block's forward twice
+    monkeypatch.setattr(throughput, "_flop_count_model", lambda *args: None)
+    recounted = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1, remat=True)
+    assert recounted["fwd_flops"] == plain["fwd_flops"]
+    assert recounted["step_flops"] > plain["step_flops"] + 0.5 * plain["fwd_flops"]
+
+
 def test_rows_start_from_returned_memory_and_report_their_own_peak_rss():
     throughput = load_benchmark("model_throughput.py")
     blocks = [bytearray(b"\1" * 60000) for _ in range(4000)]  # 229 MiB in blocks below glibc's mmap threshold
@@ -52,15 +68,16 @@ def test_rows_start_from_returned_memory_and_report_their_own_peak_rss():
 def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):
     throughput = load_benchmark("model_throughput.py")
 
-    def bench(name, batch, size, dtype, repeats):
-        if name == "coc_tiny":
+    def bench(name, batch, size, dtype, repeats, remat):
+        if name == "coc_tiny" and not remat:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 29741585472 bytes.\n(more lines)")
-        return dict(model=name, batch=batch, size=size, dtype=dtype, params=10**6, gflop_fwd=1.0, fwd_s=0.5,
-                    step_s=2.0, fwd_flops=8e9, step_flops=24e9, temp_mib=3.0)
+        return dict(model=name + " +remat" * remat, batch=batch, size=size, dtype=dtype, params=10**6,
+                    gflop_fwd=1.0, fwd_s=0.5, step_s=2.5 if remat else 2.0, fwd_flops=8e9, step_flops=24e9,
+                    temp_mib=1.0 if remat else 3.0)
 
     monkeypatch.setattr(throughput, "bench", bench)
     monkeypatch.setattr(throughput, "matmul_peak", lambda dtype: 1e11)
-    argv = ["model_throughput.py", "--models", "coc_tiny", "clusterformer_nano", "--no-append"]
+    argv = ["model_throughput.py", "--models", "coc_tiny", "clusterformer_nano", "--no-append", "--remat", "off", "on"]
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
     out = capsys.readouterr().out
@@ -68,6 +85,9 @@ def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):
     assert f"- coc_tiny b8 224 failed: RuntimeError: {oom}\n" in out  # its first line, in the notes
     row = "| clusterformer_nano | this | 8 | 224 | 1.00M | 1.00 | 0.500 | 16.00 | 2.000 | 4.00 | 16.0% | 12.0% | 3 |"
     assert row in out
+    assert "| coc_tiny +remat | this | 8 | 224 |" in out  # the same model with remat fits
+    assert "- clusterformer_nano +remat b8 224: train step x1.25 the time of clusterformer_nano's, " \
+           "temporaries 3 -> 1 MiB, peak RSS " in out
 
     monkeypatch.setattr(sys, "argv", argv[:2] + ["coc_tinny"])
     with pytest.raises(SystemExit):
