@@ -319,12 +319,12 @@ def notes(rows: list[dict], baseline: list[dict], peak: float, base_peak: float 
             out.append(f"{r['model']} b{r['batch']} {r['size']}: this code is x{old['fwd_s'] / r['fwd_s']:.2f} "
                        f"forward, x{old['step_s'] / r['step_s']:.2f} train against {old['code']}")
     for r in rows:  # what block rematerialisation costs and saves
-        plain = next((b for b in rows if b["model"] + " +remat" == r["model"] and (b["batch"], b["size"], b.get("code"))
-                      == (r["batch"], r["size"], r.get("code"))), None)
+        key = (r["model"], r["batch"], r["size"], r.get("code"))
+        plain = next((b for b in rows if (b["model"] + " +remat", b["batch"], b["size"], b.get("code")) == key), None)
         if plain:
-            out.append(f"{r['model']} b{r['batch']} {r['size']}: train step x{r['step_s'] / plain['step_s']:.2f} the time "
-                       f"of {plain['model']}'s, temporaries {plain['temp_mib']:.0f} -> {r['temp_mib']:.0f} MiB, peak "
-                       f"RSS {plain['rss_mib']:.0f} -> {r['rss_mib']:.0f} MiB")
+            out.append(f"{r['model']} b{r['batch']} {r['size']}: train step x{r['step_s'] / plain['step_s']:.2f} the "
+                       f"time of {plain['model']}'s, temporaries {plain['temp_mib']:.0f} -> {r['temp_mib']:.0f} MiB, "
+                       f"peak RSS {plain['rss_mib']:.0f} -> {r['rss_mib']:.0f} MiB")
     torch_rows = [r for r in rows if "PyTorch" in r["model"]]
     for t in torch_rows:  # MFU ratio against the PyTorch reference at the same batch and size
         for r in rows:
