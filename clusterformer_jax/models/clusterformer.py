@@ -20,6 +20,7 @@ from clusterformer_jax.models.clustering import (
     torch_default_bias_init,
     torch_default_kernel_init,
 )
+from clusterformer_jax.models.remat import remat
 
 Dtype = Any
 HEADS = ("official_neck", "paper_centers")
@@ -165,7 +166,7 @@ class ClusterFormerBackbone(nn.Module):
         x = position_channels(images.astype(self.dtype))
         x = conv(self.dims[0], 5, 4, 4, 0, "patch_embed", self.dtype)(x)
         total = sum(self.depths)
-        block_cls = nn.remat(ClusterBlock, static_argnums=(2,)) if self.remat else ClusterBlock
+        block_cls = remat(ClusterBlock, static_argnums=(2,)) if self.remat else ClusterBlock
         stages, centers, index = [], None, 0
         for stage, depth in enumerate(self.depths):
             if stage:

@@ -31,6 +31,7 @@ from clusterformer_jax.models.clustering import (
     pointwise,
 )
 from clusterformer_jax.models.registry import register_model
+from clusterformer_jax.models.remat import remat
 
 Dtype = Any
 DENOMINATORS = ("similarity", "count")
@@ -197,7 +198,7 @@ class ContextClusterBackbone(_ContextClusterFields):
         self._validate(images)
         x = position_channels(images.astype(self.dtype))
         x = conv(self.dims[0], 5, 4, 4, 0, "patch_embed", self.dtype)(x)
-        block_cls = nn.remat(ContextClusterBlock, static_argnums=(2,)) if self.remat else ContextClusterBlock
+        block_cls = remat(ContextClusterBlock, static_argnums=(2,)) if self.remat else ContextClusterBlock
         total, index, stages = sum(self.depths), 0, []
         for stage, depth in enumerate(self.depths):
             if stage:

@@ -34,6 +34,7 @@ from clusterformer_jax.models.clustering import (
     torch_default_kernel_init,
 )
 from clusterformer_jax.models.registry import register_model
+from clusterformer_jax.models.remat import remat
 
 Dtype = Any
 
@@ -281,7 +282,7 @@ class GroupMixFormerBackbone(nn.Module):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ModelConfigError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
         x = ConvStem(self.dims[0], self.dtype, name="conv_stem")(images.astype(self.dtype), train)
-        block_cls = nn.remat(GMABlock, static_argnums=(2,)) if self.remat else GMABlock
+        block_cls = remat(GMABlock, static_argnums=(2,)) if self.remat else GMABlock
         total = sum(self.depths)
         stages, index = [], 0
         for stage, (dim, depth) in enumerate(zip(self.dims, self.depths)):

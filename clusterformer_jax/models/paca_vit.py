@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from clusterformer_jax.models.clustering import DepthwiseConv, ModelConfigError, gelu
 from clusterformer_jax.models.clusterformer import DropPath
 from clusterformer_jax.models.registry import register_model
+from clusterformer_jax.models.remat import remat
 
 Dtype = Any
 CLUSTERINGS = ("conv", "mlp", "linear")
@@ -257,7 +258,7 @@ class PaCaViTBackbone(_PaCaFields):
         x = _conv(self.dims[0] // 2, 3, 2, "patch_embed_conv_0", self.dtype)(x)
         x = _conv(self.dims[0], 3, 2, "patch_embed_conv_1", self.dtype)(x)
         x = _layer_norm("patch_embed_norm", self.dtype)(x)
-        block_cls = nn.remat(PaCaBlock, static_argnums=(3, 4)) if self.remat else PaCaBlock
+        block_cls = remat(PaCaBlock, static_argnums=(3, 4)) if self.remat else PaCaBlock
         total, index, stages = sum(self.depths), 0, []
         for stage, depth in enumerate(self.depths):
             if stage:

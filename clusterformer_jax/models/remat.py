@@ -1,0 +1,123 @@
+"""Block rematerialisation that saves memory on every backend, XLA CPU included.
+
+``nn.remat`` (``jax.checkpoint``) keeps a block's inputs and recomputes the rest in the backward pass. It
+keeps XLA from merging the recomputation with the forward pass by an optimization barrier on those inputs,
+and XLA's CPU compiler removes optimization barriers before its common-subexpression pass: the recomputed
+block is merged back into the forward, every intermediate stays alive, and the step's temporaries do not
+shrink (ClusterFormer-T official, batch 8: 2479 MiB without remat, 2436 MiB with it, while the residuals JAX
+saves fell from 2531 to 223 MiB).
+
+``tied_checkpoint`` recomputes the block from inputs tied to the output cotangent (``x + 0 * g``, one element
+of g): the recomputation then differs from the forward for CSE and cannot run before the backward reaches
+the block. ``remat`` uses it on CPU and ``nn.remat`` elsewhere (GPU and TPU keep the barrier and schedule the
+recomputation late themselves). Same values either way: ``x + 0 * g`` is ``x`` for finite g.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import lift
+from flax.core.scope import Scope
+
+
+def _tie(tree: Any, anchor: jax.Array) -> Any:
+    """Every floating-point leaf plus ``anchor`` (a zero that depends on the cotangent); other leaves as they are."""
+    return jax.tree_util.tree_map(
+        lambda a: a + anchor.astype(a.dtype) if jnp.issubdtype(jnp.result_type(a), jnp.inexact) else a, tree
+    )
+
+
+def tied_checkpoint(fn: Callable[..., Any], static_argnums: Sequence[int] = ()) -> Callable[..., Any]:
+    """``fn`` whose backward pass keeps only the inputs and recomputes the rest from them, tied to the cotangent."""
+    static_argnums = tuple(static_argnums)
+
+    def wrapped(*args):
+        static = {i: args[i] for i in static_argnums}
+        dynamic = tuple(a for i, a in enumerate(args) if i not in static)
+
+        def call(*dyn):
+            it = iter(dyn)
+            return fn(*(static[i] if i in static else next(it) for i in range(len(args))))
+
+        @jax.custom_vjp
+        def run(*dyn):
+            return call(*dyn)
+
+        def run_fwd(*dyn):
+            return call(*dyn), dyn
+
+        def run_bwd(dyn, cotangent):
+            floats = [g for g in jax.tree_util.tree_leaves(cotangent) if jnp.issubdtype(g.dtype, jnp.inexact)]
+            anchor = 0 * floats[0].reshape(-1)[0] if floats else jnp.zeros(())
+            return jax.vjp(call, *_tie(dyn, anchor))[1](cotangent)
+
+        run.defvjp(run_fwd, run_bwd)
+        return run(*dynamic)
+
+    return wrapped
+
+
+def _scope_leaves(scopes: Any) -> list:
+    return jax.tree_util.tree_leaves(scopes, is_leaf=lambda s: isinstance(s, Scope))
+
+
+def _set_counters(counters: Any, state: Any) -> None:
+    """Sets flax's (nested) rng counter dicts in place to ``state``; child scopes hold the inner dicts."""
+    if isinstance(counters, list):
+        for c, st in zip(counters, state):
+            _set_counters(c, st)
+        return
+    for key in [k for k in counters if k not in state]:
+        del counters[key]
+    for key, value in state.items():
+        if isinstance(value, dict) and isinstance(counters.get(key), dict):
+            _set_counters(counters[key], value)
+        else:
+            counters[key] = copy.deepcopy(value)
+
+
+def _lift_tied_checkpoint(fn, variables=True, rngs=True, static_argnums=()):
+    """``flax.core.lift.checkpoint`` with ``tied_checkpoint`` in place of ``jax.checkpoint``.
+
+    jax.checkpoint traces the block once; here the forward and the backward's recomputation each trace it,
+    and flax's rng counters (shared with the enclosing scopes) advance on every trace. Every trace after the
+    first therefore starts from the counters the first one saw, so that dropout and stochastic depth draw
+    the same masks in the recomputation, and puts the counters back afterwards.
+    """
+
+    def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
+        first = {}
+
+        def rematted(variable_groups, rng_groups, *args):
+            scopes = scope_fn(variable_groups, rng_groups)
+            counters = list({id(c): c for c in (sc.rng_counters for sc in _scope_leaves(scopes))}.values())
+            if not first:
+                first["counters"] = copy.deepcopy(counters)
+                return fn(scopes, *args), repack_fn(scopes)
+            before = copy.deepcopy(counters)
+            _set_counters(counters, first["counters"])
+            out = fn(scopes, *args), repack_fn(scopes)
+            _set_counters(counters, before)
+            return out
+
+        shifted = tuple(i + 2 for i in static_argnums)  # after variable_groups and rng_groups
+        return tied_checkpoint(rematted, shifted)(variable_groups, rng_groups, *args)
+
+    return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
+
+
+def remat(module_cls: type, static_argnums: Sequence[int] = ()) -> type:
+    """``nn.remat(module_cls, static_argnums=...)`` that also saves memory on CPU (see the module docstring).
+
+    ``static_argnums`` count ``self`` as 0, as in ``nn.remat``; ``__call__`` takes positional arguments only.
+    """
+    if jax.default_backend() != "cpu":
+        return nn.remat(module_cls, static_argnums=tuple(static_argnums))
+    return nn.transforms.lift_transform(
+        _lift_tied_checkpoint, module_cls, static_argnums=tuple(i - 1 for i in static_argnums)
+    )
