@@ -3,6 +3,7 @@
   bash launch/python.sh benchmarks/model_throughput.py        # ClusterFormer-T presets, batch 8, 224
   bash launch/python.sh benchmarks/model_throughput.py --models coc_tiny gmf_miny --batch 8 32 --sizes 224 448
   bash launch/python.sh benchmarks/model_throughput.py --baseline 66645e6   # an older commit, side by side
+  bash launch/python.sh benchmarks/model_throughput.py --models clusterformer_small --remat off on  # memory vs time
   bash launch/python.sh benchmarks/model_throughput.py --torch clusterformer_tiny_official swin_tiny_patch4_window7_224
 
 launch/python.sh runs it in the project venv with tcmalloc preloaded when the system has it (the header of
