@@ -62,16 +62,8 @@ def tied_checkpoint(fn: Callable[..., Any], static_argnums: Sequence[int] = ()) 
     return wrapped
 
 
-def _scope_leaves(scopes: Any) -> list:
-    return jax.tree_util.tree_leaves(scopes, is_leaf=lambda s: isinstance(s, Scope))
-
-
-def _set_counters(counters: Any, state: Any) -> None:
-    """Sets flax's (nested) rng counter dicts in place to ``state``; child scopes hold the inner dicts."""
-    if isinstance(counters, list):
-        for c, st in zip(counters, state):
-            _set_counters(c, st)
-        return
+def _set_counters(counters: dict, state: dict) -> None:
+    """Sets a flax rng counter dict (nested) in place to ``state``; child scopes hold the inner dicts."""
     for key in [k for k in counters if k not in state]:
         del counters[key]
     for key, value in state.items():
@@ -91,18 +83,21 @@ def _lift_tied_checkpoint(fn, variables=True, rngs=True, static_argnums=()):
     """
 
     def inner(scope_fn, repack_fn, variable_groups, rng_groups, *args):
-        first = {}
+        first = []  # the counters the first trace started from
 
         def rematted(variable_groups, rng_groups, *args):
             scopes = scope_fn(variable_groups, rng_groups)
-            counters = list({id(c): c for c in (sc.rng_counters for sc in _scope_leaves(scopes))}.values())
+            leaves = jax.tree_util.tree_leaves(scopes, is_leaf=lambda s: isinstance(s, Scope))
+            counters = list({id(sc.rng_counters): sc.rng_counters for sc in leaves}.values())
             if not first:
-                first["counters"] = copy.deepcopy(counters)
+                first.extend(copy.deepcopy(counters))
                 return fn(scopes, *args), repack_fn(scopes)
             before = copy.deepcopy(counters)
-            _set_counters(counters, first["counters"])
+            for dst, src in zip(counters, first):
+                _set_counters(dst, src)
             out = fn(scopes, *args), repack_fn(scopes)
-            _set_counters(counters, before)
+            for dst, src in zip(counters, before):
+                _set_counters(dst, src)
             return out
 
         shifted = tuple(i + 2 for i in static_argnums)  # after variable_groups and rng_groups
