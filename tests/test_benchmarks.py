@@ -1,8 +1,10 @@
 """benchmarks/model_throughput.py: it counts every EM iteration's and every group chunk's FLOPs, whether the EM
 scan and the clustering run as loops or not, and without the forward that block rematerialisation recomputes;
 each row starts from returned memory and reports its own peak RSS;
-a failing row is reported without losing the others."""
+a failing row is reported without losing the others; bf16 MFU on a listed accelerator is against its datasheet
+peak."""
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +79,7 @@ def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):
                     temp_mib=1.0 if remat else 3.0)
 
     monkeypatch.setattr(throughput, "bench", bench)
-    monkeypatch.setattr(throughput, "matmul_peak", lambda dtype: 1e11)
+    monkeypatch.setattr(throughput, "matmul_peak", lambda dtype, n: 1e11)
     argv = ["model_throughput.py", "--models", "coc_tiny", "clusterformer_nano", "--no-append", "--remat", "off", "on"]
     monkeypatch.setattr(sys, "argv", argv)
     throughput.main()
@@ -94,3 +96,28 @@ def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         throughput.main()
     assert "unknown model 'coc_tinny'; available: " in capsys.readouterr().err
+
+
+def test_bf16_mfu_on_a_listed_accelerator_counts_against_its_datasheet_peak(monkeypatch, capsys):
+    throughput = load_benchmark("model_throughput.py")
+    h100 = types.SimpleNamespace(platform="gpu", device_kind="NVIDIA H100 80GB HBM3")
+    assert throughput.datasheet_peak(h100, "bfloat16") == pytest.approx(989.4e12)
+    assert throughput.datasheet_peak(h100, "float32") is None  # f32 (TF32 on GPUs): the timed matmul
+    assert throughput.datasheet_peak(types.SimpleNamespace(platform="gpu", device_kind="NVIDIA L4"), "bfloat16") is None
+    assert throughput.datasheet_peak(jax.devices()[0], "bfloat16") is None  # CPU
+
+    def bench(name, batch, size, dtype, repeats, remat):
+        return dict(model=name, batch=batch, size=size, dtype=dtype, params=10**6, gflop_fwd=1.0, fwd_s=1.0,
+                    step_s=1.0, fwd_flops=494.7e12, step_flops=3 * 494.7e12 / 4, temp_mib=1.0)
+
+    sides = []
+    monkeypatch.setattr(throughput, "bench", bench)
+    monkeypatch.setattr(throughput, "matmul_peak", lambda dtype, n: sides.append(n) or 700e12)
+    monkeypatch.setattr(throughput.jax, "devices", lambda: [h100])
+    monkeypatch.setattr(sys, "argv", ["model_throughput.py", "--models", "coc_tiny", "--dtype", "bfloat16",
+                                      "--no-append"])
+    throughput.main()
+    out = capsys.readouterr().out
+    assert sides == [8192]
+    assert "MFU against the datasheet's dense bf16 peak of 989.4 TFLOP/s (a 8192³ matmul ran at 700.0" in out
+    assert "| 50.0% | 37.5% | 1 |" in out  # fwd and train MFU against 989.4, not the 700 measured
