@@ -143,6 +143,8 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int, remat: boo
     memory = step.memory_analysis()
     reset_peak_rss()  # compiling (the loop-free copy above all) peaks higher than running
     fwd_s = _median_seconds(lambda: jax.block_until_ready(fwd(params)), repeats)
+    time.sleep(0.1)  # XLA frees a call's temporaries up to ~50 ms after its outputs are ready (RESULTS.md)
+    release_free_memory()  # what the forward passes freed, so the peak is theirs or the train steps', not both
     state = [params, opt_state]
 
     def run_step():
