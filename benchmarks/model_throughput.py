@@ -13,10 +13,10 @@ each result names the host allocator; PyTorch rows run in the same process, so w
 The peak is a float32 (or --dtype) 4096^3 matmul timed in the same process just before the models, so the
 MFU column is comparable across rows of one run; on a GPU or TPU listed in BF16_DATASHEET_TFLOPS, bf16 rows
 count against the datasheet's dense bf16 peak instead (an 8192^3 matmul is still timed and printed). The
-benchmark needs only jax, flax, optax and numpy (torch and timm for --torch). Each timing is the median of --repeats runs after a
-warm-up call. A train step is forward + backward + AdamW update with donated buffers. ``--baseline REV``
-checks REV out into a temporary git worktree and times the same models with that code in a subprocess
-right after this one, then prints the speed ratios. ``--torch NAME`` times NAME in PyTorch (random init,
+benchmark needs only jax, flax, optax and numpy (torch and timm for --torch). Each timing is the median of
+--repeats runs after a warm-up call. A train step is forward + backward + AdamW update with donated
+buffers. ``--baseline REV`` checks REV out into a temporary git worktree and times the same models with that
+code in a subprocess right after this one, then prints the speed ratios. ``--torch NAME`` times NAME in PyTorch (random init,
 CPU, all cores; needs benchmarks/requirements.txt) in the same process and reports its MFU against the
 same peak: clusterformer_{tiny,small}_official is the released model (torch_clusterformer.py, the
 issue's anchor, checked against ours by tests/test_torch_anchor.py), anything else a timm model.
@@ -397,7 +397,8 @@ def main() -> None:
             r["code"] = args.baseline
         print(f"baseline matmul peak {base_peak / 1e9:.0f} GFLOP/s")
     device = jax.devices()[0]
-    measured = matmul_peak(jnp.dtype(args.dtype), n=4096 if device.platform == "cpu" else 8192)
+    side = 4096 if device.platform == "cpu" else 8192
+    measured = matmul_peak(jnp.dtype(args.dtype), n=side)
     peak = datasheet_peak(device, args.dtype) or measured
     rows, failed = [], []
     remats = [setting == "on" for setting in dict.fromkeys(args.remat)]
@@ -424,10 +425,9 @@ def main() -> None:
     from clusterformer_jax.runtime import host_allocator
 
     versions = f"jax {jax.__version__}, numpy {np.__version__}"
-    side = 4096 if device.platform == "cpu" else 8192
     peak_text = (f"matmul peak {measured / 1e9:.0f} GFLOP/s ({side}³, same run; MFU of every row is against it)"
                  if peak == measured else
-                 f"MFU against the datasheet's dense bf16 peak of {peak / 1e12:.1f} TFLOP/s (a {side}³ matmul ran "
+                 f"MFU against the datasheet's dense bf16 peak of {peak / 1e12:.1f} TFLOP/s ({side}³ matmuls ran "
                  f"at {measured / 1e12:.1f} in this run)")
     title = (f"## Backbone throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
              f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), device {device.platform}:"

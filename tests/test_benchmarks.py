@@ -119,5 +119,5 @@ def test_bf16_mfu_on_a_listed_accelerator_counts_against_its_datasheet_peak(monk
     throughput.main()
     out = capsys.readouterr().out
     assert sides == [8192]
-    assert "MFU against the datasheet's dense bf16 peak of 989.4 TFLOP/s (a 8192³ matmul ran at 700.0" in out
+    assert "MFU against the datasheet's dense bf16 peak of 989.4 TFLOP/s (8192³ matmuls ran at 700.0" in out
     assert "| 50.0% | 37.5% | 1 |" in out  # fwd and train MFU against 989.4, not the 700 measured
