@@ -399,7 +399,8 @@ def main() -> None:
     device = jax.devices()[0]
     side = 4096 if device.platform == "cpu" else 8192
     measured = matmul_peak(jnp.dtype(args.dtype), n=side)
-    peak = datasheet_peak(device, args.dtype) or measured
+    datasheet = datasheet_peak(device, args.dtype)
+    peak = datasheet or measured
     rows, failed = [], []
     remats = [setting == "on" for setting in dict.fromkeys(args.remat)]
     tasks = [(f"{name}{' +remat' * remat} b{batch} {size}",
@@ -426,7 +427,7 @@ def main() -> None:
 
     versions = f"jax {jax.__version__}, numpy {np.__version__}"
     peak_text = (f"matmul peak {measured / 1e9:.0f} GFLOP/s ({side}³, same run; MFU of every row is against it)"
-                 if peak == measured else
+                 if datasheet is None else
                  f"MFU against the datasheet's dense bf16 peak of {peak / 1e12:.1f} TFLOP/s ({side}³ matmuls ran "
                  f"at {measured / 1e12:.1f} in this run)")
     title = (f"## Backbone throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
