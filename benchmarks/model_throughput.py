@@ -16,10 +16,10 @@ count against the datasheet's dense bf16 peak instead (an 8192^3 matmul is still
 benchmark needs only jax, flax, optax and numpy (torch and timm for --torch). Each timing is the median of
 --repeats runs after a warm-up call. A train step is forward + backward + AdamW update with donated
 buffers. ``--baseline REV`` checks REV out into a temporary git worktree and times the same models with that
-code in a subprocess right after this one, then prints the speed ratios. ``--torch NAME`` times NAME in PyTorch (random init,
-CPU, all cores; needs benchmarks/requirements.txt) in the same process and reports its MFU against the
-same peak: clusterformer_{tiny,small}_official is the released model (torch_clusterformer.py, the
-issue's anchor, checked against ours by tests/test_torch_anchor.py), anything else a timm model.
+code in a subprocess right after this one, then prints the speed ratios. ``--torch NAME`` times NAME in
+PyTorch (random init, CPU, all cores; needs benchmarks/requirements.txt) in the same process and reports its
+MFU against the same peak: clusterformer_{tiny,small}_official is the released model (torch_clusterformer.py,
+the issue's anchor, checked against ours by tests/test_torch_anchor.py), anything else a timm model.
 Each row starts from a clean slate (the previous row's executables dropped, the allocator's free pages handed
 back) and reports XLA's temporary buffers for the train step and the process's peak RSS while its steps ran.
 Prints a table and appends it to benchmarks/RESULTS.md with date, machine and versions.

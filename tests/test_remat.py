@@ -9,7 +9,6 @@ import optax
 import pytest
 
 from clusterformer_jax.models.registry import create_model
-from clusterformer_jax.models import remat as remat_module
 from clusterformer_jax.models.remat import remat
 
 SMALL = {  # every backbone family at a few thousand parameters; GroupMixFormer updates BatchNorm statistics
@@ -44,7 +43,7 @@ def test_remat_gives_the_gradients_of_the_plain_model(name, backend, monkeypatch
     images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32)
     labels = jnp.array([1, 3])
     plain = _grads(name, False, images, labels, drop_path_rate=0.0)
-    monkeypatch.setattr(remat_module.jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
     rematted = _grads(name, True, images, labels, drop_path_rate=0.0)
     assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(rematted)
     # float32 rounding only (the recomputation is fused apart from the forward pass, and BatchNorm over the
@@ -94,5 +93,6 @@ def test_remat_shrinks_the_train_steps_temporaries_on_cpu(monkeypatch):
     assert _nano_grad_temps(images, True) < 0.75 * plain
 
     # why the tie: nn.remat alone saves nothing here, its recomputation merged back into the forward pass
-    monkeypatch.setattr(clusterformer, "remat", lambda cls, static_argnums: nn.remat(cls, static_argnums=static_argnums))
+    monkeypatch.setattr(clusterformer, "remat",
+                        lambda cls, static_argnums: nn.remat(cls, static_argnums=static_argnums))
     assert _nano_grad_temps(images, True) > 0.9 * plain
