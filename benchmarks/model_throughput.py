@@ -118,8 +118,13 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int, remat: boo
     mutable = list(extra)  # BatchNorm statistics update in training
 
     def loss_fn(p, m):
-        logits = m.apply({"params": p, **extra}, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
-                         mutable=mutable or False)
+        logits = m.apply(
+            {"params": p, **extra},
+            images,
+            train=True,
+            rngs={"dropout": jax.random.PRNGKey(1)},
+            mutable=mutable or False,
+        )
         logits = logits[0] if mutable else logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -153,10 +158,16 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int, remat: boo
 
     step_s = _median_seconds(run_step, repeats)
     return dict(
-        model=name + (" +remat" if remat else ""), batch=batch, size=size, dtype=dtype,
+        model=name + (" +remat" if remat else ""),
+        batch=batch,
+        size=size,
+        dtype=dtype,
         params=sum(x.size for x in jax.tree_util.tree_leaves(params)),
-        gflop_fwd=fwd_flops / batch / 1e9, fwd_s=fwd_s, step_s=step_s,
-        fwd_flops=fwd_flops, step_flops=step_flops,
+        gflop_fwd=fwd_flops / batch / 1e9,
+        fwd_s=fwd_s,
+        step_s=step_s,
+        fwd_flops=fwd_flops,
+        step_flops=step_flops,
         temp_mib=getattr(memory, "temp_size_in_bytes", 0) / 2**20,
     )
 
@@ -251,9 +262,17 @@ def bench_torch(name: str, batch: int, size: int, repeats: int) -> dict:
     model.train()
     step_s = _median_seconds(train_step, repeats)
     return dict(
-        model=label, batch=batch, size=size,
-        dtype="float32", params=sum(p.numel() for p in model.parameters()), gflop_fwd=fwd_flops / batch / 1e9,
-        fwd_s=fwd_s, step_s=step_s, fwd_flops=fwd_flops, step_flops=3 * fwd_flops, temp_mib=float("nan"),
+        model=label,
+        batch=batch,
+        size=size,
+        dtype="float32",
+        params=sum(p.numel() for p in model.parameters()),
+        gflop_fwd=fwd_flops / batch / 1e9,
+        fwd_s=fwd_s,
+        step_s=step_s,
+        fwd_flops=fwd_flops,
+        step_flops=3 * fwd_flops,
+        temp_mib=float("nan"),
     )
 
 
@@ -303,13 +322,14 @@ def run_baseline(rev: str, argv: list[str]) -> tuple[list[dict], float]:
     """Times the same rows with the code of git revision ``rev`` (temporary worktree, subprocess)."""
     tmp = tempfile.mkdtemp(prefix="cf_baseline_")
     tree = os.path.join(tmp, "tree")
-    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", tree, rev], check=True,
-                   capture_output=True)
+    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", tree, rev], check=True, capture_output=True)
     try:
         out = os.path.join(tmp, "rows.json")
         args = [a for a in argv if a not in ("--baseline", rev)]
-        subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--no-append", "--code-root", tree,
-                        "--json-out", out], check=True)
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *args, "--no-append", "--code-root", tree, "--json-out", out],
+            check=True,
+        )
         with open(out) as f:
             result = json.load(f)
         return result["rows"], result["peak"]
@@ -319,8 +339,11 @@ def run_baseline(rev: str, argv: list[str]) -> tuple[list[dict], float]:
 
 
 def table(rows: list[dict], peak: float) -> list[str]:
-    lines = ["| model | code | batch | size | params | GFLOP/img fwd | fwd s/batch | fwd img/s | train s/step | "
-             "train img/s | fwd MFU | train MFU | step temp MiB | peak RSS MiB |", "|" + "---|" * 14]
+    lines = [
+        "| model | code | batch | size | params | GFLOP/img fwd | fwd s/batch | fwd img/s | train s/step | "
+        "train img/s | fwd MFU | train MFU | step temp MiB | peak RSS MiB |",
+        "|" + "---|" * 14,
+    ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r.get('code', 'this')} | {r['batch']} | {r['size']} | {r['params'] / 1e6:.2f}M | "
@@ -334,37 +357,61 @@ def table(rows: list[dict], peak: float) -> list[str]:
 def notes(rows: list[dict], baseline: list[dict], peak: float, base_peak: float = 0.0) -> list[str]:
     out = []
     if baseline and abs(base_peak / peak - 1) > 0.1:
-        out.append(f"the baseline's process measured a matmul peak of {base_peak / 1e9:.0f} GFLOP/s against "
-                   f"{peak / 1e9:.0f} here: the machine's speed changed between the two processes, so the ratios "
-                   "against the baseline below do not measure the code")
+        out.append(
+            f"the baseline's process measured a matmul peak of {base_peak / 1e9:.0f} GFLOP/s against "
+            f"{peak / 1e9:.0f} here: the machine's speed changed between the two processes, so the ratios "
+            "against the baseline below do not measure the code"
+        )
     for r in rows:  # resolution scaling
-        base = next((b for b in rows if b["model"] == r["model"] and b["batch"] == r["batch"] and b["size"] == 224
-                     and b.get("code") == r.get("code")), None)
+        base = next(
+            (
+                b
+                for b in rows
+                if b["model"] == r["model"]
+                and b["batch"] == r["batch"]
+                and b["size"] == 224
+                and b.get("code") == r.get("code")
+            ),
+            None,
+        )
         if base and r["size"] != 224:
-            out.append(f"{r['model']} b{r['batch']} {r['size']}²/224²: time per image x{r['fwd_s'] / base['fwd_s']:.2f} "
-                       f"forward, x{r['step_s'] / base['step_s']:.2f} train; pixels x{(r['size'] / 224) ** 2:.1f}")
+            out.append(
+                f"{r['model']} b{r['batch']} {r['size']}²/224²: time per image x{r['fwd_s'] / base['fwd_s']:.2f} "
+                f"forward, x{r['step_s'] / base['step_s']:.2f} train; pixels x{(r['size'] / 224) ** 2:.1f}"
+            )
     for r in rows:  # speedup over the baseline revision
-        old = next((b for b in baseline if (b["model"], b["batch"], b["size"]) == (r["model"], r["batch"], r["size"])),
-                   None)
+        old = next(
+            (b for b in baseline if (b["model"], b["batch"], b["size"]) == (r["model"], r["batch"], r["size"])), None
+        )
         if old:
-            out.append(f"{r['model']} b{r['batch']} {r['size']}: this code is x{old['fwd_s'] / r['fwd_s']:.2f} "
-                       f"forward, x{old['step_s'] / r['step_s']:.2f} train against {old['code']}")
+            out.append(
+                f"{r['model']} b{r['batch']} {r['size']}: this code is x{old['fwd_s'] / r['fwd_s']:.2f} "
+                f"forward, x{old['step_s'] / r['step_s']:.2f} train against {old['code']}"
+            )
     for r in rows:  # what block rematerialisation costs and saves
         key = (r["model"], r["batch"], r["size"], r.get("code"))
         plain = next((b for b in rows if (b["model"] + " +remat", b["batch"], b["size"], b.get("code")) == key), None)
         if plain:
-            out.append(f"{r['model']} b{r['batch']} {r['size']}: train step x{r['step_s'] / plain['step_s']:.2f} the "
-                       f"time of {plain['model']}'s, temporaries {plain['temp_mib']:.0f} -> {r['temp_mib']:.0f} MiB, "
-                       f"peak RSS {plain['rss_mib']:.0f} -> {r['rss_mib']:.0f} MiB")
+            out.append(
+                f"{r['model']} b{r['batch']} {r['size']}: train step x{r['step_s'] / plain['step_s']:.2f} the "
+                f"time of {plain['model']}'s, temporaries {plain['temp_mib']:.0f} -> {r['temp_mib']:.0f} MiB, "
+                f"peak RSS {plain['rss_mib']:.0f} -> {r['rss_mib']:.0f} MiB"
+            )
     torch_rows = [r for r in rows if "PyTorch" in r["model"]]
     for t in torch_rows:  # MFU ratio against the PyTorch reference at the same batch and size
         for r in rows:
-            if r is not t and "PyTorch" not in r["model"] and (r["batch"], r["size"]) == (t["batch"], t["size"]) \
-                    and r.get("code", "this") == "this":
+            if (
+                r is not t
+                and "PyTorch" not in r["model"]
+                and (r["batch"], r["size"]) == (t["batch"], t["size"])
+                and r.get("code", "this") == "this"
+            ):
                 ratio = lambda key, s: (r[key] / r[s]) / (t[key] / t[s])  # noqa: E731
-                out.append(f"{r['model']} / {t['model'].split(' ')[0]} (PyTorch) b{r['batch']}: images/s x"
-                           f"{t['fwd_s'] / r['fwd_s']:.2f} forward, x{t['step_s'] / r['step_s']:.2f} train; "
-                           f"MFU x{ratio('fwd_flops', 'fwd_s'):.2f} forward, x{ratio('step_flops', 'step_s'):.2f} train")
+                out.append(
+                    f"{r['model']} / {t['model'].split(' ')[0]} (PyTorch) b{r['batch']}: images/s x"
+                    f"{t['fwd_s'] / r['fwd_s']:.2f} forward, x{t['step_s'] / r['step_s']:.2f} train; "
+                    f"MFU x{ratio('fwd_flops', 'fwd_s'):.2f} forward, x{ratio('step_flops', 'step_s'):.2f} train"
+                )
     return out
 
 
@@ -375,12 +422,22 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[224])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torch", nargs="*", default=[], metavar="NAME",
-                        help="PyTorch models to time in the same run: clusterformer_{tiny,small}_official (the "
-                             "released code) or timm names (e.g. swin_tiny_patch4_window7_224)")
-    parser.add_argument("--remat", nargs="+", choices=["off", "on"], default=["off"],
-                        help="'on' rematerialises every block in the backward (the models' remat field: less "
-                             "memory for more compute; MFU still counts the model's FLOPs only); 'off on' times both")
+    parser.add_argument(
+        "--torch",
+        nargs="*",
+        default=[],
+        metavar="NAME",
+        help="PyTorch models to time in the same run: clusterformer_{tiny,small}_official (the "
+        "released code) or timm names (e.g. swin_tiny_patch4_window7_224)",
+    )
+    parser.add_argument(
+        "--remat",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off"],
+        help="'on' rematerialises every block in the backward (the models' remat field: less "
+        "memory for more compute; MFU still counts the model's FLOPs only); 'off on' times both",
+    )
     parser.add_argument("--baseline", metavar="GIT_REV", help="also time the models with this revision's code")
     parser.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     parser.add_argument("--code-root", help=argparse.SUPPRESS)
@@ -403,11 +460,22 @@ def main() -> None:
     peak = datasheet or measured
     rows, failed = [], []
     remats = [setting == "on" for setting in dict.fromkeys(args.remat)]
-    tasks = [(f"{name}{' +remat' * remat} b{batch} {size}",
-              functools.partial(bench, name, batch, size, args.dtype, args.repeats, remat=remat))
-             for name in args.models for remat in remats for batch in args.batch for size in args.sizes]
-    tasks += [(f"{name} b{batch} {size}", functools.partial(bench_torch, name, batch, size, repeats=args.repeats))
-              for name in args.torch for batch in args.batch for size in args.sizes]
+    tasks = [
+        (
+            f"{name}{' +remat' * remat} b{batch} {size}",
+            functools.partial(bench, name, batch, size, args.dtype, args.repeats, remat=remat),
+        )
+        for name in args.models
+        for remat in remats
+        for batch in args.batch
+        for size in args.sizes
+    ]
+    tasks += [
+        (f"{name} b{batch} {size}", functools.partial(bench_torch, name, batch, size, repeats=args.repeats))
+        for name in args.torch
+        for batch in args.batch
+        for size in args.sizes
+    ]
     for label, run in tasks:
         try:
             rows.append(measure_row(run))
@@ -426,16 +494,20 @@ def main() -> None:
     from clusterformer_jax.runtime import host_allocator
 
     versions = f"jax {jax.__version__}, numpy {np.__version__}"
-    peak_text = (f"matmul peak {measured / 1e9:.0f} GFLOP/s ({side}³, same run; MFU of every row is against it)"
-                 if datasheet is None else
-                 f"MFU against the datasheet's dense bf16 peak of {peak / 1e12:.1f} TFLOP/s ({side}³ matmuls ran "
-                 f"at {measured / 1e12:.1f} in this run)")
-    title = (f"## Backbone throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
-             f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), device {device.platform}:"
-             f"{device.device_kind}; Python {platform.python_version()}; {versions}; host allocator "
-             f"{host_allocator()}; dtype {args.dtype}; {peak_text}; load "
-             f"average {os.getloadavg()[0]:.1f} at the end; "
-             f"`python benchmarks/model_throughput.py {' '.join(sys.argv[1:])}`.\n")
+    peak_text = (
+        f"matmul peak {measured / 1e9:.0f} GFLOP/s ({side}³, same run; MFU of every row is against it)"
+        if datasheet is None
+        else f"MFU against the datasheet's dense bf16 peak of {peak / 1e12:.1f} TFLOP/s ({side}³ matmuls ran "
+        f"at {measured / 1e12:.1f} in this run)"
+    )
+    title = (
+        f"## Backbone throughput, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
+        f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), device {device.platform}:"
+        f"{device.device_kind}; Python {platform.python_version()}; {versions}; host allocator "
+        f"{host_allocator()}; dtype {args.dtype}; {peak_text}; load "
+        f"average {os.getloadavg()[0]:.1f} at the end; "
+        f"`python benchmarks/model_throughput.py {' '.join(sys.argv[1:])}`.\n"
+    )
     body = table(rows + [r for r in baseline if "PyTorch" not in r["model"]], peak)
     extra = failed + notes(rows, baseline, measured, base_peak)
     text = title + "\n" + "\n".join(body) + ("\n\n" + "\n".join(f"- {s}" for s in extra) if extra else "") + "\n"

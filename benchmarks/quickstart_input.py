@@ -31,7 +31,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 
@@ -64,7 +64,7 @@ class _Repeated:
 
 
 def _config(steps: int, variant: str):
-    spec = importlib.util.spec_from_file_location('quickstart', os.path.join(REPO, 'configs', 'quickstart.py'))
+    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "configs", "quickstart.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -72,7 +72,7 @@ def _config(steps: int, variant: str):
     config.eval_every_steps = 0
     config.checkpoint.every_steps = 10 * steps
     config.log_every_steps = 50
-    if variant == 'uncached':
+    if variant == "uncached":
         config.input.cache_train = False
         config.input.num_threads = 2
     return config
@@ -80,26 +80,28 @@ def _config(steps: int, variant: str):
 
 def run(steps: int, variant: str) -> dict:
     create = pipeline.create_train_iterator
-    if variant == 'synthetic':
+    if variant == "synthetic":
         pipeline.create_train_iterator = lambda *a, **k: _Repeated(create(*a, **k))
     try:
         with tempfile.TemporaryDirectory() as workdir:
             results = trainer.train_and_evaluate(_config(steps, variant), workdir)
     finally:
         pipeline.create_train_iterator = create
-    print(f'{variant:10s} {results["train_steps_per_second"]:6.2f} steps/s  stall '
-          f'{100 * results["train_input_stall_fraction"]:4.1f}%  waited {100 * results["train_data_wait_fraction"]:4.1f}%',
-          flush=True)
+    print(
+        f'{variant:10s} {results["train_steps_per_second"]:6.2f} steps/s  stall '
+        f'{100 * results["train_input_stall_fraction"]:4.1f}%  waited {100 * results["train_data_wait_fraction"]:4.1f}%',
+        flush=True,
+    )
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--steps', type=int, default=400)
-    parser.add_argument('--rounds', type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.WARNING)
-    variants = ('defaults', 'uncached', 'synthetic')
+    variants = ("defaults", "uncached", "synthetic")
     runs = {v: [] for v in variants}
     for _ in range(args.rounds):
         for variant in variants:
@@ -108,30 +110,32 @@ def main() -> None:
     def median(variant, key):
         return statistics.median(r[key] for r in runs[variant])
 
-    base = median('synthetic', 'train_steps_per_second')
+    base = median("synthetic", "train_steps_per_second")
     lines = [
-        '| input | steps/s (median) | each round | cost vs synthetic | input stall | waited in next() |',
-        '|---|---|---|---|---|---|',
+        "| input | steps/s (median) | each round | cost vs synthetic | input stall | waited in next() |",
+        "|---|---|---|---|---|---|",
     ]
     for variant in variants:
-        rate = median(variant, 'train_steps_per_second')
-        each = ', '.join(f'{r["train_steps_per_second"]:.2f}' for r in runs[variant])
-        lines.append(f'| {variant} | {rate:.2f} | {each} | {100 * (1 - rate / base):.1f}% | '
-                     f'{100 * median(variant, "train_input_stall_fraction"):.1f}% | '
-                     f'{100 * median(variant, "train_data_wait_fraction"):.1f}% |')
+        rate = median(variant, "train_steps_per_second")
+        each = ", ".join(f'{r["train_steps_per_second"]:.2f}' for r in runs[variant])
+        lines.append(
+            f"| {variant} | {rate:.2f} | {each} | {100 * (1 - rate / base):.1f}% | "
+            f'{100 * median(variant, "train_input_stall_fraction"):.1f}% | '
+            f'{100 * median(variant, "train_data_wait_fraction"):.1f}% |'
+        )
     header = (
-        f'## Quickstart input cost, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n'
-        f'Machine: {os.cpu_count()} CPUs ({platform.machine()}), device {jax.devices()[0].platform}; '
-        f'Python {platform.python_version()}; jax {jax.__version__}; host allocator {runtime.host_allocator()}; '
-        f'{args.steps} steps x {args.rounds} rounds, '
-        f'batch 64, clusterformer_nano on digits 32 px; `python benchmarks/quickstart_input.py '
-        f'--steps={args.steps} --rounds={args.rounds}`.\n'
+        f"## Quickstart input cost, {datetime.datetime.now():%Y-%m-%d %H:%M}\n\n"
+        f"Machine: {os.cpu_count()} CPUs ({platform.machine()}), device {jax.devices()[0].platform}; "
+        f"Python {platform.python_version()}; jax {jax.__version__}; host allocator {runtime.host_allocator()}; "
+        f"{args.steps} steps x {args.rounds} rounds, "
+        f"batch 64, clusterformer_nano on digits 32 px; `python benchmarks/quickstart_input.py "
+        f"--steps={args.steps} --rounds={args.rounds}`.\n"
     )
-    text = header + '\n' + '\n'.join(lines) + '\n'
-    print('\n' + text)
-    with open(os.path.join(REPO, 'benchmarks', 'RESULTS.md'), 'a') as f:
-        f.write('\n' + text)
+    text = header + "\n" + "\n".join(lines) + "\n"
+    print("\n" + text)
+    with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
+        f.write("\n" + text)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

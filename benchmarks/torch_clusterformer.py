@@ -15,18 +15,31 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-TINY = dict(depths=(2, 2, 6, 2), dims=(96, 192, 384, 768), mlp_ratios=(8, 8, 4, 4), heads=(3, 6, 12, 24),
-            window_counts=(8, 4, 2, 1), num_iters=3)
+TINY = dict(
+    depths=(2, 2, 6, 2),
+    dims=(96, 192, 384, 768),
+    mlp_ratios=(8, 8, 4, 4),
+    heads=(3, 6, 12, 24),
+    window_counts=(8, 4, 2, 1),
+    num_iters=3,
+)
 SMALL = dict(TINY, depths=(2, 2, 18, 2), num_iters=1)
-CONFIGS = {'clusterformer_tiny_official': TINY, 'clusterformer_small_official': SMALL}
+CONFIGS = {"clusterformer_tiny_official": TINY, "clusterformer_small_official": SMALL}
 
 
 class Clustering(nn.Module):
-    def __init__(self, dim: int, heads: int, head_dim: int = 32, windows: int = 1, centers=(10, 10),
-                 num_iters: int = 3):
+    def __init__(
+        self, dim: int, heads: int, head_dim: int = 32, windows: int = 1, centers=(10, 10), num_iters: int = 3
+    ):
         super().__init__()
         inner = heads * head_dim
-        self.heads, self.head_dim, self.windows, self.centers, self.num_iters = heads, head_dim, windows, centers, num_iters
+        self.heads, self.head_dim, self.windows, self.centers, self.num_iters = (
+            heads,
+            head_dim,
+            windows,
+            centers,
+            num_iters,
+        )
         self.conv1 = nn.Conv2d(dim, inner, 1)
         self.conv_v = nn.Conv2d(dim, inner, 1)
         self.conv_f = nn.Conv2d(dim, inner, 1)
@@ -58,14 +71,20 @@ class Clustering(nn.Module):
             query = self.conv_c(centers).reshape(b, k, c)
             assign = (query @ value.transpose(1, 2)).softmax(dim=-2)
             centers = (assign @ feature).reshape(b, c, *self.centers)
-        sim = torch.sigmoid(self.sim_beta + self.sim_alpha * (
-            F.normalize(centers.reshape(b, c, -1).permute(0, 2, 1), dim=-1)
-            @ F.normalize(x.reshape(b, c, -1).permute(0, 2, 1), dim=-1).transpose(-2, -1)))
+        sim = torch.sigmoid(
+            self.sim_beta
+            + self.sim_alpha
+            * (
+                F.normalize(centers.reshape(b, c, -1).permute(0, 2, 1), dim=-1)
+                @ F.normalize(x.reshape(b, c, -1).permute(0, 2, 1), dim=-1).transpose(-2, -1)
+            )
+        )
         _, index = sim.max(dim=1, keepdim=True)
         mask = torch.zeros_like(sim).scatter_(1, index, 1.0)
         sim = sim * mask
         out = ((feature.unsqueeze(1) * sim.unsqueeze(-1)).sum(dim=2) + centers_feature) / (
-            mask.sum(dim=-1, keepdim=True) + 1.0)
+            mask.sum(dim=-1, keepdim=True) + 1.0
+        )
         out = (out.unsqueeze(2) * sim.unsqueeze(-1)).sum(dim=1).reshape(b, c, w, h)
         if self.windows > 1:
             out = out.reshape(big_b * self.heads, c, big_h, big_w)
@@ -107,33 +126,52 @@ class _Proj(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, depths: Sequence[int], dims: Sequence[int], mlp_ratios: Sequence[float],
-                 heads: Sequence[int], window_counts: Sequence[int], num_iters: int, head_dim: int = 32):
+    def __init__(
+        self,
+        depths: Sequence[int],
+        dims: Sequence[int],
+        mlp_ratios: Sequence[float],
+        heads: Sequence[int],
+        window_counts: Sequence[int],
+        num_iters: int,
+        head_dim: int = 32,
+    ):
         super().__init__()
         self.patch_embed = _Proj(5, dims[0], 4, 4, 0)
         network = []
         for stage, depth in enumerate(depths):
             if stage:
                 network.append(_Proj(dims[stage - 1], dims[stage], 3, 2, 1))
-            network.append(nn.Sequential(*(
-                ClusterBlock(dims[stage], mlp_ratios[stage], heads=heads[stage], head_dim=head_dim,
-                             windows=window_counts[stage], num_iters=num_iters)
-                for _ in range(depth))))
+            network.append(
+                nn.Sequential(
+                    *(
+                        ClusterBlock(
+                            dims[stage],
+                            mlp_ratios[stage],
+                            heads=heads[stage],
+                            head_dim=head_dim,
+                            windows=window_counts[stage],
+                            num_iters=num_iters,
+                        )
+                        for _ in range(depth)
+                    )
+                )
+            )
         self.network = nn.ModuleList(network)
         for index, dim in zip((0, 2, 4, 6), dims):
-            self.add_module(f'norm{index}', nn.GroupNorm(1, dim))
+            self.add_module(f"norm{index}", nn.GroupNorm(1, dim))
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         b, _, h, w = images.shape
         rows = torch.arange(h, dtype=images.dtype) / (h - 1.0) - 0.5
         cols = torch.arange(w, dtype=images.dtype) / (w - 1.0) - 0.5
-        grid = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=0).expand(b, 2, h, w)
+        grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=0).expand(b, 2, h, w)
         x = self.patch_embed(torch.cat([images, grid], dim=1))
         outs = []
         for index, layer in enumerate(self.network):
             x = layer(x)
             if index % 2 == 0:
-                outs.append(getattr(self, f'norm{index}')(x))
+                outs.append(getattr(self, f"norm{index}")(x))
         return outs
 
 
@@ -152,7 +190,7 @@ class ClusterFormer(nn.Module):
     def __init__(self, num_classes: int = 1000, **backbone):
         super().__init__()
         self.backbone = Backbone(**backbone)
-        self.head = _Head(sum(backbone['dims']), num_classes)
+        self.head = _Head(sum(backbone["dims"]), num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(torch.cat([s.mean(dim=(2, 3)) for s in self.backbone(images)], dim=1))
@@ -161,5 +199,5 @@ class ClusterFormer(nn.Module):
 def create(name: str, **overrides) -> ClusterFormer:
     """``name`` in CONFIGS (the registry names of the official-parity presets)."""
     config = dict(CONFIGS[name], **overrides)
-    num_classes = config.pop('num_classes', 1000)
+    num_classes = config.pop("num_classes", 1000)
     return ClusterFormer(num_classes, **config)

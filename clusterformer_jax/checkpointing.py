@@ -16,131 +16,131 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-STATE = 'state'
-DATA = 'data'
+STATE = "state"
+DATA = "data"
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'checkpoints')
+    return os.path.join(workdir, "checkpoints")
 
 
 class Checkpointer:
-  """Async, keep-last-N CheckpointManager over the items ('state', 'data')."""
+    """Async, keep-last-N CheckpointManager over the items ('state', 'data')."""
 
-  def __init__(
-      self,
-      directory: str,
-      *,
-      max_to_keep: int | None = 3,
-      save_interval_steps: int = 1000,
-      async_save: bool = True,
-      read_only: bool = False,
-  ):
-    self.directory = os.fspath(directory)
-    if '://' not in self.directory:  # Orbax rejects relative paths; cloud paths (gs://...) stay as given
-      self.directory = os.path.abspath(os.path.expanduser(self.directory))
-    self.save_interval_steps = int(save_interval_steps)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,
-        save_interval_steps=1,  # The interval is applied by ``should_save``; saves are explicit.
-        enable_async_checkpointing=async_save,
-        create=not read_only,
-        read_only=read_only,
-    )
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+    def __init__(
+        self,
+        directory: str,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1000,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = os.fspath(directory)
+        if "://" not in self.directory:  # Orbax rejects relative paths; cloud paths (gs://...) stay as given
+            self.directory = os.path.abspath(os.path.expanduser(self.directory))
+        self.save_interval_steps = int(save_interval_steps)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None,
+            save_interval_steps=1,  # The interval is applied by ``should_save``; saves are explicit.
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
 
-  def should_save(self, step: int) -> bool:
-    """True every ``save_interval_steps`` steps (never when the interval is <= 0)."""
-    return self.save_interval_steps > 0 and step > 0 and step % self.save_interval_steps == 0
+    def should_save(self, step: int) -> bool:
+        """True every ``save_interval_steps`` steps (never when the interval is <= 0)."""
+        return self.save_interval_steps > 0 and step > 0 and step % self.save_interval_steps == 0
 
-  def reached_preemption(self, step: int) -> bool:
-    """True on every process once the cluster has signalled a preemption (synchronised by JAX)."""
-    return self._manager.reached_preemption(step)
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once the cluster has signalled a preemption (synchronised by JAX)."""
+        return self._manager.reached_preemption(step)
 
-  def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False) -> bool:
-    """Starts saving ``state`` (and the iterator position) at ``step``; returns whether a save started.
+    def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False) -> bool:
+        """Starts saving ``state`` (and the iterator position) at ``step``; returns whether a save started.
 
-    The device-to-host copy finishes before this returns, so ``state`` may be donated right after.
-    """
-    items = {STATE: ocp.args.StandardSave(state)}
-    if data_iterator is not None:
-      items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
-    if saved:
-      logging.info('Checkpoint of step %d started in %s', step, self.directory)
-    return saved
+        The device-to-host copy finishes before this returns, so ``state`` may be donated right after.
+        """
+        items = {STATE: ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved:
+            logging.info("Checkpoint of step %d started in %s", step, self.directory)
+        return saved
 
-  def has_item(self, step: int, item: str) -> bool:
-    return epath.Path(self.directory, str(step), item).exists()
+    def has_item(self, step: int, item: str) -> bool:
+        return epath.Path(self.directory, str(step), item).exists()
 
-  def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> Any:
-    """Restores the state onto the shardings of ``abstract_state`` (ShapeDtypeStructs with sharding).
+    def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> Any:
+        """Restores the state onto the shardings of ``abstract_state`` (ShapeDtypeStructs with sharding).
 
-    The iterator is restored in place when given and the checkpoint holds one.
-    """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None and self.has_item(step, DATA):
-      items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    logging.info('Restored step %d from %s', step, self.directory)
-    return restored[STATE]
+        The iterator is restored in place when given and the checkpoint holds one.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        items = {STATE: ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None and self.has_item(step, DATA):
+            items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        logging.info("Restored step %d from %s", step, self.directory)
+        return restored[STATE]
 
-  def restore_subtree(self, abstract_subtree: dict[str, Any], step: int | None = None) -> dict[str, Any]:
-    """Restores only the top-level state fields in ``abstract_subtree`` (e.g. {'params': ...})."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
-    args = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
-    return self._manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+    def restore_subtree(self, abstract_subtree: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        """Restores only the top-level state fields in ``abstract_subtree`` (e.g. {'params': ...})."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subtree)
+        args = ocp.args.PyTreeRestore(item=abstract_subtree, restore_args=restore_args, partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
 
-  def item_shapes(self, step: int) -> Any:
-    """The stored state's tree with each array replaced by its shape tuple."""
-    metadata = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), STATE))
-    tree = getattr(metadata, 'item_metadata', metadata)
-    tree = getattr(tree, 'tree', tree)
-    return jax.tree.map(lambda m: tuple(m.shape), tree)
+    def item_shapes(self, step: int) -> Any:
+        """The stored state's tree with each array replaced by its shape tuple."""
+        metadata = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), STATE))
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        return jax.tree.map(lambda m: tuple(m.shape), tree)
 
-  def wait(self) -> None:
-    """Blocks until every pending asynchronous save is committed."""
-    self._manager.wait_until_finished()
+    def wait(self) -> None:
+        """Blocks until every pending asynchronous save is committed."""
+        self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
 
 
 def locate(path: str) -> tuple[str, int | None]:
-  """Splits a user-given checkpoint path into (manager directory, step).
+    """Splits a user-given checkpoint path into (manager directory, step).
 
-  Accepts a run's workdir (uses its 'checkpoints'), a checkpoints directory (latest step) or one step's
-  directory ('.../checkpoints/1200').
-  """
-  path = os.fspath(path).rstrip('/')
-  p = epath.Path(path)
-  if (p / STATE).exists() and p.name.isdigit():
-    return os.fspath(p.parent), int(p.name)
-  if (p / 'checkpoints').exists():
-    return os.fspath(p / 'checkpoints'), None
-  return path, None
+    Accepts a run's workdir (uses its 'checkpoints'), a checkpoints directory (latest step) or one step's
+    directory ('.../checkpoints/1200').
+    """
+    path = os.fspath(path).rstrip("/")
+    p = epath.Path(path)
+    if (p / STATE).exists() and p.name.isdigit():
+        return os.fspath(p.parent), int(p.name)
+    if (p / "checkpoints").exists():
+        return os.fspath(p / "checkpoints"), None
+    return path, None
 
 
 def open_readonly(path: str) -> tuple[Checkpointer, int]:
-  """A read-only Checkpointer on ``path`` (see ``locate``) and the step to restore."""
-  directory, step = locate(path)
-  if not epath.Path(directory).exists():
-    raise FileNotFoundError(f'checkpoint path {path!r} does not exist')
-  ckpt = Checkpointer(directory, async_save=False, read_only=True, max_to_keep=None)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint found under {path!r}')
-  return ckpt, step
+    """A read-only Checkpointer on ``path`` (see ``locate``) and the step to restore."""
+    directory, step = locate(path)
+    if not epath.Path(directory).exists():
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    ckpt = Checkpointer(directory, async_save=False, read_only=True, max_to_keep=None)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found under {path!r}")
+    return ckpt, step

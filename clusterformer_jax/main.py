@@ -23,133 +23,139 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/quickstart.py[:arg].',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard logs and results.')
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/quickstart.py[:arg].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard logs and results.")
 
-ENV_DISTRIBUTED = 'CLUSTERFORMER_DISTRIBUTED'
-ENV_NUM_PROCESSES = 'CLUSTERFORMER_NUM_PROCESSES'
-ENV_PROCESS_ID = 'CLUSTERFORMER_PROCESS_ID'
+ENV_DISTRIBUTED = "CLUSTERFORMER_DISTRIBUTED"
+ENV_NUM_PROCESSES = "CLUSTERFORMER_NUM_PROCESSES"
+ENV_PROCESS_ID = "CLUSTERFORMER_PROCESS_ID"
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
 def _trainers() -> dict[str, Callable[[Any, str], dict[str, Any]]]:
-  """The task table: ``config.task`` -> its trainer (every task so far shares the generic loop)."""
-  from clusterformer_jax.trainers import trainer  # Heavy (JAX, TF); imported after the flags parse.
+    """The task table: ``config.task`` -> its trainer (every task so far shares the generic loop)."""
+    from clusterformer_jax.trainers import trainer  # Heavy (JAX, TF); imported after the flags parse.
 
-  return {'classification': trainer.train_and_evaluate}
+    return {"classification": trainer.train_and_evaluate}
 
 
 def _fail(message: str, code: int) -> None:
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def _override_key(argv: Sequence[str], missing: str) -> str:
-  """The full dotted name of the ``--config.*`` override that mentions ``missing``."""
-  for arg in argv:
-    match = re.match(r'--config\.([^=\s]+)', arg)
-    if match and missing in match.group(1).split('.'):
-      return match.group(1)
-  return missing
+    """The full dotted name of the ``--config.*`` override that mentions ``missing``."""
+    for arg in argv:
+        match = re.match(r"--config\.([^=\s]+)", arg)
+        if match and missing in match.group(1).split("."):
+            return match.group(1)
+    return missing
 
 
 def _describe_flag_error(error: BaseException, argv: Sequence[str]) -> str:
-  """One line for a flag-parsing failure, naming the offending config key."""
-  cause: BaseException = error
-  if isinstance(cause, AttributeError) and cause.args and isinstance(cause.args[0], KeyError):
-    cause = cause.args[0]
-  if isinstance(cause, KeyError):
-    text = str(cause.args[0]) if cause.args else str(cause)
-    lines = text.strip("'\"").splitlines()
-    missing = lines[0].strip("'\"")
-    hint = ' ' + ' '.join(line.strip() for line in lines[1:]) if len(lines) > 1 else ''
-    return f"unknown config key 'config.{_override_key(argv, missing)}'{hint}"
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  if not lines:
-    return type(error).__name__
-  if len(lines) == 1:
-    return lines[0]
-  # Multi-line messages (config-file tracebacks): where it failed, then the final exception line.
-  head = lines[0].split(': Error whilst parsing config file')[0]
-  return f'{head}: {lines[-1]}'
+    """One line for a flag-parsing failure, naming the offending config key."""
+    cause: BaseException = error
+    if isinstance(cause, AttributeError) and cause.args and isinstance(cause.args[0], KeyError):
+        cause = cause.args[0]
+    if isinstance(cause, KeyError):
+        text = str(cause.args[0]) if cause.args else str(cause)
+        lines = text.strip("'\"").splitlines()
+        missing = lines[0].strip("'\"")
+        hint = " " + " ".join(line.strip() for line in lines[1:]) if len(lines) > 1 else ""
+        return f"unknown config key 'config.{_override_key(argv, missing)}'{hint}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) == 1:
+        return lines[0]
+    # Multi-line messages (config-file tracebacks): where it failed, then the final exception line.
+    head = lines[0].split(": Error whilst parsing config file")[0]
+    return f"{head}: {lines[-1]}"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing that reports errors as one line (exit code 2) instead of a traceback."""
-  try:
-    remaining = flags.FLAGS(argv)
-    config = _CONFIG.value
-    if config is not None:
-      getattr(config, 'task', None)  # A config file that failed to load raises here.
-  except SystemExit:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    _fail(_describe_flag_error(e, argv), EXIT_USAGE)
-  if config is None:
-    _fail('--config is required, e.g. --config=configs/quickstart.py', EXIT_USAGE)
-  if not _WORKDIR.value:
-    _fail('--workdir is required', EXIT_USAGE)
-  if len(remaining) > 1:
-    _fail(f'unexpected positional arguments: {" ".join(remaining[1:])}', EXIT_USAGE)
-  return remaining
+    """absl flag parsing that reports errors as one line (exit code 2) instead of a traceback."""
+    try:
+        remaining = flags.FLAGS(argv)
+        config = _CONFIG.value
+        if config is not None:
+            getattr(config, "task", None)  # A config file that failed to load raises here.
+    except SystemExit:
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        _fail(_describe_flag_error(e, argv), EXIT_USAGE)
+    if config is None:
+        _fail("--config is required, e.g. --config=configs/quickstart.py", EXIT_USAGE)
+    if not _WORKDIR.value:
+        _fail("--workdir is required", EXIT_USAGE)
+    if len(remaining) > 1:
+        _fail(f'unexpected positional arguments: {" ".join(remaining[1:])}', EXIT_USAGE)
+    return remaining
 
 
 def _env_flag(name: str) -> bool:
-  return os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes')
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def maybe_initialize_distributed(config: Any) -> None:
-  """Starts jax.distributed when the config or the launcher asks for it."""
-  if not (config.distributed or _env_flag(ENV_DISTRIBUTED)):
-    return
-  import jax
+    """Starts jax.distributed when the config or the launcher asks for it."""
+    if not (config.distributed or _env_flag(ENV_DISTRIBUTED)):
+        return
+    import jax
 
-  kwargs: dict[str, Any] = {}
-  if os.environ.get(ENV_NUM_PROCESSES):
-    kwargs['num_processes'] = int(os.environ[ENV_NUM_PROCESSES])
-  if os.environ.get(ENV_PROCESS_ID):
-    kwargs['process_id'] = int(os.environ[ENV_PROCESS_ID])
-  jax.distributed.initialize(**kwargs)
-  logging.info('jax.distributed: process %d of %d, %d local / %d global devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+    kwargs: dict[str, Any] = {}
+    if os.environ.get(ENV_NUM_PROCESSES):
+        kwargs["num_processes"] = int(os.environ[ENV_NUM_PROCESSES])
+    if os.environ.get(ENV_PROCESS_ID):
+        kwargs["process_id"] = int(os.environ[ENV_PROCESS_ID])
+    jax.distributed.initialize(**kwargs)
+    logging.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 class _QuietLibraries:
-  """Drops INFO chatter from Orbax, grain and tfds (a few dozen lines per checkpoint) from the absl log."""
+    """Drops INFO chatter from Orbax, grain and tfds (a few dozen lines per checkpoint) from the absl log."""
 
-  _NOISY = (f'{os.sep}orbax{os.sep}', f'{os.sep}grain{os.sep}', f'{os.sep}tensorflow_datasets{os.sep}')
+    _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
 
-  def filter(self, record: Any) -> bool:
-    return record.levelno >= 30 or not any(part in record.pathname for part in self._NOISY)
+    def filter(self, record: Any) -> bool:
+        return record.levelno >= 30 or not any(part in record.pathname for part in self._NOISY)
 
 
 def main(argv: Sequence[str]) -> None:
-  del argv
-  import logging as py_logging
+    del argv
+    import logging as py_logging
 
-  py_logging.getLogger('absl').addFilter(_QuietLibraries())
-  config = _CONFIG.value
-  workdir = _WORKDIR.value
-  maybe_initialize_distributed(config)  # Before anything touches a JAX backend.
-  from clusterformer_jax.trainers.errors import ConfigError, NonFiniteError
+    py_logging.getLogger("absl").addFilter(_QuietLibraries())
+    config = _CONFIG.value
+    workdir = _WORKDIR.value
+    maybe_initialize_distributed(config)  # Before anything touches a JAX backend.
+    from clusterformer_jax.errors import ConfigError, NonFiniteError
 
-  trainers = _trainers()
-  if config.task not in trainers:
-    _fail(f"unknown config.task {config.task!r}; available: {', '.join(sorted(trainers))}", EXIT_USAGE)
-  try:
-    trainers[config.task](config, workdir)
-  except ConfigError as e:
-    _fail(f'config: {e}', EXIT_USAGE)
-  except NonFiniteError as e:
-    _fail(str(e), EXIT_FAILURE)
+    trainers = _trainers()
+    if config.task not in trainers:
+        _fail(f"unknown config.task {config.task!r}; available: {', '.join(sorted(trainers))}", EXIT_USAGE)
+    try:
+        trainers[config.task](config, workdir)
+    except ConfigError as e:
+        _fail(f"config: {e}", EXIT_USAGE)
+    except NonFiniteError as e:
+        _fail(str(e), EXIT_FAILURE)
 
 
 def run() -> None:
-  app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
-if __name__ == '__main__':
-  run()
+if __name__ == "__main__":
+    run()

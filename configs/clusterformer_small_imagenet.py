@@ -16,8 +16,8 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet.py')
-  spec = importlib.util.spec_from_file_location('clusterformer_configs_imagenet', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.imagenet_config('small', arg)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet.py")
+    spec = importlib.util.spec_from_file_location("clusterformer_configs_imagenet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.imagenet_config("small", arg)

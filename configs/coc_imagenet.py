@@ -28,42 +28,41 @@ import os
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-MODELS = ('coc_tiny', 'coc_tiny2', 'coc_tiny_plain', 'coc_small', 'coc_medium', 'coc_base_dim64',
-          'coc_base_dim96')
-QUICKSTART_FOLDS = {'coc_tiny2': (1, 1, 1, 1)}
+MODELS = ("coc_tiny", "coc_tiny2", "coc_tiny_plain", "coc_small", "coc_medium", "coc_base_dim64", "coc_base_dim96")
+QUICKSTART_FOLDS = {"coc_tiny2": (1, 1, 1, 1)}
 
 
 def _load(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'clusterformer_configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"clusterformer_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
-  config.model.kwargs.folds = placeholder(tuple)
-  config.model.kwargs.proposals = placeholder(tuple)
-  config.model.kwargs.denominator = placeholder(str)  # 'similarity' (current) | 'count' (before 2023-05-31)
+    config.model.kwargs.folds = placeholder(tuple)
+    config.model.kwargs.proposals = placeholder(tuple)
+    config.model.kwargs.denominator = placeholder(str)  # 'similarity' (current) | 'count' (before 2023-05-31)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  model, quickstart = _load('common').parse_model_arg(arg, MODELS, 'coc_tiny')
-  if quickstart:
-    config = _load('quickstart').get_config()
+    model, quickstart = _load("common").parse_model_arg(arg, MODELS, "coc_tiny")
+    if quickstart:
+        config = _load("quickstart").get_config()
+        config.model.name = model
+        _add_model_kwargs(config)
+        config.model.kwargs.folds = QUICKSTART_FOLDS.get(model)
+        return config
+
+    common = _load("common")
+    config = common.set_imagenet_input(common.get_config(), eval_crop_pct=0.9)
     config.model.name = model
     _add_model_kwargs(config)
-    config.model.kwargs.folds = QUICKSTART_FOLDS.get(model)
+
+    config.num_epochs = 310.0
+    config.optim.lr_base_batch_size = 1024
+    config.optim.warmup_epochs = 5.0
+    config.optim.min_lr_ratio = 1e-3  # min-lr 1e-6
+    config.optim.grad_clip_norm = 0.0
     return config
-
-  common = _load('common')
-  config = common.set_imagenet_input(common.get_config(), eval_crop_pct=0.9)
-  config.model.name = model
-  _add_model_kwargs(config)
-
-  config.num_epochs = 310.0
-  config.optim.lr_base_batch_size = 1024
-  config.optim.warmup_epochs = 5.0
-  config.optim.min_lr_ratio = 1e-3  # min-lr 1e-6
-  config.optim.grad_clip_norm = 0.0
-  return config

@@ -20,28 +20,28 @@ import os
 
 import ml_collections
 
-VARIANTS = ('gmf_miny', 'gmf_tiny', 'gmf_small', 'gmf_base', 'gmf_large')
+VARIANTS = ("gmf_miny", "gmf_tiny", "gmf_small", "gmf_base", "gmf_large")
 
 
 def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py')
-  spec = importlib.util.spec_from_file_location('clusterformer_configs_common', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+    spec = importlib.util.spec_from_file_location("clusterformer_configs_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  name = (arg or 'gmf_small').strip().lower()
-  if not name.startswith('gmf_'):
-    name = f'gmf_{name}'
-  if name not in VARIANTS:
-    raise ValueError(f"config argument must be one of {', '.join(VARIANTS)}, got {arg!r}")
-  common = _common()
-  config = common.set_imagenet_input(common.get_config(), eval_crop_pct=224 / 256)
-  config.model.name = name
+    name = (arg or "gmf_small").strip().lower()
+    if not name.startswith("gmf_"):
+        name = f"gmf_{name}"
+    if name not in VARIANTS:
+        raise ValueError(f"config argument must be one of {', '.join(VARIANTS)}, got {arg!r}")
+    common = _common()
+    config = common.set_imagenet_input(common.get_config(), eval_crop_pct=224 / 256)
+    config.model.name = name
 
-  config.batch_size = 512  # 8 GPUs x 64
-  config.optim.base_lr = 5e-4
-  config.optim.lr_base_batch_size = 512
-  return config
+    config.batch_size = 512  # 8 GPUs x 64
+    config.optim.base_lr = 5e-4
+    config.optim.lr_base_batch_size = 512
+    return config

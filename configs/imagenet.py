@@ -19,41 +19,41 @@ import ml_collections
 
 _OFFICIAL = {
     # variant: (batch size, lr, min lr ratio)
-    'tiny': (256, 1.25e-4, 1e-4),
-    'small': (512, 1e-4, 1e-2),
+    "tiny": (256, 1.25e-4, 1e-4),
+    "small": (512, 1e-4, 1e-2),
 }
 
 
 def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'common.py')
-  spec = importlib.util.spec_from_file_location('clusterformer_configs_common', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+    spec = importlib.util.spec_from_file_location("clusterformer_configs_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def imagenet_config(variant: str, arg: str | None) -> ml_collections.ConfigDict:
-  """The recipe for model ``clusterformer_{variant}``; ``arg`` is None/'paper' or 'official'."""
-  recipe = (arg or 'paper').strip().lower()
-  if recipe not in ('paper', 'official'):
-    raise ValueError(f"config argument must be 'paper' or 'official', got {arg!r}")
-  common = _common()
-  config = common.set_imagenet_input(common.get_config(), eval_crop_pct=224 / 248)
-  config.model.name = f'clusterformer_{variant}'
+    """The recipe for model ``clusterformer_{variant}``; ``arg`` is None/'paper' or 'official'."""
+    recipe = (arg or "paper").strip().lower()
+    if recipe not in ("paper", "official"):
+        raise ValueError(f"config argument must be 'paper' or 'official', got {arg!r}")
+    common = _common()
+    config = common.set_imagenet_input(common.get_config(), eval_crop_pct=224 / 248)
+    config.model.name = f"clusterformer_{variant}"
 
-  config.optim.lr_base_batch_size = 1024
+    config.optim.lr_base_batch_size = 1024
 
-  if recipe == 'official':
-    batch, lr, min_ratio = _OFFICIAL[variant]
-    config.model.name = f'clusterformer_{variant}_official'
-    config.batch_size = batch
-    config.optim.base_lr = lr
-    config.optim.lr_base_batch_size = batch
-    config.optim.amsgrad = True
-    config.optim.weight_decay_mask = 'all'
-    config.optim.min_lr_ratio = min_ratio
-    config.optim.warmup_start_ratio = 1e-3
-    config.classification.label_smoothing = 0.0
-    config.classification.mixup_alpha = 0.0
-    config.classification.cutmix_alpha = 0.0
-  return config
+    if recipe == "official":
+        batch, lr, min_ratio = _OFFICIAL[variant]
+        config.model.name = f"clusterformer_{variant}_official"
+        config.batch_size = batch
+        config.optim.base_lr = lr
+        config.optim.lr_base_batch_size = batch
+        config.optim.amsgrad = True
+        config.optim.weight_decay_mask = "all"
+        config.optim.min_lr_ratio = min_ratio
+        config.optim.warmup_start_ratio = 1e-3
+        config.classification.label_smoothing = 0.0
+        config.classification.mixup_alpha = 0.0
+        config.classification.cutmix_alpha = 0.0
+    return config

@@ -27,44 +27,52 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 MODELS = (
-    'paca_tiny', 'paca_small', 'paca_base',
-    'pacavit_tiny_p2cconv_100_0', 'pacavit_small_p2cconv_100_0', 'pacavit_base_p2cconv_100_0',
-    'pacavit_small_p2cmlp_100_0', 'pacavit_small_p2cconv_2_0', 'pacavit_small_p2cconv_49_0',
-    'pacavit_small_p2cconv_49_100', 'pacavit_small_p2cconv_100_49', 'pacavit_small_p2cconv_100',
-    'pacavit_small_p2cconv_100_blockwise',
+    "paca_tiny",
+    "paca_small",
+    "paca_base",
+    "pacavit_tiny_p2cconv_100_0",
+    "pacavit_small_p2cconv_100_0",
+    "pacavit_base_p2cconv_100_0",
+    "pacavit_small_p2cmlp_100_0",
+    "pacavit_small_p2cconv_2_0",
+    "pacavit_small_p2cconv_49_0",
+    "pacavit_small_p2cconv_49_100",
+    "pacavit_small_p2cconv_100_49",
+    "pacavit_small_p2cconv_100",
+    "pacavit_small_p2cconv_100_blockwise",
 )
 
 
 def _load(name: str):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'clusterformer_configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"clusterformer_configs_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
-  config.model.kwargs.clusters = placeholder(tuple)  # per stage; 0 = plain MHSA
-  config.model.kwargs.onsite = placeholder(tuple)  # 0 stage-wise, 1 block-wise, k every k blocks
-  config.model.kwargs.clustering = placeholder(str)  # 'conv' | 'mlp' | 'linear'
-  config.model.kwargs.attn_drop_rate = placeholder(float)
+    config.model.kwargs.clusters = placeholder(tuple)  # per stage; 0 = plain MHSA
+    config.model.kwargs.onsite = placeholder(tuple)  # 0 stage-wise, 1 block-wise, k every k blocks
+    config.model.kwargs.clustering = placeholder(str)  # 'conv' | 'mlp' | 'linear'
+    config.model.kwargs.attn_drop_rate = placeholder(float)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  model, quickstart = _load('common').parse_model_arg(arg, MODELS, 'paca_tiny')
-  if quickstart:
-    config = _load('quickstart').get_config()
+    model, quickstart = _load("common").parse_model_arg(arg, MODELS, "paca_tiny")
+    if quickstart:
+        config = _load("quickstart").get_config()
+        config.model.name = model
+        _add_model_kwargs(config)
+        return config
+
+    common = _load("common")
+    config = common.set_imagenet_input(common.get_config(), eval_crop_pct=0.9)
     config.model.name = model
     _add_model_kwargs(config)
+
+    config.optim.base_lr = 5e-4
+    config.optim.lr_base_batch_size = 512
+    config.optim.warmup_epochs = 5.0
+    config.optim.grad_clip_norm = 0.0
     return config
-
-  common = _load('common')
-  config = common.set_imagenet_input(common.get_config(), eval_crop_pct=0.9)
-  config.model.name = model
-  _add_model_kwargs(config)
-
-  config.optim.base_lr = 5e-4
-  config.optim.lr_base_batch_size = 512
-  config.optim.warmup_epochs = 5.0
-  config.optim.grad_clip_norm = 0.0
-  return config

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Runs the test suite in the project venv (created or updated first); extra arguments go to pytest:
-#   launch/test.sh -k trainer
+# Runs the formatter check, then the whole test suite (slow tests included), in the project venv (created or
+# updated first); extra arguments go to pytest:
+#   launch/test.sh -k trainer          launch/test.sh -m 'not slow'
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cf_ensure_env
 cd "$REPO_ROOT"
+if ! "$PY" -m black --check --quiet .; then
+  echo "[test] files above are not formatted; run: .venv/bin/python -m black ." >&2
+  exit 1
+fi
 exec "$PY" -m pytest -q tests "$@"

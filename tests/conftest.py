@@ -1,4 +1,5 @@
 """Test-wide setup: eight virtual CPU devices, set before JAX is imported anywhere."""
+
 import os
 import sys
 

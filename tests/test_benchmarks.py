@@ -3,6 +3,7 @@ scan and the clustering run as loops or not, and without the forward that block 
 each row starts from returned memory and reports its own peak RSS;
 a failing row is reported without losing the others; bf16 MFU on a listed accelerator is against its datasheet
 peak."""
+
 import sys
 import types
 
@@ -74,9 +75,19 @@ def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):
     def bench(name, batch, size, dtype, repeats, remat):
         if name == "coc_tiny" and not remat:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 29741585472 bytes.\n(more lines)")
-        return dict(model=name + " +remat" * remat, batch=batch, size=size, dtype=dtype, params=10**6,
-                    gflop_fwd=1.0, fwd_s=0.5, step_s=2.5 if remat else 2.0, fwd_flops=8e9, step_flops=24e9,
-                    temp_mib=1.0 if remat else 3.0)
+        return dict(
+            model=name + " +remat" * remat,
+            batch=batch,
+            size=size,
+            dtype=dtype,
+            params=10**6,
+            gflop_fwd=1.0,
+            fwd_s=0.5,
+            step_s=2.5 if remat else 2.0,
+            fwd_flops=8e9,
+            step_flops=24e9,
+            temp_mib=1.0 if remat else 3.0,
+        )
 
     monkeypatch.setattr(throughput, "bench", bench)
     monkeypatch.setattr(throughput, "matmul_peak", lambda dtype, n: 1e11)
@@ -89,8 +100,10 @@ def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):
     row = "| clusterformer_nano | this | 8 | 224 | 1.00M | 1.00 | 0.500 | 16.00 | 2.000 | 4.00 | 16.0% | 12.0% | 3 |"
     assert row in out
     assert "| coc_tiny +remat | this | 8 | 224 |" in out  # the same model with remat fits
-    assert "- clusterformer_nano +remat b8 224: train step x1.25 the time of clusterformer_nano's, " \
-           "temporaries 3 -> 1 MiB, peak RSS " in out
+    assert (
+        "- clusterformer_nano +remat b8 224: train step x1.25 the time of clusterformer_nano's, "
+        "temporaries 3 -> 1 MiB, peak RSS " in out
+    )
 
     monkeypatch.setattr(sys, "argv", argv[:2] + ["coc_tinny"])
     with pytest.raises(SystemExit):
@@ -107,15 +120,27 @@ def test_bf16_mfu_on_a_listed_accelerator_counts_against_its_datasheet_peak(monk
     assert throughput.datasheet_peak(jax.devices()[0], "bfloat16") is None  # CPU
 
     def bench(name, batch, size, dtype, repeats, remat):
-        return dict(model=name, batch=batch, size=size, dtype=dtype, params=10**6, gflop_fwd=1.0, fwd_s=1.0,
-                    step_s=1.0, fwd_flops=494.7e12, step_flops=3 * 494.7e12 / 4, temp_mib=1.0)
+        return dict(
+            model=name,
+            batch=batch,
+            size=size,
+            dtype=dtype,
+            params=10**6,
+            gflop_fwd=1.0,
+            fwd_s=1.0,
+            step_s=1.0,
+            fwd_flops=494.7e12,
+            step_flops=3 * 494.7e12 / 4,
+            temp_mib=1.0,
+        )
 
     sides = []
     monkeypatch.setattr(throughput, "bench", bench)
     monkeypatch.setattr(throughput, "matmul_peak", lambda dtype, n: sides.append(n) or 700e12)
     monkeypatch.setattr(throughput.jax, "devices", lambda: [h100])
-    monkeypatch.setattr(sys, "argv", ["model_throughput.py", "--models", "coc_tiny", "--dtype", "bfloat16",
-                                      "--no-append"])
+    monkeypatch.setattr(
+        sys, "argv", ["model_throughput.py", "--models", "coc_tiny", "--dtype", "bfloat16", "--no-append"]
+    )
     throughput.main()
     out = capsys.readouterr().out
     assert sides == [8192]

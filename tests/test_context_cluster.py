@@ -40,11 +40,11 @@ def conv2d_nchw(x, w, b, stride, pad, groups=1):
     out = np.zeros((x.shape[0], w.shape[0], oh, ow))
     cin, cout = w.shape[1], w.shape[0] // groups
     for g in range(groups):
-        xs, ws = x[:, g * cin:(g + 1) * cin], w[g * cout:(g + 1) * cout]
+        xs, ws = x[:, g * cin : (g + 1) * cin], w[g * cout : (g + 1) * cout]
         for i in range(kh):
             for j in range(kw):
-                patch = xs[:, :, i: i + stride * oh: stride, j: j + stride * ow: stride]
-                out[:, g * cout:(g + 1) * cout] += np.einsum("oi,bihw->bohw", ws[:, :, i, j], patch)
+                patch = xs[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride]
+                out[:, g * cout : (g + 1) * cout] += np.einsum("oi,bihw->bohw", ws[:, :, i, j], patch)
     return out + (0.0 if b is None else b[None, :, None, None])
 
 
@@ -66,6 +66,7 @@ def cluster_reference(x, sd, heads, head_dim, proposal, fold, denominator="simil
     x = x.reshape(big_b * heads, head_dim, big_w, big_h)  # b (e c) w h -> (b e) c w h
     value = value.reshape(big_b * heads, head_dim, big_w, big_h)
     if fold > 1:  # b c (f1 w) (f2 h) -> (b f1 f2) c w h
+
         def part(t):
             b0, c0 = t.shape[:2]
             t = t.reshape(b0, c0, fold, big_w // fold, fold, big_h // fold).transpose(0, 2, 4, 1, 3, 5)
@@ -76,7 +77,8 @@ def cluster_reference(x, sd, heads, head_dim, proposal, fold, denominator="simil
     centers = adaptive_avg_pool_nchw(x, proposal, proposal)
     value_centers = adaptive_avg_pool_nchw(value, proposal, proposal).reshape(b, c, -1).transpose(0, 2, 1)
     cos = _normalize(centers.reshape(b, c, -1).transpose(0, 2, 1)) @ _normalize(
-        x.reshape(b, c, -1).transpose(0, 2, 1)).transpose(0, 2, 1)
+        x.reshape(b, c, -1).transpose(0, 2, 1)
+    ).transpose(0, 2, 1)
     sim = 1.0 / (1.0 + np.exp(-(sd["sim_beta"][0] + sd["sim_alpha"][0] * cos)))  # (b, M, N)
     mask = np.zeros_like(sim)
     np.put_along_axis(mask, sim.argmax(axis=1)[:, None, :], 1.0, axis=1)
@@ -106,9 +108,15 @@ def model_reference(images, sd, depths, heads, head_dim, proposals, folds, mlp_r
             x = conv2d_nchw(x, sd[f"network.{2 * i - 1}.proj.weight"], sd[f"network.{2 * i - 1}.proj.bias"], 2, 1)
         for j in range(depth):
             p = f"network.{2 * i}.{j}."
-            mixer = {k[len(p) + 12:]: v for k, v in sd.items() if k.startswith(p + "token_mixer.")}
-            y = cluster_reference(_group_norm(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"]), mixer,
-                                  heads[i], head_dim, proposals[i], folds[i])
+            mixer = {k[len(p) + 12 :]: v for k, v in sd.items() if k.startswith(p + "token_mixer.")}
+            y = cluster_reference(
+                _group_norm(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"]),
+                mixer,
+                heads[i],
+                head_dim,
+                proposals[i],
+                folds[i],
+            )
             x = x + sd[p + "layer_scale_1"][None, :, None, None] * y
             y = _group_norm(x, sd[p + "norm2.weight"], sd[p + "norm2.bias"]).transpose(0, 2, 3, 1)
             y = gelu(y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"])
@@ -161,10 +169,12 @@ def _abstract(model, size=224):
 
 @pytest.mark.parametrize(
     "hw,fold,proposal,denominator",
-    [((6, 6), 2, 2, "similarity"),  # 3x3 regions, overlapping bins [0,2) [1,3)
-     ((5, 5), 1, 3, "count"),  # no partition, 5 -> 3 overlapping bins, the pre-3ccb0b6 denominator
-     ((4, 6), 2, 2, "similarity"),  # non-square: folds split rows and columns separately
-     ((7, 7), 1, 2, "count")],
+    [
+        ((6, 6), 2, 2, "similarity"),  # 3x3 regions, overlapping bins [0,2) [1,3)
+        ((5, 5), 1, 3, "count"),  # no partition, 5 -> 3 overlapping bins, the pre-3ccb0b6 denominator
+        ((4, 6), 2, 2, "similarity"),  # non-square: folds split rows and columns separately
+        ((7, 7), 1, 2, "count"),
+    ],
 )
 def test_mixer_matches_numpy_reference(hw, fold, proposal, denominator):
     dim, heads, e = 6, 2, 4
@@ -173,8 +183,11 @@ def test_mixer_matches_numpy_reference(hw, fold, proposal, denominator):
     params = jax.jit(mixer.init)(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
     params = dict(params, sim_alpha=jnp.array([2.3]), sim_beta=jnp.array([-0.4]))
     got = jax.jit(mixer.apply)({"params": params}, jnp.asarray(x))
-    sd = {f"{n}.{leaf}": conv.to_torch(np.asarray(params[n][k]), "conv1x1" if k == "kernel" else "plain")
-          for n in ("f", "v", "proj") for k, leaf in (("kernel", "weight"), ("bias", "bias"))}
+    sd = {
+        f"{n}.{leaf}": conv.to_torch(np.asarray(params[n][k]), "conv1x1" if k == "kernel" else "plain")
+        for n in ("f", "v", "proj")
+        for k, leaf in (("kernel", "weight"), ("bias", "bias"))
+    }
     sd.update(sim_alpha=np.array([2.3]), sim_beta=np.array([-0.4]))
     want = cluster_reference(x.transpose(0, 3, 1, 2).astype(np.float64), sd, heads, e, proposal, fold, denominator)
     np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
@@ -195,10 +208,18 @@ def test_denominators_differ_and_reject_unknown():
 
 
 def test_whole_model_from_state_dict_matches_numpy_reference():
-    arch = dict(depths=(1, 2, 1, 1), dims=(8, 12, 16, 20), num_heads=(2, 2, 2, 2), head_dim=4,
-                mlp_ratios=(2, 2, 2, 2), proposals=(2, 2, 2, 1), folds=(2, 2, 1, 1))
-    sd = timm_state_dict(arch["depths"], arch["dims"], arch["num_heads"], 4, arch["mlp_ratios"], classes=5,
-                         seed=3, scale=0.5)
+    arch = dict(
+        depths=(1, 2, 1, 1),
+        dims=(8, 12, 16, 20),
+        num_heads=(2, 2, 2, 2),
+        head_dim=4,
+        mlp_ratios=(2, 2, 2, 2),
+        proposals=(2, 2, 2, 1),
+        folds=(2, 2, 1, 1),
+    )
+    sd = timm_state_dict(
+        arch["depths"], arch["dims"], arch["num_heads"], 4, arch["mlp_ratios"], classes=5, seed=3, scale=0.5
+    )
     for key in sd:  # visible residual branches (the released init is 1e-5) and sensible norms
         if "layer_scale" in key:
             sd[key] = np.full_like(sd[key], 0.7)
@@ -206,17 +227,31 @@ def test_whole_model_from_state_dict_matches_numpy_reference():
     params = conv.state_dict_to_flax(sd, _abstract(model, 32))
     images = np.random.RandomState(4).randn(2, 32, 32, 3).astype(np.float32)
     got = jax.jit(model.apply)({"params": params}, jnp.asarray(images))
-    want = model_reference(images.transpose(0, 3, 1, 2).astype(np.float64),
-                           {k: v.astype(np.float64) for k, v in sd.items()}, arch["depths"], arch["num_heads"],
-                           4, arch["proposals"], arch["folds"], arch["mlp_ratios"])
+    want = model_reference(
+        images.transpose(0, 3, 1, 2).astype(np.float64),
+        {k: v.astype(np.float64) for k, v in sd.items()},
+        arch["depths"],
+        arch["num_heads"],
+        4,
+        arch["proposals"],
+        arch["folds"],
+        arch["mlp_ratios"],
+    )
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
     "name,published",
-    [("coc_tiny", 5_570_584), ("coc_tiny2", 5_570_584), ("coc_tiny_plain", 5_570_584), ("coc_small", 14_657_024),
-     ("coc_medium", 29_290_520), ("coc_base_dim64", None), ("coc_base_dim96", None)],
+    [
+        ("coc_tiny", 5_570_584),
+        ("coc_tiny2", 5_570_584),
+        ("coc_tiny_plain", 5_570_584),
+        ("coc_small", 14_657_024),
+        ("coc_medium", 29_290_520),
+        ("coc_base_dim64", None),
+        ("coc_base_dim96", None),
+    ],
 )
 def test_parameter_counts(name, published):
     preset = cc.PRESETS[name]
@@ -311,8 +346,9 @@ def test_pth_checkpoint_with_ema_when_torch_is_installed(tmp_path):
     sd = timm_state_dict((3, 4, 5, 2), (32, 64, 196, 320), (4, 4, 8, 8), 24, seed=2)
     ema = {k: torch.from_numpy(v + 1) for k, v in sd.items()}
     path = str(tmp_path / "checkpoint.pth.tar")
-    torch.save({"epoch": 300, "state_dict": {k: torch.from_numpy(v) for k, v in sd.items()},
-                "state_dict_ema": ema}, path)
+    torch.save(
+        {"epoch": 300, "state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "state_dict_ema": ema}, path
+    )
     np.testing.assert_array_equal(conv.flax_to_state_dict(conv.convert(path, "coc_tiny"))["head.bias"], sd["head.bias"])
     got = conv.flax_to_state_dict(conv.convert(path, "coc_tiny", ema=True))["head.bias"]
     np.testing.assert_array_equal(got, sd["head.bias"] + 1)

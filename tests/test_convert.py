@@ -13,8 +13,9 @@ from clusterformer_jax.convert import mmcls_clusterformer as conv
 from clusterformer_jax.models.registry import create_model
 
 
-def released_state_dict(depths, dims=(96, 192, 384, 768), mlp=(8, 8, 4, 4), heads=(3, 6, 12, 24), e=32,
-                        classes=1000, seed=0):
+def released_state_dict(
+    depths, dims=(96, 192, 384, 768), mlp=(8, 8, 4, 4), heads=(3, 6, 12, 24), e=32, classes=1000, seed=0
+):
     """Key names and shapes written out from the released mmcls checkpoint layout (seed_systems §2.6)."""
     rng = np.random.RandomState(seed)
     shapes = {"backbone.patch_embed.proj.weight": (dims[0], 5, 4, 4), "backbone.patch_embed.proj.bias": (dims[0],)}
@@ -68,9 +69,14 @@ def test_converted_params_run_and_cli_writes_loadable_file(tmp_path):
     src, out = str(tmp_path / "small.safetensors"), str(tmp_path / "flax.safetensors")
     save_file(sd, src)
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; from clusterformer_jax.convert.mmcls_clusterformer import main;"
-         f"sys.argv=['x','--checkpoint','{src}','--output','{out}','--model','clusterformer_tiny_official'];main()"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from clusterformer_jax.convert.mmcls_clusterformer import main;"
+            f"sys.argv=['x','--checkpoint','{src}','--output','{out}','--model','clusterformer_tiny_official'];main()",
+        ],
+        capture_output=True,
+        text=True,
     )
     # the tiny preset has depths (2,2,6,2): the CLI must refuse a (1,1,1,1) checkpoint in one line
     assert result.returncode != 0 and "lacks" in result.stderr.strip().splitlines()[-1]

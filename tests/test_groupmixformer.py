@@ -177,8 +177,11 @@ def np_crpe(q, v, sd, p, size):
     outs, start = [], 0
     for i, (k, heads) in enumerate(((3, 2), (5, 3), (7, 3))):
         part = v_img[:, start : start + heads * ch]
-        outs.append(np_conv2d(part, sd[p + f"conv_list.{i}.weight"], sd[p + f"conv_list.{i}.bias"], 1, k // 2,
-                              groups=heads * ch))
+        outs.append(
+            np_conv2d(
+                part, sd[p + f"conv_list.{i}.weight"], sd[p + f"conv_list.{i}.bias"], 1, k // 2, groups=heads * ch
+            )
+        )
         start += heads * ch
     conv_v = np.concatenate(outs, axis=1).reshape(bsz, h, ch, hh * ww).transpose(0, 1, 3, 2)
     return q * conv_v
@@ -202,10 +205,12 @@ def np_efficient_att(x, sd, p, size, num_heads=8, train=False):
 
 def np_model(images, sd, depths):
     """``GroupMixFormer.forward`` (eval) on NCHW images: (logits, [4 NCHW stage maps])."""
-    x = np_hardswish(np_bn(np_conv2d(images, sd["conv_stem.proj1.weight"], sd["conv_stem.proj1.bias"], 2, 1),
-                           sd, "conv_stem.norm1."))
-    x = np_hardswish(np_bn(np_conv2d(x, sd["conv_stem.proj2.weight"], sd["conv_stem.proj2.bias"], 2, 1),
-                           sd, "conv_stem.norm2."))
+    x = np_hardswish(
+        np_bn(np_conv2d(images, sd["conv_stem.proj1.weight"], sd["conv_stem.proj1.bias"], 2, 1), sd, "conv_stem.norm1.")
+    )
+    x = np_hardswish(
+        np_bn(np_conv2d(x, sd["conv_stem.proj2.weight"], sd["conv_stem.proj2.bias"], 2, 1), sd, "conv_stem.norm2.")
+    )
     bsz, outs = x.shape[0], []
     for i, depth in enumerate(depths):
         p = f"patch_embed_layers.{i}."
@@ -263,7 +268,7 @@ def test_group_mix_attention_matches_numpy(train):
     got = apply(variables, jnp.asarray(x))
     got, updated = got if train else (got, None)
 
-    local = {k[len(_ATT_PREFIX):]: v.astype(np.float64) for k, v in sd.items()}
+    local = {k[len(_ATT_PREFIX) :]: v.astype(np.float64) for k, v in sd.items()}
     want = np_efficient_att(x.reshape(b, h * w, dim).astype(np.float64), local, "", (h, w), train=train)
     np.testing.assert_allclose(np.asarray(got).reshape(b, h * w, dim), want, rtol=1e-5, atol=1e-5)
     if train:
@@ -282,7 +287,7 @@ def test_heads_fall_on_segment_boundaries():
     """Zeroing segment 3 (the k7 proxies) of q|k|v changes only heads 6-7, in NumPy and in Flax."""
     dim, b, h, w = 40, 2, 3, 3
     sd = _att_state_dict(dim, seed=3)
-    local = {k[len(_ATT_PREFIX):]: v.astype(np.float64) for k, v in sd.items()}
+    local = {k[len(_ATT_PREFIX) :]: v.astype(np.float64) for k, v in sd.items()}
     x = np.random.RandomState(4).randn(3 * b, h * w, dim)
     cut = x.copy()
     cut[:, :, 24:32] = 0.0
@@ -314,8 +319,7 @@ def _is_backbone(module, method_name):
 @jax.jit
 def _tiny_eval(variables, images):
     """Eval logits and the backbone's stage maps of the shared tiny model (compiled once per test run)."""
-    logits, inter = _TINY_MODEL.apply(variables, images, capture_intermediates=_is_backbone,
-                                      mutable=["intermediates"])
+    logits, inter = _TINY_MODEL.apply(variables, images, capture_intermediates=_is_backbone, mutable=["intermediates"])
     return logits, inter["intermediates"]["backbone"]["__call__"][0]["stages"]
 
 
@@ -420,11 +424,17 @@ def test_train_updates_batch_stats_and_eval_uses_them():
     # the stem's first BatchNorm: running mean <- 0.9 old + 0.1 batch mean of the conv output
     proj1 = variables["params"]["backbone"]["conv_stem"]["proj1"]
     w, b = proj1["kernel"], proj1["bias"]
-    pre = jax.lax.conv_general_dilated(images, w, (2, 2), ((1, 1), (1, 1)),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+    pre = (
+        jax.lax.conv_general_dilated(images, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        + b
+    )
     stem = variables["batch_stats"]["backbone"]["conv_stem"]["norm1"]["mean"]
-    np.testing.assert_allclose(updated["batch_stats"]["backbone"]["conv_stem"]["norm1"]["mean"],
-                               0.9 * stem + 0.1 * np.asarray(pre).mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        updated["batch_stats"]["backbone"]["conv_stem"]["norm1"]["mean"],
+        0.9 * stem + 0.1 * np.asarray(pre).mean(axis=(0, 1, 2)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     a, _ = _tiny_eval({"params": variables["params"], **updated}, images)
     b, _ = _tiny_eval(variables, images)
     assert not np.allclose(a, b)  # eval reads the running statistics, not the batch's
@@ -438,15 +448,20 @@ def test_backbone_stage_shapes_and_bfloat16():
     model = create_model("gmf_miny", num_classes=10, dtype="bfloat16")
     logits = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3))))[0]
     assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-    model = gmf.GroupMixFormer(num_classes=3, dims=(20, 20, 20, 20), depths=(1, 1, 1, 1), drop_path_rate=0.1,
-                               remat=True)
+    model = gmf.GroupMixFormer(
+        num_classes=3, dims=(20, 20, 20, 20), depths=(1, 1, 1, 1), drop_path_rate=0.1, remat=True
+    )
     key = jax.random.PRNGKey(0)
-    logits = jax.eval_shape(lambda: model.init_with_output({"params": key, "dropout": key},
-                                                           jnp.zeros((2, 32, 32, 3)), train=True))[0]
+    logits = jax.eval_shape(
+        lambda: model.init_with_output({"params": key, "dropout": key}, jnp.zeros((2, 32, 32, 3)), train=True)
+    )[0]
     assert logits.shape == (2, 3)
     with pytest.raises(ValueError, match="multiple of 10"):
-        jax.eval_shape(lambda: gmf.GroupMixFormerBackbone(dims=(25, 30, 40, 50)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+        jax.eval_shape(
+            lambda: gmf.GroupMixFormerBackbone(dims=(25, 30, 40, 50)).init(
+                jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- published configurations

@@ -88,9 +88,7 @@ def test_scan_equals_unrolled_loop_and_params_do_not_grow_with_t():
         c, _ = step.apply(params, c, keys, values)
     np.testing.assert_allclose(np.asarray(got), np.asarray(c), rtol=1e-6, atol=1e-6)
 
-    counts = {
-        t: _count(_abstract_params(create_model("clusterformer_nano", num_iters=t), 32)) for t in (1, 3, 6)
-    }
+    counts = {t: _count(_abstract_params(create_model("clusterformer_nano", num_iters=t), 32)) for t in (1, 3, 6)}
     assert len(set(counts.values())) == 1, counts
 
 
@@ -119,16 +117,29 @@ def _torch_layout(params):
 def test_raw_mixer_matches_released_forward(variant, windows, size, center_hw):
     dim, heads, e = 12, 2, 8
     mixer = clustering.ClusteringMixer(
-        dim, heads, head_dim=e, windows=windows, centers=center_hw, num_iters=3,
-        estep_axis=variant, query_proj=variant == "clusters", partition="raw",
+        dim,
+        heads,
+        head_dim=e,
+        windows=windows,
+        centers=center_hw,
+        num_iters=3,
+        estep_axis=variant,
+        query_proj=variant == "clusters",
+        partition="raw",
     )
     x = np.random.RandomState(4).randn(2, size, size, dim).astype(np.float32)
     params = mixer.init(jax.random.PRNGKey(0), jnp.asarray(x))["params"]
     params = dict(params, sim_alpha=jnp.array([1.7]), sim_beta=jnp.array([-0.3]))
     got, centers = mixer.apply({"params": params}, jnp.asarray(x))
     want = ref.official_clustering(
-        x.transpose(0, 3, 1, 2).astype(np.float64), _torch_layout(params), heads, e, windows,
-        center_hw, 3, variant,
+        x.transpose(0, 3, 1, 2).astype(np.float64),
+        _torch_layout(params),
+        heads,
+        e,
+        windows,
+        center_hw,
+        3,
+        variant,
     )
     np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), rtol=2e-4, atol=2e-5)
     assert centers.shape == (2, windows * windows * center_hw[0] * center_hw[1], heads * e)
@@ -161,8 +172,7 @@ def test_gather_dispatch_equals_dense_form_with_gradients():
     np.testing.assert_allclose(ours(*args), _dense_dispatch(*args), rtol=1e-5, atol=1e-6)
     probe = jnp.asarray(rng.randn(g, n, e), jnp.float32)
     grads = [
-        jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=tuple(range(6)))(*args)
-        for fn in (ours, _dense_dispatch)
+        jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=tuple(range(6)))(*args) for fn in (ours, _dense_dispatch)
     ]
     for got, want in zip(*grads):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -310,8 +320,9 @@ def test_spatial_windows_are_true_windows():
 
 def test_paper_dispatch_is_similarity_weighted_mean_of_centers():
     """Eq. 6 before its MLP: (1/K) sum_k sigmoid(alpha*cos(C_k, p_i) + beta) C_k (checked via a probe)."""
-    mixer = clustering.ClusteringMixer(8, 1, head_dim=8, centers=(2, 2), num_iters=1, dispatch="paper",
-                                       partition="spatial")
+    mixer = clustering.ClusteringMixer(
+        8, 1, head_dim=8, centers=(2, 2), num_iters=1, dispatch="paper", partition="spatial"
+    )
     x = jnp.asarray(np.random.RandomState(5).randn(1, 4, 4, 8).astype(np.float32))
     params = mixer.init(jax.random.PRNGKey(1), x)["params"]
     out, centers = mixer.apply({"params": params}, x)
@@ -320,7 +331,9 @@ def test_paper_dispatch_is_similarity_weighted_mean_of_centers():
     cos = ref._normalize(c) @ ref._normalize(q).T
     sim = 1 / (1 + np.exp(-(params["sim_beta"][0] + params["sim_alpha"][0] * cos)))
     dispatched = sim.T @ c / 4
-    hidden = jax.nn.gelu(dispatched @ params["dispatch_fc"]["kernel"] + params["dispatch_fc"]["bias"], approximate=False)
+    hidden = jax.nn.gelu(
+        dispatched @ params["dispatch_fc"]["kernel"] + params["dispatch_fc"]["bias"], approximate=False
+    )
     want = hidden @ params["conv2"]["kernel"] + params["conv2"]["bias"]
     np.testing.assert_allclose(np.asarray(out).reshape(16, 8), np.asarray(want), rtol=1e-4, atol=1e-5)
 
@@ -342,8 +355,12 @@ def test_parameter_count_independent_of_resolution_and_t():
 
 @pytest.mark.parametrize(
     "name,size,windows",
-    [("clusterformer_tiny_official", 224, (8, 4, 2, 1)), ("clusterformer_tiny_official", 512, (32, 16, 8, 4)),
-     ("clusterformer_tiny", 224, (8, 4, 2, 1)), ("clusterformer_tiny", 512, (8, 4, 2, 1))],
+    [
+        ("clusterformer_tiny_official", 224, (8, 4, 2, 1)),
+        ("clusterformer_tiny_official", 512, (32, 16, 8, 4)),
+        ("clusterformer_tiny", 224, (8, 4, 2, 1)),
+        ("clusterformer_tiny", 512, (8, 4, 2, 1)),
+    ],
 )
 def test_stage_output_shapes(name, size, windows):
     model = create_model(name, window_counts=windows)
@@ -354,8 +371,12 @@ def test_stage_output_shapes(name, size, windows):
     out = jax.eval_shape(lambda v: bb.apply({"params": v["params"]["backbone"]}, images), variables)
     s = size // 4
     dims = backbone["dims"]
-    assert [o.shape for o in out["stages"]] == [(2, s, s, dims[0]), (2, s // 2, s // 2, dims[1]),
-                                               (2, s // 4, s // 4, dims[2]), (2, s // 8, s // 8, dims[3])]
+    assert [o.shape for o in out["stages"]] == [
+        (2, s, s, dims[0]),
+        (2, s // 2, s // 2, dims[1]),
+        (2, s // 4, s // 4, dims[2]),
+        (2, s // 8, s // 8, dims[3]),
+    ]
     logits = jax.eval_shape(lambda v: model.apply(v, images), variables)
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
 
@@ -371,8 +392,13 @@ def test_registry_rejects_unknown_names_and_fields():
         create_model("clusterformer_huge")
     with pytest.raises(ValueError, match="has no field 'num_iter'"):
         create_model("clusterformer_tiny", num_iter=2)
-    assert {"clusterformer_tiny", "clusterformer_small", "clusterformer_base", "clusterformer_tiny_official",
-            "clusterformer_small_official"} <= set(list_models())
+    assert {
+        "clusterformer_tiny",
+        "clusterformer_small",
+        "clusterformer_base",
+        "clusterformer_tiny_official",
+        "clusterformer_small_official",
+    } <= set(list_models())
 
 
 def test_drop_path_is_identity_in_eval_and_stochastic_in_train():

@@ -83,6 +83,7 @@ def mlp_reference(x, hw, sd):
 
 def model_reference(images, sd, depths, heads, clusters, onsite, clustering):
     """PaCaViT.forward (classifier) on NCHW images with an upstream state_dict."""
+
     def ln2d(x, name):  # LayerNorm2d: over channels at every pixel
         return layer_norm(x.transpose(0, 2, 3, 1), sd[name + ".weight"], sd[name + ".bias"]).transpose(0, 3, 1, 2)
 
@@ -93,7 +94,7 @@ def model_reference(images, sd, depths, heads, clusters, onsite, clustering):
         b, c, h, w = x.shape
         x, z = x.reshape(b, c, h * w).transpose(0, 2, 1), None
         for j in range(depth):
-            sub = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
+            sub = lambda prefix: {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
             p = f"stage{i}.{j}."
             y = layer_norm(x, sd[p + "norm1_before.weight"], sd[p + "norm1_before.bias"])
             a, z = paca_layer_reference(y, (h, w), sub(p + "attn."), heads[i - 1], clusters[i - 1], clustering, z)
@@ -108,12 +109,25 @@ def model_reference(images, sd, depths, heads, clusters, onsite, clustering):
     return linear(x.mean(axis=1), sd, "head")
 
 
-def paca_shapes(depths, dims, clusters=(100, 100, 100, 0), onsite=(0, 0, 0, 0), clustering="conv", mlp_ratio=4,
-                kernel=7, classes=1000):
+def paca_shapes(
+    depths,
+    dims,
+    clusters=(100, 100, 100, 0),
+    onsite=(0, 0, 0, 0),
+    clustering="conv",
+    mlp_ratio=4,
+    kernel=7,
+    classes=1000,
+):
     """The upstream state_dict's key names and shapes (§4.3), built from the spec alone."""
-    shapes = {"patch_embed.proj.0.weight": (dims[0] // 2, 3, 3, 3), "patch_embed.proj.0.bias": (dims[0] // 2,),
-              "patch_embed.proj.1.weight": (dims[0], dims[0] // 2, 3, 3), "patch_embed.proj.1.bias": (dims[0],),
-              "patch_embed.norm.weight": (dims[0],), "patch_embed.norm.bias": (dims[0],)}
+    shapes = {
+        "patch_embed.proj.0.weight": (dims[0] // 2, 3, 3, 3),
+        "patch_embed.proj.0.bias": (dims[0] // 2,),
+        "patch_embed.proj.1.weight": (dims[0], dims[0] // 2, 3, 3),
+        "patch_embed.proj.1.bias": (dims[0],),
+        "patch_embed.norm.weight": (dims[0],),
+        "patch_embed.norm.bias": (dims[0],),
+    }
     for i, (depth, d, m) in enumerate(zip(depths, dims, clusters), start=1):
         hidden = d * mlp_ratio
         for j in range(depth):
@@ -127,11 +141,24 @@ def paca_shapes(depths, dims, clusters=(100, 100, 100, 0), onsite=(0, 0, 0, 0), 
                 if computes(j, onsite[i - 1]):
                     c = p + "attn.clustering.clustering."
                     if clustering == "conv":
-                        shapes.update({c + "0.weight": (d, 1, kernel, kernel), c + "0.bias": (d,),
-                                       c + "2.weight": (d, d, 1, 1), c + "2.bias": (d,), c + "4.weight": (m, d, 1, 1)})
+                        shapes.update(
+                            {
+                                c + "0.weight": (d, 1, kernel, kernel),
+                                c + "0.bias": (d,),
+                                c + "2.weight": (d, d, 1, 1),
+                                c + "2.bias": (d,),
+                                c + "4.weight": (m, d, 1, 1),
+                            }
+                        )
                     else:
-                        shapes.update({c + "0.weight": (hidden, d), c + "0.bias": (hidden,),
-                                       c + "2.weight": (m, hidden), c + "2.bias": (m,)})
+                        shapes.update(
+                            {
+                                c + "0.weight": (hidden, d),
+                                c + "0.bias": (hidden,),
+                                c + "2.weight": (m, hidden),
+                                c + "2.bias": (m,),
+                            }
+                        )
             shapes[p + "mlp.fc1.weight"], shapes[p + "mlp.fc1.bias"] = (hidden, d), (hidden,)
             shapes[p + "mlp.dwconv.dwconv.weight"], shapes[p + "mlp.dwconv.dwconv.bias"] = (hidden, 1, 3, 3), (hidden,)
             shapes[p + "mlp.fc2.weight"], shapes[p + "mlp.fc2.bias"] = (d, hidden), (d,)
@@ -165,8 +192,9 @@ def _abstract(model, size=224):
 # ----------------------------------------------------------------------------- layer parity
 
 
-@pytest.mark.parametrize("clustering,num_clusters,reuse", [("conv", 5, False), ("mlp", 3, False),
-                                                            ("conv", 4, True), ("conv", 0, False)])
+@pytest.mark.parametrize(
+    "clustering,num_clusters,reuse", [("conv", 5, False), ("mlp", 3, False), ("conv", 4, True), ("conv", 0, False)]
+)
 def test_paca_attention_matches_numpy_reference(clustering, num_clusters, reuse):
     dim, heads, hw = 12, 3, (4, 5)
     rng = np.random.RandomState(0)
@@ -177,8 +205,15 @@ def test_paca_attention_matches_numpy_reference(clustering, num_clusters, reuse)
     params = random_like(abstract, rng)
     out, z = jax.jit(lambda p, x, z: layer.apply({"params": p}, x, hw, z, True))(params, x, z_in)
     sd = {k.split(".attn.", 1)[1]: v for k, v in conv.flax_to_state_dict({"stage_0_block_0": {"attn": params}}).items()}
-    want, z_want = paca_layer_reference(x.astype(np.float64), hw, {k: v.astype(np.float64) for k, v in sd.items()},
-                                        heads, num_clusters, clustering, z_in)
+    want, z_want = paca_layer_reference(
+        x.astype(np.float64),
+        hw,
+        {k: v.astype(np.float64) for k, v in sd.items()},
+        heads,
+        num_clusters,
+        clustering,
+        z_in,
+    )
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
     if num_clusters:
         np.testing.assert_allclose(np.asarray(z), z_want, rtol=1e-5, atol=1e-6)
@@ -192,8 +227,10 @@ def test_mlp_matches_numpy_reference():
     mlp = pv.PaCaMlp(24)
     params = random_like(jax.eval_shape(lambda: mlp.init(jax.random.PRNGKey(0), x, (3, 4), True))["params"], rng)
     out = jax.jit(lambda p, x: mlp.apply({"params": p}, x, (3, 4), True))(params, x)
-    sd = {k.split(".mlp.", 1)[1]: v.astype(np.float64)
-          for k, v in conv.flax_to_state_dict({"stage_0_block_0": {"mlp": params}}).items()}
+    sd = {
+        k.split(".mlp.", 1)[1]: v.astype(np.float64)
+        for k, v in conv.flax_to_state_dict({"stage_0_block_0": {"mlp": params}}).items()
+    }
     np.testing.assert_allclose(np.asarray(out), mlp_reference(x.astype(np.float64), (3, 4), sd), rtol=1e-5, atol=1e-5)
 
 
@@ -207,16 +244,29 @@ def test_onsite_rule():
 
 
 def test_whole_model_from_state_dict_matches_numpy_reference():
-    arch = dict(depths=(2, 2, 3, 1), dims=(8, 12, 16, 20), num_heads=(2, 3, 4, 4), mlp_ratios=(4, 4, 4, 4),
-                clusters=(5, 3, 4, 0), onsite=(0, 1, 2, 0), clustering_kernel=3)
+    arch = dict(
+        depths=(2, 2, 3, 1),
+        dims=(8, 12, 16, 20),
+        num_heads=(2, 3, 4, 4),
+        mlp_ratios=(4, 4, 4, 4),
+        clusters=(5, 3, 4, 0),
+        onsite=(0, 1, 2, 0),
+        clustering_kernel=3,
+    )
     sd = paca_state_dict(arch["depths"], arch["dims"], arch["clusters"], arch["onsite"], kernel=3, classes=5, seed=3)
     model = pv.PaCaViTClassifier(num_classes=5, **arch)
     params = conv.state_dict_to_flax(sd, _abstract(model, 32))
     images = np.random.RandomState(4).randn(2, 32, 32, 3).astype(np.float32)
     got = jax.jit(model.apply)({"params": params}, jnp.asarray(images))
-    want = model_reference(images.transpose(0, 3, 1, 2).astype(np.float64),
-                           {k: v.astype(np.float64) for k, v in sd.items()}, arch["depths"], arch["num_heads"],
-                           arch["clusters"], arch["onsite"], "conv")
+    want = model_reference(
+        images.transpose(0, 3, 1, 2).astype(np.float64),
+        {k: v.astype(np.float64) for k, v in sd.items()},
+        arch["depths"],
+        arch["num_heads"],
+        arch["clusters"],
+        arch["onsite"],
+        "conv",
+    )
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
@@ -225,11 +275,16 @@ def test_whole_model_from_state_dict_matches_numpy_reference():
 # it gives one, else the README's rounding (0.05M). The README rounds loosely: block-wise 24.19M is "24.1M"
 # and [100]*4 22.25M is "22.3M" there.
 COUNTS = [
-    ("pacavit_tiny_p2cconv_100_0", 12.20, 0.005), ("pacavit_small_p2cconv_100_0", 22.04, 0.005),
-    ("pacavit_base_p2cconv_100_0", 46.91, 0.005), ("pacavit_small_p2cmlp_100_0", 22.64, 0.005),
-    ("pacavit_small_p2cconv_2_0", 21.98, 0.005), ("pacavit_small_p2cconv_49_0", 22.01, 0.005),
-    ("pacavit_small_p2cconv_49_100", 22.23, 0.005), ("pacavit_small_p2cconv_100_49", 22.2, 0.05),
-    ("pacavit_small_p2cconv_100", 22.25, 0.005), ("pacavit_small_p2cconv_100_blockwise", 24.19, 0.005),
+    ("pacavit_tiny_p2cconv_100_0", 12.20, 0.005),
+    ("pacavit_small_p2cconv_100_0", 22.04, 0.005),
+    ("pacavit_base_p2cconv_100_0", 46.91, 0.005),
+    ("pacavit_small_p2cmlp_100_0", 22.64, 0.005),
+    ("pacavit_small_p2cconv_2_0", 21.98, 0.005),
+    ("pacavit_small_p2cconv_49_0", 22.01, 0.005),
+    ("pacavit_small_p2cconv_49_100", 22.23, 0.005),
+    ("pacavit_small_p2cconv_100_49", 22.2, 0.05),
+    ("pacavit_small_p2cconv_100", 22.25, 0.005),
+    ("pacavit_small_p2cconv_100_blockwise", 24.19, 0.005),
 ]
 
 
@@ -246,7 +301,8 @@ def test_parameter_counts(name, expected, tolerance):
 
 def test_aliases_backbone_shapes_and_registry():
     assert _count(_abstract(create_model("paca_tiny"), 32)) == _count(
-        _abstract(create_model("pacavit_tiny_p2cconv_100_0"), 32))
+        _abstract(create_model("pacavit_tiny_p2cconv_100_0"), 32)
+    )
     backbone = pv.PaCaViTBackbone(**pv.PRESETS["pacavit_base_p2cconv_100_0"])
     images = jnp.zeros((2, 224, 224, 3))
     variables = jax.eval_shape(lambda: backbone.init(jax.random.PRNGKey(0), images))
@@ -267,6 +323,7 @@ def test_aliases_backbone_shapes_and_registry():
 
 def bilinear_nchw(x, out_h, out_w):
     """F.interpolate(mode='bilinear', align_corners=False)."""
+
     def weights(n_in, n_out):
         src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0)
         i0 = np.floor(src).astype(int)
@@ -281,6 +338,7 @@ def bilinear_nchw(x, out_h, out_w):
 
 def seg_head_reference(feats, p, s, num_classes):
     """PaCaSegHead.forward in eval mode on NCHW maps; p = Flax params, s = batch_stats (read as torch would)."""
+
     def bn(x, st, pr):  # eval BatchNorm over axis 1 (channels)
         r = lambda a: np.asarray(a, np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))  # noqa: E731
         return (x - r(st["mean"])) / np.sqrt(r(st["var"]) + 1e-5) * r(pr["scale"]) + r(pr["bias"])
@@ -295,8 +353,10 @@ def seg_head_reference(feats, p, s, num_classes):
     b, c = x.shape[:2]
     q = conv_module(x, "q").reshape(b, -1, h * w).transpose(0, 2, 1)
     hid = conv_module(x, "clustering_0")
-    c_raw = np.einsum("io,bihw->bohw", np.asarray(p["clustering_1"]["kernel"]), hid) + np.asarray(
-        p["clustering_1"]["bias"])[None, :, None, None]
+    c_raw = (
+        np.einsum("io,bihw->bohw", np.asarray(p["clustering_1"]["kernel"]), hid)
+        + np.asarray(p["clustering_1"]["bias"])[None, :, None, None]
+    )
     cl = softmax(c_raw.reshape(b, num_classes, h * w), -1)
     z = cl @ x.reshape(b, c, h * w).transpose(0, 2, 1)  # B M C
 
@@ -309,8 +369,10 @@ def seg_head_reference(feats, p, s, num_classes):
     attn = softmax(q @ kv("k").transpose(0, 2, 1), -1)
     out = (attn @ kv("v")).transpose(0, 2, 1).reshape(b, -1, h, w)
     out = conv_module(out, "proj")
-    logits = np.einsum("io,bihw->bohw", np.asarray(p["conv_seg"]["kernel"]), out) + np.asarray(
-        p["conv_seg"]["bias"])[None, :, None, None]
+    logits = (
+        np.einsum("io,bihw->bohw", np.asarray(p["conv_seg"]["kernel"]), out)
+        + np.asarray(p["conv_seg"]["bias"])[None, :, None, None]
+    )
     return logits, c_raw
 
 
@@ -322,15 +384,24 @@ def test_seg_head_matches_numpy_reference_and_updates_batch_stats():
     params = random_like(variables["params"], rng)
     stats = jax.tree_util.tree_map(lambda a: jnp.abs(a) + 0.5, random_like(variables["batch_stats"], rng))
     out = jax.jit(lambda p, s, f: head.apply({"params": p, "batch_stats": s}, f))(params, stats, feats)
-    logits, c_raw = seg_head_reference([f.transpose(0, 3, 1, 2).astype(np.float64) for f in feats],
-                                       jax.tree_util.tree_map(np.asarray, params),
-                                       jax.tree_util.tree_map(np.asarray, stats), 5)
+    logits, c_raw = seg_head_reference(
+        [f.transpose(0, 3, 1, 2).astype(np.float64) for f in feats],
+        jax.tree_util.tree_map(np.asarray, params),
+        jax.tree_util.tree_map(np.asarray, stats),
+        5,
+    )
     np.testing.assert_allclose(np.asarray(out["logits"]), logits.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(out["cluster_logits"]), c_raw.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
-    _, updated = jax.jit(lambda p, s, f: head.apply({"params": p, "batch_stats": s}, f, train=True,
-                                                    rngs={"dropout": jax.random.PRNGKey(1)},
-                                                    mutable=["batch_stats"]))(params, stats, feats)
+    _, updated = jax.jit(
+        lambda p, s, f: head.apply(
+            {"params": p, "batch_stats": s},
+            f,
+            train=True,
+            rngs={"dropout": jax.random.PRNGKey(1)},
+            mutable=["batch_stats"],
+        )
+    )(params, stats, feats)
     before, after = jax.tree_util.tree_leaves(stats), jax.tree_util.tree_leaves(updated["batch_stats"])
     assert all(not np.allclose(a, b) for a, b in zip(before, after))
 

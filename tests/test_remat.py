@@ -1,6 +1,7 @@
 """Block rematerialisation (models/remat.py): same gradients as without it, the same dropout / stochastic-depth
 masks in the recomputation as in the forward pass, and on CPU (where ``nn.remat``'s optimization barrier is
 removed before CSE merges the recomputation back into the forward) temporaries that actually shrink."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,15 @@ from clusterformer_jax.models.remat import remat
 SMALL = {  # every backbone family at a few thousand parameters; GroupMixFormer updates BatchNorm statistics
     "clusterformer_nano": {},
     "coc_tiny": dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_heads=(1, 1, 1, 1), head_dim=4),
-    "paca_tiny": dict(depths=(1, 1, 2, 1), dims=(8, 12, 16, 20), num_heads=(2, 3, 4, 4), mlp_ratios=(4, 4, 4, 4),
-                      clusters=(5, 3, 4, 0), onsite=(0, 1, 2, 0), clustering_kernel=3),
+    "paca_tiny": dict(
+        depths=(1, 1, 2, 1),
+        dims=(8, 12, 16, 20),
+        num_heads=(2, 3, 4, 4),
+        mlp_ratios=(4, 4, 4, 4),
+        clusters=(5, 3, 4, 0),
+        onsite=(0, 1, 2, 0),
+        clustering_kernel=3,
+    ),
     "gmf_miny": dict(dims=(20, 30, 40, 40), depths=(1, 1, 2, 1), mlp_ratios=(4, 4, 2, 2)),
 }
 
@@ -26,16 +34,22 @@ def _grads(name, remat_blocks, images, labels, **overrides):
     params, extra = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def loss(p):
-        out = model.apply({"params": p, **extra}, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
-                          mutable=list(extra) or False)
+        out = model.apply(
+            {"params": p, **extra},
+            images,
+            train=True,
+            rngs={"dropout": jax.random.PRNGKey(1)},
+            mutable=list(extra) or False,
+        )
         logits = out[0] if extra else out
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     return jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize("name,backend", [(name, "cpu") for name in sorted(SMALL)] +
-                         [("clusterformer_nano", "gpu"), ("paca_tiny", "gpu")])
+@pytest.mark.parametrize(
+    "name,backend", [(name, "cpu") for name in sorted(SMALL)] + [("clusterformer_nano", "gpu"), ("paca_tiny", "gpu")]
+)
 def test_remat_gives_the_gradients_of_the_plain_model(name, backend, monkeypatch):
     """'gpu': the rematted model built as on an accelerator (flax's nn.remat, whose static_argnums differ for
     ClusterFormer's and PaCa's blocks; one-pass clustering, unrolled EM, grouped depthwise convolutions), run
@@ -93,6 +107,7 @@ def test_remat_shrinks_the_train_steps_temporaries_on_cpu(monkeypatch):
     assert _nano_grad_temps(images, True) < 0.75 * plain
 
     # why the tie: nn.remat alone saves nothing here, its recomputation merged back into the forward pass
-    monkeypatch.setattr(clusterformer, "remat",
-                        lambda cls, static_argnums: nn.remat(cls, static_argnums=static_argnums))
+    monkeypatch.setattr(
+        clusterformer, "remat", lambda cls, static_argnums: nn.remat(cls, static_argnums=static_argnums)
+    )
     assert _nano_grad_temps(images, True) > 0.9 * plain

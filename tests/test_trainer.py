@@ -25,377 +25,402 @@ from clusterformer_jax import checkpointing
 from clusterformer_jax import sharding
 from clusterformer_jax.models import registry
 from clusterformer_jax.trainers import trainer
-from clusterformer_jax.trainers.errors import NonFiniteError
+from clusterformer_jax.errors import NonFiniteError
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS_INFO = {'num_classes': 10, 'num_train': 1437, 'num_eval': 360, 'image_size': 32}
+DIGITS_INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}
 
 
 def load_config(filename: str, arg: str | None = None):
-  spec = importlib.util.spec_from_file_location(f'test_config_{filename[:-3]}', REPO / 'configs' / filename)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config() if arg is None else module.get_config(arg)
+    spec = importlib.util.spec_from_file_location(f"test_config_{filename[:-3]}", REPO / "configs" / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
 
 
-@pytest.fixture(scope='module', autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def persistent_compilation_cache(tmp_path_factory):
-  previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update('jax_compilation_cache_dir', previous[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', previous[1])
-  compilation_cache.reset_cache()
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    compilation_cache.reset_cache()
 
 
 def _tree_pairs(a, b):
-  leaves_a, tree_a = jax.tree.flatten(a)
-  leaves_b, tree_b = jax.tree.flatten(b)
-  assert tree_a == tree_b
-  return [(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b)]
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    return [(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b)]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One step on different meshes.
 
 
-def _run_config(data_dir: str = ''):
-  """The quickstart (clusterformer_nano on digits) for 20 steps at batch 16, with every random op on.
+def _run_config(data_dir: str = ""):
+    """The quickstart (clusterformer_nano on digits) for 20 steps at batch 16, with every random op on.
 
-  The one-step tests build exactly the program the whole runs compile on the 8-device data mesh, so the
-  persistent compilation cache serves it to both.
-  """
-  config = load_config('quickstart.py')
-  config.input.data_dir = data_dir or None
-  config.batch_size = 16
-  config.eval_batch_size = 120
-  config.num_train_steps = 20
-  config.log_every_steps = 5
-  config.eval_every_steps = 0
-  config.checkpoint.every_steps = 5
-  config.model.kwargs.drop_path_rate = 0.1
-  config.classification.label_smoothing = 0.1
-  config.classification.mixup_alpha = 0.8
-  config.classification.cutmix_alpha = 1.0
-  config.sharding.fsdp_min_size = 1024
-  config.optim.warmup_steps = 5
-  # Adam's first step is lr * g / (|g| + eps): for a gradient near eps, summation-order noise of 1e-10 in g
-  # moves the parameter by ~lr * 1e-10 / eps. eps = 1e-6 keeps that far below the 1e-5 tolerance.
-  config.optim.eps = 1e-6
-  return config
+    The one-step tests build exactly the program the whole runs compile on the 8-device data mesh, so the
+    persistent compilation cache serves it to both.
+    """
+    config = load_config("quickstart.py")
+    config.input.data_dir = data_dir or None
+    config.batch_size = 16
+    config.eval_batch_size = 120
+    config.num_train_steps = 20
+    config.log_every_steps = 5
+    config.eval_every_steps = 0
+    config.checkpoint.every_steps = 5
+    config.model.kwargs.drop_path_rate = 0.1
+    config.classification.label_smoothing = 0.1
+    config.classification.mixup_alpha = 0.8
+    config.classification.cutmix_alpha = 1.0
+    config.sharding.fsdp_min_size = 1024
+    config.optim.warmup_steps = 5
+    # Adam's first step is lr * g / (|g| + eps): for a gradient near eps, summation-order noise of 1e-10 in g
+    # moves the parameter by ~lr * 1e-10 / eps. eps = 1e-6 keeps that far below the 1e-5 tolerance.
+    config.optim.eps = 1e-6
+    return config
 
 
 MESHES = {
-    'one_device': ({'data': 1, 'fsdp': 1, 'tensor': 1}, 1),
-    'data4_fsdp2': ({'data': 4, 'fsdp': 2, 'tensor': 1}, 8),
-    'data8': ({'data': 8, 'fsdp': 1, 'tensor': 1}, 8),
+    "one_device": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
+    "data4_fsdp2": ({"data": 4, "fsdp": 2, "tensor": 1}, 8),
+    "data8": ({"data": 8, "fsdp": 1, "tensor": 1}, 8),
 }
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def one_step():
-  """{mesh name: (setup, state after one step, train metrics)} from the same initial state and batch."""
-  config = _run_config()
-  rng = np.random.default_rng(0)
-  batch = {
-      'image': rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
-      'label': rng.integers(0, 10, size=(16,)).astype(np.int32),
-  }
-  setups = {}
-  for name, (mesh_config, num_devices) in MESHES.items():
-    devices = None if num_devices == jax.device_count() else jax.devices()[:num_devices]
-    mesh = sharding.create_mesh(mesh_config, devices=devices)
-    setups[name] = trainer.build(config, mesh, DIGITS_INFO, total_steps=20, steps_per_epoch=1.0)
-  initial = jax.device_get(setups['data8'].init_state(0))
-  results = {}
-  for name, setup in setups.items():
-    args = (jax.device_put(initial, setup.state_shardings), sharding.shard_batch(batch, setup.batch_sharding),
-            setup.empty_train_accumulator())
-    lowered = setup.train_step.lower(*args)
-    # 'data8' is the program the whole runs below use (cached for them); the other two exist only here and
-    # are compiled without LLVM optimisation, which is much faster and leaves the arithmetic unchanged.
-    step_fn = lowered.compile() if name == 'data8' else lowered.compile(
-        compiler_options={'xla_backend_optimization_level': 0})
-    state, acc = step_fn(*args)
-    results[name] = (setup, state, {k: float(v) for k, v in acc[0].compute().items()})
-  results['initial'] = initial
-  return results
+    """{mesh name: (setup, state after one step, train metrics)} from the same initial state and batch."""
+    config = _run_config()
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, size=(16,)).astype(np.int32),
+    }
+    setups = {}
+    for name, (mesh_config, num_devices) in MESHES.items():
+        devices = None if num_devices == jax.device_count() else jax.devices()[:num_devices]
+        mesh = sharding.create_mesh(mesh_config, devices=devices)
+        setups[name] = trainer.build(config, mesh, DIGITS_INFO, total_steps=20, steps_per_epoch=1.0)
+    initial = jax.device_get(setups["data8"].init_state(0))
+    results = {}
+    for name, setup in setups.items():
+        args = (
+            jax.device_put(initial, setup.state_shardings),
+            sharding.shard_batch(batch, setup.batch_sharding),
+            setup.empty_train_accumulator(),
+        )
+        lowered = setup.train_step.lower(*args)
+        # 'data8' is the program the whole runs below use (cached for them); the other two exist only here and
+        # are compiled without LLVM optimisation, which is much faster and leaves the arithmetic unchanged.
+        step_fn = (
+            lowered.compile()
+            if name == "data8"
+            else lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+        )
+        state, acc = step_fn(*args)
+        results[name] = (setup, state, {k: float(v) for k, v in acc[0].compute().items()})
+    results["initial"] = initial
+    return results
 
 
-@pytest.mark.parametrize('name', ['data4_fsdp2', 'data8'])
+@pytest.mark.parametrize("name", ["data4_fsdp2", "data8"])
 def test_multi_device_step_matches_single_device(one_step, name):
-  _, ref_state, ref_metrics = one_step['one_device']
-  setup, state, metrics = one_step[name]
-  assert dict(state.params['head']['kernel'].sharding.mesh.shape) == MESHES[name][0]
-  assert np.isfinite(metrics['loss'])
-  assert metrics['loss'] == pytest.approx(ref_metrics['loss'], abs=1e-5, rel=1e-5)
-  assert metrics['grad_norm'] == pytest.approx(ref_metrics['grad_norm'], rel=1e-5)
-  assert int(state.step) == 1
-  for got, want in _tree_pairs(state.params, ref_state.params):
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  specs = [s.spec for s in jax.tree.leaves(setup.state_shardings.params)]
-  if MESHES[name][0]['fsdp'] > 1:
-    assert any('fsdp' in tuple(spec) for spec in specs)
-    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(
-        jax.tree.map(lambda x: x.sharding, state.opt_state)))
+    _, ref_state, ref_metrics = one_step["one_device"]
+    setup, state, metrics = one_step[name]
+    assert dict(state.params["head"]["kernel"].sharding.mesh.shape) == MESHES[name][0]
+    assert np.isfinite(metrics["loss"])
+    assert metrics["loss"] == pytest.approx(ref_metrics["loss"], abs=1e-5, rel=1e-5)
+    assert metrics["grad_norm"] == pytest.approx(ref_metrics["grad_norm"], rel=1e-5)
+    assert int(state.step) == 1
+    for got, want in _tree_pairs(state.params, ref_state.params):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    specs = [s.spec for s in jax.tree.leaves(setup.state_shardings.params)]
+    if MESHES[name][0]["fsdp"] > 1:
+        assert any("fsdp" in tuple(spec) for spec in specs)
+        assert any(
+            s.spec != jax.sharding.PartitionSpec()
+            for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.opt_state))
+        )
 
 
 def test_checkpoint_round_trip_onto_another_mesh(one_step, tmp_path):
-  _, state, _ = one_step['data4_fsdp2']
-  dataset = grain.MapDataset.range(64).shuffle(seed=3).repeat().batch(4).to_iter_dataset()
-  iterator = iter(dataset)
-  next(iterator)
-  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'), max_to_keep=2, save_interval_steps=1)
-  assert ckpt.save(1, state, iterator)
-  ckpt.wait()
-  expected_next = next(iterator)
-  for target in ('data8', 'one_device'):
-    setup = one_step[target][0]
-    restored_iterator = iter(dataset)
-    restored = ckpt.restore(setup.abstract_with_shardings(), restored_iterator)
-    for got, want in _tree_pairs(restored, state):
-      np.testing.assert_array_equal(got, want)
-    assert restored.params['head']['kernel'].sharding == setup.state_shardings.params['head']['kernel']
-    np.testing.assert_array_equal(next(restored_iterator), expected_next)
-  ckpt.close()
+    _, state, _ = one_step["data4_fsdp2"]
+    dataset = grain.MapDataset.range(64).shuffle(seed=3).repeat().batch(4).to_iter_dataset()
+    iterator = iter(dataset)
+    next(iterator)
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=2, save_interval_steps=1)
+    assert ckpt.save(1, state, iterator)
+    ckpt.wait()
+    expected_next = next(iterator)
+    for target in ("data8", "one_device"):
+        setup = one_step[target][0]
+        restored_iterator = iter(dataset)
+        restored = ckpt.restore(setup.abstract_with_shardings(), restored_iterator)
+        for got, want in _tree_pairs(restored, state):
+            np.testing.assert_array_equal(got, want)
+        assert restored.params["head"]["kernel"].sharding == setup.state_shardings.params["head"]["kernel"]
+        np.testing.assert_array_equal(next(restored_iterator), expected_next)
+    ckpt.close()
 
 
 def test_init_from_loads_parameters_only_and_keeps_mismatched_leaves(one_step, tmp_path):
-  setup, stepped, _ = one_step['data8']
-  initial = one_step['initial']
-  # The source run classified 7 classes: its head cannot be loaded, everything else can.
-  source = jax.device_get(stepped)
-  width = source.params['head']['kernel'].shape[0]
-  params = dict(source.params, head={'kernel': np.ones((width, 7), np.float32), 'bias': np.ones((7,), np.float32)})
-  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
-  ckpt.save(1, source.replace(params=params))
-  ckpt.close()
-  loaded = trainer.init_params_from(str(tmp_path), setup, jax.device_put(initial, setup.state_shardings))
-  for got, want in _tree_pairs(loaded.params['backbone'], source.params['backbone']):
-    np.testing.assert_array_equal(got, want)
-  for got, want in _tree_pairs(loaded.params['head'], initial.params['head']):
-    np.testing.assert_array_equal(got, want)
-  for got, want in _tree_pairs(loaded.opt_state, initial.opt_state):  # optimizer state stays fresh
-    np.testing.assert_array_equal(got, want)
-  assert int(loaded.step) == 0
-  assert loaded.params['backbone']['patch_embed']['kernel'].sharding == \
-      setup.state_shardings.params['backbone']['patch_embed']['kernel']
+    setup, stepped, _ = one_step["data8"]
+    initial = one_step["initial"]
+    # The source run classified 7 classes: its head cannot be loaded, everything else can.
+    source = jax.device_get(stepped)
+    width = source.params["head"]["kernel"].shape[0]
+    params = dict(source.params, head={"kernel": np.ones((width, 7), np.float32), "bias": np.ones((7,), np.float32)})
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(1, source.replace(params=params))
+    ckpt.close()
+    loaded = trainer.init_params_from(str(tmp_path), setup, jax.device_put(initial, setup.state_shardings))
+    for got, want in _tree_pairs(loaded.params["backbone"], source.params["backbone"]):
+        np.testing.assert_array_equal(got, want)
+    for got, want in _tree_pairs(loaded.params["head"], initial.params["head"]):
+        np.testing.assert_array_equal(got, want)
+    for got, want in _tree_pairs(loaded.opt_state, initial.opt_state):  # optimizer state stays fresh
+        np.testing.assert_array_equal(got, want)
+    assert int(loaded.step) == 0
+    assert (
+        loaded.params["backbone"]["patch_embed"]["kernel"].sharding
+        == setup.state_shardings.params["backbone"]["patch_embed"]["kernel"]
+    )
 
 
 def test_init_from_converted_safetensors(one_step, tmp_path):
-  """A file written by the released-checkpoint converter initialises the params; a 7-class head is skipped."""
-  from clusterformer_jax.convert.mmcls_clusterformer import save_flax_params
+    """A file written by the released-checkpoint converter initialises the params; a 7-class head is skipped."""
+    from clusterformer_jax.convert.mmcls_clusterformer import save_flax_params
 
-  setup, stepped, _ = one_step['data8']
-  initial = one_step['initial']
-  source = jax.device_get(stepped).params
-  width = source['head']['kernel'].shape[0]
-  path = str(tmp_path / 'converted.safetensors')
-  save_flax_params(dict(source, head={'kernel': np.ones((width, 7), np.float32)}), path)
-  loaded = trainer.init_params_from(path, setup, jax.device_put(initial, setup.state_shardings))
-  for got, want in _tree_pairs(loaded.params['backbone'], source['backbone']):
-    np.testing.assert_array_equal(got, want)
-  for got, want in _tree_pairs(loaded.params['head'], initial.params['head']):
-    np.testing.assert_array_equal(got, want)
+    setup, stepped, _ = one_step["data8"]
+    initial = one_step["initial"]
+    source = jax.device_get(stepped).params
+    width = source["head"]["kernel"].shape[0]
+    path = str(tmp_path / "converted.safetensors")
+    save_flax_params(dict(source, head={"kernel": np.ones((width, 7), np.float32)}), path)
+    loaded = trainer.init_params_from(path, setup, jax.device_put(initial, setup.state_shardings))
+    for got, want in _tree_pairs(loaded.params["backbone"], source["backbone"]):
+        np.testing.assert_array_equal(got, want)
+    for got, want in _tree_pairs(loaded.params["head"], initial.params["head"]):
+        np.testing.assert_array_equal(got, want)
 
 
 class _BatchNormNet(nn.Module):
-  """A tiny BatchNorm CNN standing in for the peer backbones that carry a 'batch_stats' collection."""
+    """A tiny BatchNorm CNN standing in for the peer backbones that carry a 'batch_stats' collection."""
 
-  num_classes: int = 10
+    num_classes: int = 10
 
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    x = nn.Conv(8, (3, 3), strides=(2, 2))(images)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
-    x = nn.Dropout(0.2)(nn.relu(x).mean(axis=(1, 2)), deterministic=not train)
-    return nn.Dense(self.num_classes)(x)
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        x = nn.Conv(8, (3, 3), strides=(2, 2))(images)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+        x = nn.Dropout(0.2)(nn.relu(x).mean(axis=(1, 2)), deterministic=not train)
+        return nn.Dense(self.num_classes)(x)
 
 
 def test_batch_stats_are_updated_and_sharding_invariant():
-  registry.register_model('test_batchnorm_net', _BatchNormNet)
-  config = _run_config()
-  config.model.name = 'test_batchnorm_net'
-  config.model.kwargs = {}
-  rng = np.random.default_rng(1)
-  batch = {'image': rng.normal(2.0, 3.0, size=(16, 32, 32, 3)).astype(np.float32),
-           'label': rng.integers(0, 10, size=(16,)).astype(np.int32)}
-  eval_batch = dict(batch, mask=np.asarray([1.0] * 12 + [0.0] * 4, np.float32))
-  initial, outcomes = None, []
-  for mesh_config, devices in (({'data': 1}, jax.devices()[:1]), ({'data': 4, 'fsdp': 2}, None)):
-    setup = trainer.build(config, sharding.create_mesh(mesh_config, devices), DIGITS_INFO, total_steps=20,
-                          steps_per_epoch=1.0)
-    if initial is None:
-      initial = jax.device_get(setup.init_state(0))
-      assert set(initial.batch_stats) == {'BatchNorm_0'}
-    state, _ = setup.train_step(jax.device_put(initial, setup.state_shardings),
-                                sharding.shard_batch(batch, setup.batch_sharding), setup.empty_train_accumulator())
-    metrics = setup.eval_step(state, sharding.shard_batch(eval_batch, setup.batch_sharding)).compute()
-    outcomes.append((jax.device_get(state.batch_stats), {k: float(v) for k, v in metrics.items()}))
-  (stats_one, eval_one), (stats_many, eval_many) = outcomes
-  mean = stats_one['BatchNorm_0']['mean']
-  assert not np.allclose(mean, initial.batch_stats['BatchNorm_0']['mean'])  # statistics moved
-  for got, want in _tree_pairs(stats_many, stats_one):  # global-batch statistics on any mesh
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  for key in ('loss', 'top1', 'top5'):
-    assert eval_many[key] == pytest.approx(eval_one[key], rel=1e-5, abs=1e-6)
+    registry.register_model("test_batchnorm_net", _BatchNormNet)
+    config = _run_config()
+    config.model.name = "test_batchnorm_net"
+    config.model.kwargs = {}
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": rng.normal(2.0, 3.0, size=(16, 32, 32, 3)).astype(np.float32),
+        "label": rng.integers(0, 10, size=(16,)).astype(np.int32),
+    }
+    eval_batch = dict(batch, mask=np.asarray([1.0] * 12 + [0.0] * 4, np.float32))
+    initial, outcomes = None, []
+    for mesh_config, devices in (({"data": 1}, jax.devices()[:1]), ({"data": 4, "fsdp": 2}, None)):
+        setup = trainer.build(
+            config, sharding.create_mesh(mesh_config, devices), DIGITS_INFO, total_steps=20, steps_per_epoch=1.0
+        )
+        if initial is None:
+            initial = jax.device_get(setup.init_state(0))
+            assert set(initial.batch_stats) == {"BatchNorm_0"}
+        state, _ = setup.train_step(
+            jax.device_put(initial, setup.state_shardings),
+            sharding.shard_batch(batch, setup.batch_sharding),
+            setup.empty_train_accumulator(),
+        )
+        metrics = setup.eval_step(state, sharding.shard_batch(eval_batch, setup.batch_sharding)).compute()
+        outcomes.append((jax.device_get(state.batch_stats), {k: float(v) for k, v in metrics.items()}))
+    (stats_one, eval_one), (stats_many, eval_many) = outcomes
+    mean = stats_one["BatchNorm_0"]["mean"]
+    assert not np.allclose(mean, initial.batch_stats["BatchNorm_0"]["mean"])  # statistics moved
+    for got, want in _tree_pairs(stats_many, stats_one):  # global-batch statistics on any mesh
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for key in ("loss", "top1", "top5"):
+        assert eval_many[key] == pytest.approx(eval_one[key], rel=1e-5, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Whole runs through train_and_evaluate on the digits quickstart.
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
+    return str(tmp_path_factory.mktemp("tfds"))
 
 
 def _restore_final(config, workdir: Path, step: int):
-  mesh = sharding.create_mesh({'data': 1}, devices=jax.devices()[:1])
-  setup = trainer.build(config, mesh, DIGITS_INFO, total_steps=config.num_train_steps, steps_per_epoch=1.0)
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)))
-  assert ckpt.latest_step() == step
-  state = ckpt.restore(setup.abstract_with_shardings())
-  ckpt.close()
-  return state
+    mesh = sharding.create_mesh({"data": 1}, devices=jax.devices()[:1])
+    setup = trainer.build(config, mesh, DIGITS_INFO, total_steps=config.num_train_steps, steps_per_epoch=1.0)
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)))
+    assert ckpt.latest_step() == step
+    state = ckpt.restore(setup.abstract_with_shardings())
+    ckpt.close()
+    return state
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def uninterrupted(data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  config = _run_config(data_dir)
-  return config, workdir, trainer.train_and_evaluate(config, str(workdir))
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    config = _run_config(data_dir)
+    return config, workdir, trainer.train_and_evaluate(config, str(workdir))
 
 
 def test_quickstart_smoke_run_writes_results(uninterrupted):
-  _, workdir, results = uninterrupted
-  on_disk = json.loads((workdir / 'results.json').read_text())
-  assert set(trainer.RESULT_KEYS) <= set(on_disk)
-  assert on_disk['steps'] == 20
-  assert on_disk['eval_num_examples'] == 360  # every eval image exactly once despite padding
-  assert 0.15 < on_disk['top1'] <= on_disk['top5'] <= 1.0  # better than chance (0.1) after 20 steps
-  assert np.isfinite(on_disk['loss']) and on_disk['seconds'] > 0
-  assert on_disk['top1'] == pytest.approx(results['top1'])
-  assert json.loads((workdir / 'config.json').read_text())['model']['name'] == 'clusterformer_nano'
-  assert list(workdir.glob('events.out.tfevents.*'))
+    _, workdir, results = uninterrupted
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert set(trainer.RESULT_KEYS) <= set(on_disk)
+    assert on_disk["steps"] == 20
+    assert on_disk["eval_num_examples"] == 360  # every eval image exactly once despite padding
+    assert 0.15 < on_disk["top1"] <= on_disk["top5"] <= 1.0  # better than chance (0.1) after 20 steps
+    assert np.isfinite(on_disk["loss"]) and on_disk["seconds"] > 0
+    assert on_disk["top1"] == pytest.approx(results["top1"])
+    assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "clusterformer_nano"
+    assert list(workdir.glob("events.out.tfevents.*"))
 
 
 def test_resume_after_preemption_is_bitwise_identical(uninterrupted, tmp_path, monkeypatch):
-  config, reference_dir, reference = uninterrupted
-  workdir = tmp_path / 'resumed'
-  with monkeypatch.context() as patch:
-    patch.setattr(checkpointing.Checkpointer, 'reached_preemption', lambda self, step: step == 10)
-    first = trainer.train_and_evaluate(config, str(workdir))
-  assert first == {'preempted': True, 'steps': 10}
-  assert not (workdir / 'results.json').exists()
-  second = trainer.train_and_evaluate(config, str(workdir))
-  assert second['steps'] == 20 and second['train_steps_this_run'] == 10
-  assert (second['top1'], second['top5'], second['loss']) == (reference['top1'], reference['top5'],
-                                                               reference['loss'])
-  resumed = _restore_final(config, workdir, 20)
-  uninterrupted_state = _restore_final(config, reference_dir, 20)
-  for got, want in _tree_pairs(resumed, uninterrupted_state):
-    np.testing.assert_array_equal(got, want)
+    config, reference_dir, reference = uninterrupted
+    workdir = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.Checkpointer, "reached_preemption", lambda self, step: step == 10)
+        first = trainer.train_and_evaluate(config, str(workdir))
+    assert first == {"preempted": True, "steps": 10}
+    assert not (workdir / "results.json").exists()
+    second = trainer.train_and_evaluate(config, str(workdir))
+    assert second["steps"] == 20 and second["train_steps_this_run"] == 10
+    assert (second["top1"], second["top5"], second["loss"]) == (reference["top1"], reference["top5"], reference["loss"])
+    resumed = _restore_final(config, workdir, 20)
+    uninterrupted_state = _restore_final(config, reference_dir, 20)
+    for got, want in _tree_pairs(resumed, uninterrupted_state):
+        np.testing.assert_array_equal(got, want)
 
 
 class _PoisonedIterator:
-  """Wraps a grain iterator and turns every image non-finite from batch ``start`` on (checkpointable)."""
+    """Wraps a grain iterator and turns every image non-finite from batch ``start`` on (checkpointable)."""
 
-  def __init__(self, inner, start: int):
-    self._inner = inner
-    self._start = start
-    self._count = 0
+    def __init__(self, inner, start: int):
+        self._inner = inner
+        self._start = start
+        self._count = 0
 
-  def __iter__(self):
-    return self
+    def __iter__(self):
+        return self
 
-  def __next__(self):
-    batch = dict(next(self._inner))
-    self._count += 1
-    if self._count > self._start:
-      batch['image'] = np.full_like(batch['image'], np.inf)
-    return batch
+    def __next__(self):
+        batch = dict(next(self._inner))
+        self._count += 1
+        if self._count > self._start:
+            batch["image"] = np.full_like(batch["image"], np.inf)
+        return batch
 
-  def get_state(self) -> bytes:
-    return json.dumps({'inner': self._inner.get_state(), 'count': self._count}).encode()
+    def get_state(self) -> bytes:
+        return json.dumps({"inner": self._inner.get_state(), "count": self._count}).encode()
 
-  def set_state(self, state: bytes) -> None:
-    state = json.loads(state)
-    self._inner.set_state(state['inner'])
-    self._count = state['count']
+    def set_state(self, state: bytes) -> None:
+        state = json.loads(state)
+        self._inner.set_state(state["inner"])
+        self._count = state["count"]
 
-  def start_prefetch(self) -> None:
-    if hasattr(self._inner, 'start_prefetch'):
-      self._inner.start_prefetch()
+    def start_prefetch(self) -> None:
+        if hasattr(self._inner, "start_prefetch"):
+            self._inner.start_prefetch()
 
-  def close(self) -> None:
-    if hasattr(self._inner, 'close'):
-      self._inner.close()
+    def close(self) -> None:
+        if hasattr(self._inner, "close"):
+            self._inner.close()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-  config = _run_config(data_dir)
-  config.log_every_steps = 10  # the failure is caught by the check before the step-6 save
-  config.checkpoint.every_steps = 2
-  create = trainer.input_pipeline.create_train_iterator
-  monkeypatch.setattr(trainer.input_pipeline, 'create_train_iterator',
-                      lambda *a, **k: _PoisonedIterator(create(*a, **k), start=4))
-  with pytest.raises(NonFiniteError) as error:
-    trainer.train_and_evaluate(config, str(tmp_path))
-  message = str(error.value)
-  assert '\n' not in message
-  assert 'at step 5' in message and 'last good checkpoint: step 4' in message and 'lr' in message
-  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp_path)))
-  assert ckpt.all_steps() == [2, 4]
-  ckpt.close()
-  state = _restore_final(config, tmp_path, 4)
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+    config = _run_config(data_dir)
+    config.log_every_steps = 10  # the failure is caught by the check before the step-6 save
+    config.checkpoint.every_steps = 2
+    create = trainer.input_pipeline.create_train_iterator
+    monkeypatch.setattr(
+        trainer.input_pipeline, "create_train_iterator", lambda *a, **k: _PoisonedIterator(create(*a, **k), start=4)
+    )
+    with pytest.raises(NonFiniteError) as error:
+        trainer.train_and_evaluate(config, str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "at step 5" in message and "last good checkpoint: step 4" in message and "lr" in message
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(tmp_path)))
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()
+    state = _restore_final(config, tmp_path, 4)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line.
 
 
-@pytest.mark.parametrize('override, key', [('--config.optim.lrr=1', 'lrr'), ('--config.batch_size=abc', 'batch_size')])
+@pytest.mark.parametrize("override, key", [("--config.optim.lrr=1", "lrr"), ("--config.batch_size=abc", "batch_size")])
 def test_bad_config_override_is_one_line_error(tmp_path, override, key):
-  proc = subprocess.run(
-      [sys.executable, '-m', 'clusterformer_jax.main', '--config=configs/quickstart.py', override,
-       f'--workdir={tmp_path}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-  )
-  assert proc.returncode != 0
-  lines = proc.stderr.strip().splitlines()
-  assert lines and key in lines[-1]
-  assert 'Traceback' not in proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clusterformer_jax.main",
+            "--config=configs/quickstart.py",
+            override,
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines and key in lines[-1]
+    assert "Traceback" not in proc.stderr
 
 
 def test_imagenet_configs_follow_the_recipes():
-  paper = load_config('clusterformer_tiny_imagenet.py')
-  assert (paper.batch_size, paper.optim.base_lr, paper.optim.weight_decay) == (1024, 1e-3, 0.05)
-  assert paper.classification.mixup_alpha == 0.8 and paper.classification.cutmix_alpha == 1.0
-  assert paper.classification.label_smoothing == 0.1 and not paper.optim.amsgrad
-  assert paper.input.eval_crop_pct == pytest.approx(224 / 248)
-  total, per_epoch = trainer.resolve_run_lengths(paper, 1_281_167)
-  assert total == int(300 * 1_281_167 / 1024) and per_epoch == pytest.approx(1_281_167 / 1024)
-  tiny = load_config('clusterformer_tiny_imagenet.py', 'official')
-  assert tiny.model.name == 'clusterformer_tiny_official' and tiny.optim.amsgrad
-  assert (tiny.batch_size, tiny.optim.base_lr, tiny.optim.min_lr_ratio) == (256, 1.25e-4, 1e-4)
-  assert tiny.optim.weight_decay_mask == 'all' and tiny.classification.mixup_alpha == 0.0
-  small = load_config('clusterformer_small_imagenet.py', 'official')
-  assert (small.batch_size, small.optim.base_lr, small.optim.min_lr_ratio) == (512, 1e-4, 1e-2)
-  assert small.model.name == 'clusterformer_small_official'
+    paper = load_config("clusterformer_tiny_imagenet.py")
+    assert (paper.batch_size, paper.optim.base_lr, paper.optim.weight_decay) == (1024, 1e-3, 0.05)
+    assert paper.classification.mixup_alpha == 0.8 and paper.classification.cutmix_alpha == 1.0
+    assert paper.classification.label_smoothing == 0.1 and not paper.optim.amsgrad
+    assert paper.input.eval_crop_pct == pytest.approx(224 / 248)
+    total, per_epoch = trainer.resolve_run_lengths(paper, 1_281_167)
+    assert total == int(300 * 1_281_167 / 1024) and per_epoch == pytest.approx(1_281_167 / 1024)
+    tiny = load_config("clusterformer_tiny_imagenet.py", "official")
+    assert tiny.model.name == "clusterformer_tiny_official" and tiny.optim.amsgrad
+    assert (tiny.batch_size, tiny.optim.base_lr, tiny.optim.min_lr_ratio) == (256, 1.25e-4, 1e-4)
+    assert tiny.optim.weight_decay_mask == "all" and tiny.classification.mixup_alpha == 0.0
+    small = load_config("clusterformer_small_imagenet.py", "official")
+    assert (small.batch_size, small.optim.base_lr, small.optim.min_lr_ratio) == (512, 1e-4, 1e-2)
+    assert small.model.name == "clusterformer_small_official"
 
 
 def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
-  """The README's quickstart passes a relative --workdir; Orbax itself only takes absolute paths."""
-  monkeypatch.chdir(tmp_path)
-  ckpt = checkpointing.Checkpointer('runs/rel/checkpoints', async_save=False)
-  ckpt.save(3, {'w': np.arange(4.0)}, force=True)
-  ckpt.close()
-  assert ckpt.directory == str(tmp_path / 'runs' / 'rel' / 'checkpoints')
-  assert (tmp_path / 'runs' / 'rel' / 'checkpoints' / '3').is_dir()
+    """The README's quickstart passes a relative --workdir; Orbax itself only takes absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = checkpointing.Checkpointer("runs/rel/checkpoints", async_save=False)
+    ckpt.save(3, {"w": np.arange(4.0)}, force=True)
+    ckpt.close()
+    assert ckpt.directory == str(tmp_path / "runs" / "rel" / "checkpoints")
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "3").is_dir()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,32 +428,32 @@ def test_checkpointer_accepts_a_relative_directory(tmp_path, monkeypatch):
 
 
 class _GatedOutput:
-  """Stands in for a dispatched step's output: ready once ``gate`` is set."""
+    """Stands in for a dispatched step's output: ready once ``gate`` is set."""
 
-  def __init__(self, gate: threading.Event):
-    self._gate = gate
+    def __init__(self, gate: threading.Event):
+        self._gate = gate
 
-  def block_until_ready(self):
-    self._gate.wait()
-    return self
+    def block_until_ready(self):
+        self._gate.wait()
+        return self
 
 
 def test_step_clock_counts_only_idle_device_time():
-  clock = trainer.StepClock()
-  gate = threading.Event()
-  start = time.time()
-  clock.dispatched(1, _GatedOutput(gate))
-  # The batch for step 2 arrived while step 1 still ran: the wait overlapped the step, no stall.
-  assert clock.stall(1, start, start + 0.25) == 0.0
-  gate.set()
-  deadline = time.time() + 10
-  while clock.stall(1, start, time.time()) == 0.0 and time.time() < deadline:
-    time.sleep(0.001)
-  end = time.time()
-  stall = clock.stall(1, start, end)
-  assert 0.0 < stall <= end - start  # only the part of the wait after step 1 finished
-  # A wait that began after step 1 had finished is idle time from start to end.
-  assert clock.stall(1, end + 1.0, end + 1.5) == pytest.approx(0.5)
-  # The clock has not seen step 2 finish: no stall is charged against it.
-  assert clock.stall(2, end, end + 1.0) == 0.0
-  clock.close()
+    clock = trainer.StepClock()
+    gate = threading.Event()
+    start = time.time()
+    clock.dispatched(1, _GatedOutput(gate))
+    # The batch for step 2 arrived while step 1 still ran: the wait overlapped the step, no stall.
+    assert clock.stall(1, start, start + 0.25) == 0.0
+    gate.set()
+    deadline = time.time() + 10
+    while clock.stall(1, start, time.time()) == 0.0 and time.time() < deadline:
+        time.sleep(0.001)
+    end = time.time()
+    stall = clock.stall(1, start, end)
+    assert 0.0 < stall <= end - start  # only the part of the wait after step 1 finished
+    # A wait that began after step 1 had finished is idle time from start to end.
+    assert clock.stall(1, end + 1.0, end + 1.5) == pytest.approx(0.5)
+    # The clock has not seen step 2 finish: no stall is charged against it.
+    assert clock.stall(2, end, end + 1.0) == 0.0
+    clock.close()

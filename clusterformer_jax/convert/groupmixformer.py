@@ -137,7 +137,6 @@ def state_dict_to_flax(state_dict: Mapping[str, Any], abstract_variables: Mappin
     return {c: traverse_util.unflatten_dict(leaves) for c, leaves in out.items() if leaves}
 
 
-
 def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides: Any) -> Variables:
     """Converts an official checkpoint into the variables of registry preset ``model_name``."""
     from clusterformer_jax.models import groupmixformer  # noqa: F401  (registers the gmf_* presets)

@@ -98,7 +98,9 @@ def flax_to_state_dict(params: Params) -> Dict[str, np.ndarray]:
 def state_dict_to_flax(state_dict: Mapping[str, Any], abstract_params: Params) -> Params:
     """Fills ``abstract_params`` (e.g. from ``jax.eval_shape(model.init, ...)``) from a PaCa state_dict."""
     return fill_params(
-        state_dict, abstract_params, torch_key,
+        state_dict,
+        abstract_params,
+        torch_key,
         hint="is the model preset right (size, clustering type, cluster counts, stage- vs block-wise)?",
     )
 

@@ -84,8 +84,9 @@ def export_params(params: Params, key_fn: KeyFn) -> Dict[str, np.ndarray]:
     return out
 
 
-def fill_params(state_dict: Mapping[str, Any], abstract_params: Params, key_fn: KeyFn,
-                hint: str = "is the model preset right?") -> Params:
+def fill_params(
+    state_dict: Mapping[str, Any], abstract_params: Params, key_fn: KeyFn, hint: str = "is the model preset right?"
+) -> Params:
     """The tree of ``abstract_params`` filled from ``state_dict``.
 
     The first unexpected key (``num_batches_tracked`` is ignored), missing key or mis-shaped key raises a
@@ -113,7 +114,6 @@ def fill_params(state_dict: Mapping[str, Any], abstract_params: Params, key_fn: 
             )
         out[path] = jnp.asarray(value, flat[path].dtype)
     return traverse_util.unflatten_dict(out)
-
 
 
 def abstract_params_of(model_name: str, image_size: int, **overrides: Any) -> Params:

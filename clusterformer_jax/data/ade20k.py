@@ -39,104 +39,239 @@ from clusterformer_jax.data.dense_transforms import IGNORE_LABEL, DenseExample, 
 _log = logging.getLogger(__name__)
 
 NUM_CLASSES = 150
-FOLDER = 'ADEChallengeData2016'
-SPLITS = {'train': 'training', 'validation': 'validation'}
+FOLDER = "ADEChallengeData2016"
+SPLITS = {"train": "training", "validation": "validation"}
 
 ADE20K_CLASSES: tuple[str, ...] = (
-    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass',
-    'cabinet', 'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain',
-    'chair', 'car', 'water', 'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field',
-    'armchair', 'seat', 'fence', 'desk', 'rock', 'wardrobe', 'lamp', 'bathtub', 'railing',
-    'cushion', 'base', 'box', 'column', 'signboard', 'chest of drawers', 'counter', 'sand', 'sink',
-    'skyscraper', 'fireplace', 'refrigerator', 'grandstand', 'path', 'stairs', 'runway', 'case',
-    'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge', 'bookcase', 'blind',
-    'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench', 'countertop', 'stove', 'palm',
-    'kitchen island', 'computer', 'swivel chair', 'boat', 'bar', 'arcade machine', 'hovel', 'bus',
-    'towel', 'light', 'truck', 'tower', 'chandelier', 'awning', 'streetlight', 'booth',
-    'television receiver', 'airplane', 'dirt track', 'apparel', 'pole', 'land', 'bannister',
-    'escalator', 'ottoman', 'bottle', 'buffet', 'poster', 'stage', 'van', 'ship', 'fountain',
-    'conveyer belt', 'canopy', 'washer', 'plaything', 'swimming pool', 'stool', 'barrel', 'basket',
-    'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven', 'ball', 'food', 'step', 'tank',
-    'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake', 'dishwasher', 'screen',
-    'blanket', 'sculpture', 'hood', 'sconce', 'vase', 'traffic light', 'tray', 'ashcan', 'fan',
-    'pier', 'crt screen', 'plate', 'monitor', 'bulletin board', 'shower', 'radiator', 'glass',
-    'clock', 'flag',
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
 )
 assert len(ADE20K_CLASSES) == NUM_CLASSES
 
 
 def image_id(filename: str) -> int:
     """ADE_train_00000123.jpg -> 123 (0 when the name has no trailing number)."""
-    match = re.search(r'(\d+)$', os.path.splitext(os.path.basename(filename))[0])
+    match = re.search(r"(\d+)$", os.path.splitext(os.path.basename(filename))[0])
     return int(match.group(1)) if match else 0
 
 
 def _dataset_root(dl_manager: tfds.download.DownloadManager) -> str:
     """The ADEChallengeData2016 folder inside (or equal to) the manual directory."""
-    manual = manual_dir_of(dl_manager, 'ade20k')
-    if os.path.isdir(os.path.join(manual, 'images')) and os.path.isdir(os.path.join(manual, 'annotations')):
+    manual = manual_dir_of(dl_manager, "ade20k")
+    if os.path.isdir(os.path.join(manual, "images")) and os.path.isdir(os.path.join(manual, "annotations")):
         return manual
-    parent = find_or_extract(dl_manager, manual, FOLDER, f'{FOLDER}.zip')
+    parent = find_or_extract(dl_manager, manual, FOLDER, f"{FOLDER}.zip")
     if parent is None:
-        raise ValueError(f'ade20k: neither {FOLDER}/ nor {FOLDER}.zip found in {manual}')
+        raise ValueError(f"ade20k: neither {FOLDER}/ nor {FOLDER}.zip found in {manual}")
     return os.path.join(parent, FOLDER)
 
 
 class Ade20k(tfds.core.GeneratorBasedBuilder):
     """ADE20K SceneParsing 150 (ADEChallengeData2016) with its semantic label PNGs."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'ADEChallengeData2016 images and raw label PNGs (0 = other).'}
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "ADEChallengeData2016 images and raw label PNGs (0 = other)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        'Put ADEChallengeData2016/ (or ADEChallengeData2016.zip) from'
-        ' http://sceneparsing.csail.mit.edu in the manual directory.')
+        "Put ADEChallengeData2016/ (or ADEChallengeData2016.zip) from"
+        " http://sceneparsing.csail.mit.edu in the manual directory."
+    )
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            description='ADE20K SceneParsing: 150 classes; label PNG 0 = other, k = class k - 1.',
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(encoding_format='jpeg'),
-                'annotation': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
-                'image/filename': tfds.features.Text(),
-                'image/id': tfds.features.Scalar(dtype=np.int64),
-            }),
-            homepage='http://sceneparsing.csail.mit.edu',
+            description="ADE20K SceneParsing: 150 classes; label PNG 0 = other, k = class k - 1.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(encoding_format="jpeg"),
+                    "annotation": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                    "image/filename": tfds.features.Text(),
+                    "image/id": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
+            homepage="http://sceneparsing.csail.mit.edu",
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = _dataset_root(dl_manager)
         generators = {}
         for split, folder in SPLITS.items():
-            images = os.path.join(root, 'images', folder)
-            labels = os.path.join(root, 'annotations', folder)
+            images = os.path.join(root, "images", folder)
+            labels = os.path.join(root, "annotations", folder)
             if os.path.isdir(images) and os.path.isdir(labels):
                 generators[split] = self._generate_examples(images, labels)
             elif os.path.isdir(images) or os.path.isdir(labels):
-                raise ValueError(f'ade20k split {split!r}: images/{folder} or annotations/{folder} missing in {root}')
+                raise ValueError(f"ade20k split {split!r}: images/{folder} or annotations/{folder} missing in {root}")
         if not generators:
-            raise ValueError(f'ade20k: no images/{{training,validation}} folders in {root}')
+            raise ValueError(f"ade20k: no images/{{training,validation}} folders in {root}")
         return generators
 
     def _generate_examples(self, image_dir: str, label_dir: str) -> Iterator[tuple[str, dict[str, Any]]]:
         skipped = 0
         for name in sorted(os.listdir(image_dir)):
-            if not name.lower().endswith('.jpg'):
+            if not name.lower().endswith(".jpg"):
                 continue
             stem = os.path.splitext(name)[0]
-            label = os.path.join(label_dir, stem + '.png')
+            label = os.path.join(label_dir, stem + ".png")
             if not os.path.isfile(label):
                 skipped += 1
-                _log.warning('ade20k: no label PNG for %s; skipped', os.path.join(image_dir, name))
+                _log.warning("ade20k: no label PNG for %s; skipped", os.path.join(image_dir, name))
                 continue
             yield stem, {
-                'image': os.path.join(image_dir, name),
-                'annotation': label,
-                'image/filename': name,
-                'image/id': image_id(name),
+                "image": os.path.join(image_dir, name),
+                "annotation": label,
+                "image/filename": name,
+                "image/id": image_id(name),
             }
         if skipped:
-            _log.warning('ade20k: %d images in %s had no label and were skipped', skipped, image_dir)
+            _log.warning("ade20k: %d images in %s had no label and were skipped", skipped, image_dir)
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -158,22 +293,22 @@ def semantic_to_segments(semantic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def decode(record: Mapping[str, Any]) -> DenseExample:
     """An `Ade20k` record -> dense example (semantic map + one segment per class)."""
-    image = T.DecodeImage.to_rgb(record['image'])
-    label = np.asarray(record['annotation'])
+    image = T.DecodeImage.to_rgb(record["image"])
+    label = np.asarray(record["annotation"])
     if label.ndim == 3:
         label = label[..., 0]
     if label.shape != image.shape[:2]:
-        raise ValueError(f'label of size {label.shape} on a {image.shape[0]}x{image.shape[1]} image')
+        raise ValueError(f"label of size {label.shape} on a {image.shape[0]}x{image.shape[1]} image")
     semantic = reduce_zero_label(label)
     classes, segments = semantic_to_segments(semantic)
     n = len(classes)
     return {
-        'image': image,
-        'image_id': int(record['image/id']),
-        'boxes': segment_boxes(segments, n),
-        'classes': classes,
-        'is_crowd': np.zeros((n,), bool),
-        'is_thing': np.zeros((n,), bool),
-        'segments': segments,
-        'semantic': semantic,
+        "image": image,
+        "image_id": int(record["image/id"]),
+        "boxes": segment_boxes(segments, n),
+        "classes": classes,
+        "is_crowd": np.zeros((n,), bool),
+        "is_thing": np.zeros((n,), bool),
+        "segments": segments,
+        "semantic": semantic,
     }

@@ -58,44 +58,150 @@ _log = logging.getLogger(__name__)
 
 # (COCO category id, name): the 80 thing categories, then the 53 panoptic stuff categories.
 COCO_THING_CATEGORIES: tuple[tuple[int, str], ...] = (
-    (1, 'person'), (2, 'bicycle'), (3, 'car'), (4, 'motorcycle'), (5, 'airplane'), (6, 'bus'),
-    (7, 'train'), (8, 'truck'), (9, 'boat'), (10, 'traffic light'), (11, 'fire hydrant'),
-    (13, 'stop sign'), (14, 'parking meter'), (15, 'bench'), (16, 'bird'), (17, 'cat'), (18, 'dog'),
-    (19, 'horse'), (20, 'sheep'), (21, 'cow'), (22, 'elephant'), (23, 'bear'), (24, 'zebra'),
-    (25, 'giraffe'), (27, 'backpack'), (28, 'umbrella'), (31, 'handbag'), (32, 'tie'),
-    (33, 'suitcase'), (34, 'frisbee'), (35, 'skis'), (36, 'snowboard'), (37, 'sports ball'),
-    (38, 'kite'), (39, 'baseball bat'), (40, 'baseball glove'), (41, 'skateboard'),
-    (42, 'surfboard'), (43, 'tennis racket'), (44, 'bottle'), (46, 'wine glass'), (47, 'cup'),
-    (48, 'fork'), (49, 'knife'), (50, 'spoon'), (51, 'bowl'), (52, 'banana'), (53, 'apple'),
-    (54, 'sandwich'), (55, 'orange'), (56, 'broccoli'), (57, 'carrot'), (58, 'hot dog'),
-    (59, 'pizza'), (60, 'donut'), (61, 'cake'), (62, 'chair'), (63, 'couch'), (64, 'potted plant'),
-    (65, 'bed'), (67, 'dining table'), (70, 'toilet'), (72, 'tv'), (73, 'laptop'), (74, 'mouse'),
-    (75, 'remote'), (76, 'keyboard'), (77, 'cell phone'), (78, 'microwave'), (79, 'oven'),
-    (80, 'toaster'), (81, 'sink'), (82, 'refrigerator'), (84, 'book'), (85, 'clock'), (86, 'vase'),
-    (87, 'scissors'), (88, 'teddy bear'), (89, 'hair drier'), (90, 'toothbrush'),
+    (1, "person"),
+    (2, "bicycle"),
+    (3, "car"),
+    (4, "motorcycle"),
+    (5, "airplane"),
+    (6, "bus"),
+    (7, "train"),
+    (8, "truck"),
+    (9, "boat"),
+    (10, "traffic light"),
+    (11, "fire hydrant"),
+    (13, "stop sign"),
+    (14, "parking meter"),
+    (15, "bench"),
+    (16, "bird"),
+    (17, "cat"),
+    (18, "dog"),
+    (19, "horse"),
+    (20, "sheep"),
+    (21, "cow"),
+    (22, "elephant"),
+    (23, "bear"),
+    (24, "zebra"),
+    (25, "giraffe"),
+    (27, "backpack"),
+    (28, "umbrella"),
+    (31, "handbag"),
+    (32, "tie"),
+    (33, "suitcase"),
+    (34, "frisbee"),
+    (35, "skis"),
+    (36, "snowboard"),
+    (37, "sports ball"),
+    (38, "kite"),
+    (39, "baseball bat"),
+    (40, "baseball glove"),
+    (41, "skateboard"),
+    (42, "surfboard"),
+    (43, "tennis racket"),
+    (44, "bottle"),
+    (46, "wine glass"),
+    (47, "cup"),
+    (48, "fork"),
+    (49, "knife"),
+    (50, "spoon"),
+    (51, "bowl"),
+    (52, "banana"),
+    (53, "apple"),
+    (54, "sandwich"),
+    (55, "orange"),
+    (56, "broccoli"),
+    (57, "carrot"),
+    (58, "hot dog"),
+    (59, "pizza"),
+    (60, "donut"),
+    (61, "cake"),
+    (62, "chair"),
+    (63, "couch"),
+    (64, "potted plant"),
+    (65, "bed"),
+    (67, "dining table"),
+    (70, "toilet"),
+    (72, "tv"),
+    (73, "laptop"),
+    (74, "mouse"),
+    (75, "remote"),
+    (76, "keyboard"),
+    (77, "cell phone"),
+    (78, "microwave"),
+    (79, "oven"),
+    (80, "toaster"),
+    (81, "sink"),
+    (82, "refrigerator"),
+    (84, "book"),
+    (85, "clock"),
+    (86, "vase"),
+    (87, "scissors"),
+    (88, "teddy bear"),
+    (89, "hair drier"),
+    (90, "toothbrush"),
 )
 COCO_STUFF_CATEGORIES: tuple[tuple[int, str], ...] = (
-    (92, 'banner'), (93, 'blanket'), (95, 'bridge'), (100, 'cardboard'), (107, 'counter'),
-    (109, 'curtain'), (112, 'door-stuff'), (118, 'floor-wood'), (119, 'flower'), (122, 'fruit'),
-    (125, 'gravel'), (128, 'house'), (130, 'light'), (133, 'mirror-stuff'), (138, 'net'),
-    (141, 'pillow'), (144, 'platform'), (145, 'playingfield'), (147, 'railroad'), (148, 'river'),
-    (149, 'road'), (151, 'roof'), (154, 'sand'), (155, 'sea'), (156, 'shelf'), (159, 'snow'),
-    (161, 'stairs'), (166, 'tent'), (168, 'towel'), (171, 'wall-brick'), (175, 'wall-stone'),
-    (176, 'wall-tile'), (177, 'wall-wood'), (178, 'water-other'), (180, 'window-blind'),
-    (181, 'window-other'), (184, 'tree-merged'), (185, 'fence-merged'), (186, 'ceiling-merged'),
-    (187, 'sky-other-merged'), (188, 'cabinet-merged'), (189, 'table-merged'),
-    (190, 'floor-other-merged'), (191, 'pavement-merged'), (192, 'mountain-merged'),
-    (193, 'grass-merged'), (194, 'dirt-merged'), (195, 'paper-merged'), (196, 'food-other-merged'),
-    (197, 'building-other-merged'), (198, 'rock-merged'), (199, 'wall-other-merged'),
-    (200, 'rug-merged'),
+    (92, "banner"),
+    (93, "blanket"),
+    (95, "bridge"),
+    (100, "cardboard"),
+    (107, "counter"),
+    (109, "curtain"),
+    (112, "door-stuff"),
+    (118, "floor-wood"),
+    (119, "flower"),
+    (122, "fruit"),
+    (125, "gravel"),
+    (128, "house"),
+    (130, "light"),
+    (133, "mirror-stuff"),
+    (138, "net"),
+    (141, "pillow"),
+    (144, "platform"),
+    (145, "playingfield"),
+    (147, "railroad"),
+    (148, "river"),
+    (149, "road"),
+    (151, "roof"),
+    (154, "sand"),
+    (155, "sea"),
+    (156, "shelf"),
+    (159, "snow"),
+    (161, "stairs"),
+    (166, "tent"),
+    (168, "towel"),
+    (171, "wall-brick"),
+    (175, "wall-stone"),
+    (176, "wall-tile"),
+    (177, "wall-wood"),
+    (178, "water-other"),
+    (180, "window-blind"),
+    (181, "window-other"),
+    (184, "tree-merged"),
+    (185, "fence-merged"),
+    (186, "ceiling-merged"),
+    (187, "sky-other-merged"),
+    (188, "cabinet-merged"),
+    (189, "table-merged"),
+    (190, "floor-other-merged"),
+    (191, "pavement-merged"),
+    (192, "mountain-merged"),
+    (193, "grass-merged"),
+    (194, "dirt-merged"),
+    (195, "paper-merged"),
+    (196, "food-other-merged"),
+    (197, "building-other-merged"),
+    (198, "rock-merged"),
+    (199, "wall-other-merged"),
+    (200, "rug-merged"),
 )
 # (id, name, isthing) in ascending id order: the 133 classes of COCO panoptic.
 COCO_PANOPTIC_CATEGORIES: tuple[tuple[int, str, bool], ...] = tuple(
-    [(i, n, True) for i, n in COCO_THING_CATEGORIES] + [(i, n, False) for i, n in COCO_STUFF_CATEGORIES])
+    [(i, n, True) for i, n in COCO_THING_CATEGORIES] + [(i, n, False) for i, n in COCO_STUFF_CATEGORIES]
+)
 assert len(COCO_THING_CATEGORIES) == 80 and len(COCO_PANOPTIC_CATEGORIES) == 133
 
-INSTANCE_SPLITS = {'train': 'train2017', 'validation': 'val2017'}
-PANOPTIC_BUILDER = 'coco/2017_panoptic'
+INSTANCE_SPLITS = {"train": "train2017", "validation": "val2017"}
+PANOPTIC_BUILDER = "coco/2017_panoptic"
 
 
 # ---------------------------------------------------------------------------- masks
@@ -129,13 +235,13 @@ def polygon_mask(polygon: Sequence[float], height: int, width: int) -> np.ndarra
 
 def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
     """COCO RLE (uncompressed `counts` list or compressed string) -> uint8 (h, w) mask."""
-    height, width = (int(v) for v in rle['size'])
-    counts = rle['counts']
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
     if isinstance(counts, (str, bytes)):
         counts = _rle_string_to_counts(counts.decode() if isinstance(counts, bytes) else counts)
     counts = np.asarray(counts, np.int64)
     if counts.sum() != height * width:
-        raise ValueError(f'RLE counts sum to {counts.sum()}, expected {height} * {width}')
+        raise ValueError(f"RLE counts sum to {counts.sum()}, expected {height} * {width}")
     values = (np.arange(len(counts)) % 2).astype(np.uint8)
     flat = np.repeat(values, counts)
     return np.ascontiguousarray(flat.reshape(width, height).T)
@@ -151,7 +257,7 @@ def rle_encode(mask: np.ndarray) -> dict[str, Any]:
     counts = np.diff(bounds).tolist()
     if flat.size and flat[0]:
         counts = [0] + counts
-    return {'size': [height, width], 'counts': _counts_to_rle_string(counts)}
+    return {"size": [height, width], "counts": _counts_to_rle_string(counts)}
 
 
 def _counts_to_rle_string(counts: Sequence[int]) -> str:
@@ -167,7 +273,7 @@ def _counts_to_rle_string(counts: Sequence[int]) -> str:
             if more:
                 c |= 0x20
             out.append(chr(c + 48))
-    return ''.join(out)
+    return "".join(out)
 
 
 def _rle_string_to_counts(s: str) -> list[int]:
@@ -199,7 +305,7 @@ def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
         return mask
     mask = rle_decode(segmentation)
     if mask.shape != (height, width):
-        raise ValueError(f'RLE of size {mask.shape} on a {height}x{width} image')
+        raise ValueError(f"RLE of size {mask.shape} on a {height}x{width} image")
     return mask
 
 
@@ -207,7 +313,7 @@ def png_bytes(array: np.ndarray) -> bytes:
     """Lossless PNG of a uint8/bool array (bool and 0/1 masks as 1-bit PNGs)."""
     buffer = io.BytesIO()
     image = Image.fromarray(array.astype(bool)) if array.dtype == bool else Image.fromarray(array)
-    image.save(buffer, format='PNG')
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -218,8 +324,7 @@ def mask_png(mask: np.ndarray) -> bytes:
 # ---------------------------------------------------------------------------- local files
 
 
-def find_or_extract(dl_manager: tfds.download.DownloadManager, root: str, expected: str,
-                    archive: str) -> str | None:
+def find_or_extract(dl_manager: tfds.download.DownloadManager, root: str, expected: str, archive: str) -> str | None:
     """`root` if `root/expected` exists, else the extraction of `root/archive`, else None."""
     if os.path.exists(os.path.join(root, expected)):
         return root
@@ -227,7 +332,7 @@ def find_or_extract(dl_manager: tfds.download.DownloadManager, root: str, expect
         extracted = os.fspath(dl_manager.extract(os.path.join(root, archive)))
         if os.path.exists(os.path.join(extracted, expected)):
             return extracted
-        raise ValueError(f'{os.path.join(root, archive)} does not contain {expected}')
+        raise ValueError(f"{os.path.join(root, archive)} does not contain {expected}")
     return None
 
 
@@ -237,8 +342,9 @@ def manual_dir_of(dl_manager: tfds.download.DownloadManager, dataset: str) -> st
         return os.fspath(dl_manager.manual_dir)
     except (AssertionError, ValueError):
         raise ValueError(
-            f'Dataset {dataset!r} needs a manual directory with the original files; it is unset,'
-            f' missing or empty ({getattr(dl_manager, "_manual_dir", None)}).') from None
+            f"Dataset {dataset!r} needs a manual directory with the original files; it is unset,"
+            f' missing or empty ({getattr(dl_manager, "_manual_dir", None)}).'
+        ) from None
 
 
 # ---------------------------------------------------------------------------- instances builder
@@ -247,92 +353,109 @@ def manual_dir_of(dl_manager: tfds.download.DownloadManager, dataset: str) -> st
 class CocoInstances(tfds.core.GeneratorBasedBuilder):
     """COCO 2017 detection + instance segmentation from the original files."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Images, boxes, classes, crowd flags, areas and per-instance PNG masks.'}
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Images, boxes, classes, crowd flags, areas and per-instance PNG masks."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        'Put train2017/ and val2017/ (JPEGs) and annotations/instances_{train,val}2017.json from'
-        ' https://cocodataset.org/#download in the manual directory (or the zips train2017.zip,'
-        ' val2017.zip and annotations_trainval2017.zip).')
+        "Put train2017/ and val2017/ (JPEGs) and annotations/instances_{train,val}2017.json from"
+        " https://cocodataset.org/#download in the manual directory (or the zips train2017.zip,"
+        " val2017.zip and annotations_trainval2017.zip)."
+    )
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            description='COCO 2017 instances: boxes, 80 classes, crowd flags and instance masks.',
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(encoding_format='jpeg'),
-                'image/id': tfds.features.Scalar(dtype=np.int64),
-                'image/filename': tfds.features.Text(),
-                'objects': tfds.features.Sequence({
-                    'id': tfds.features.Scalar(dtype=np.int64),
-                    'area': tfds.features.Scalar(dtype=np.float32),
-                    'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-                    'label': tfds.features.ClassLabel(names=[n for _, n in COCO_THING_CATEGORIES]),
-                    'is_crowd': tfds.features.Scalar(dtype=np.bool_),
-                    'mask': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
-                }),
-            }),
-            homepage='https://cocodataset.org',
+            description="COCO 2017 instances: boxes, 80 classes, crowd flags and instance masks.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(encoding_format="jpeg"),
+                    "image/id": tfds.features.Scalar(dtype=np.int64),
+                    "image/filename": tfds.features.Text(),
+                    "objects": tfds.features.Sequence(
+                        {
+                            "id": tfds.features.Scalar(dtype=np.int64),
+                            "area": tfds.features.Scalar(dtype=np.float32),
+                            "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+                            "label": tfds.features.ClassLabel(names=[n for _, n in COCO_THING_CATEGORIES]),
+                            "is_crowd": tfds.features.Scalar(dtype=np.bool_),
+                            "mask": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                        }
+                    ),
+                }
+            ),
+            homepage="https://cocodataset.org",
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        root = manual_dir_of(dl_manager, 'coco_instances')
+        root = manual_dir_of(dl_manager, "coco_instances")
         generators = {}
         for split, folder in INSTANCE_SPLITS.items():
-            json_name = os.path.join('annotations', f'instances_{folder}.json')
-            images_root = find_or_extract(dl_manager, root, folder, f'{folder}.zip')
-            annotations_root = find_or_extract(dl_manager, root, json_name, 'annotations_trainval2017.zip')
+            json_name = os.path.join("annotations", f"instances_{folder}.json")
+            images_root = find_or_extract(dl_manager, root, folder, f"{folder}.zip")
+            annotations_root = find_or_extract(dl_manager, root, json_name, "annotations_trainval2017.zip")
             if images_root is None and annotations_root is None:
                 continue
             if images_root is None or annotations_root is None:
                 missing = folder if images_root is None else json_name
-                raise ValueError(f'coco_instances split {split!r}: {missing} is missing in {root}')
+                raise ValueError(f"coco_instances split {split!r}: {missing} is missing in {root}")
             generators[split] = self._generate_examples(
-                os.path.join(images_root, folder), os.path.join(annotations_root, json_name))
+                os.path.join(images_root, folder), os.path.join(annotations_root, json_name)
+            )
         if not generators:
             raise ValueError(
-                f'coco_instances: no split found in {root}; expected train2017/ or val2017/ and'
-                ' annotations/instances_{train,val}2017.json')
+                f"coco_instances: no split found in {root}; expected train2017/ or val2017/ and"
+                " annotations/instances_{train,val}2017.json"
+            )
         return generators
 
     def _generate_examples(self, image_dir: str, json_path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         with open(json_path) as f:
             data = json.load(f)
         known = dict(COCO_THING_CATEGORIES)
-        for category in data['categories']:
-            if known.get(category['id']) != category['name']:
+        for category in data["categories"]:
+            if known.get(category["id"]) != category["name"]:
                 raise ValueError(
-                    f'{json_path}: category {category["id"]} {category["name"]!r} is not a COCO 2017 category')
+                    f'{json_path}: category {category["id"]} {category["name"]!r} is not a COCO 2017 category'
+                )
         by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for ann in data['annotations']:
-            by_image[ann['image_id']].append(ann)
+        for ann in data["annotations"]:
+            by_image[ann["image_id"]].append(ann)
         missing = 0
-        for info in sorted(data['images'], key=lambda x: x['id']):
-            path = os.path.join(image_dir, info['file_name'])
+        for info in sorted(data["images"], key=lambda x: x["id"]):
+            path = os.path.join(image_dir, info["file_name"])
             if not os.path.isfile(path):
                 missing += 1
-                _log.warning('coco_instances: %s is listed in %s but missing; skipped', path, json_path)
+                _log.warning("coco_instances: %s is listed in %s but missing; skipped", path, json_path)
                 continue
-            height, width = int(info['height']), int(info['width'])
+            height, width = int(info["height"]), int(info["width"])
             objects = []
-            for ann in sorted(by_image.get(info['id'], []), key=lambda a: a['id']):
-                x, y, w, h = (float(v) for v in ann['bbox'])
-                objects.append({
-                    'id': int(ann['id']),
-                    'area': float(ann.get('area', 0.0)),
-                    'bbox': np.array([min(max(y, 0), height), min(max(x, 0), width),
-                                      min(max(y + h, 0), height), min(max(x + w, 0), width)], np.float32),
-                    'label': known[ann['category_id']],
-                    'is_crowd': bool(ann.get('iscrowd', 0)),
-                    'mask': mask_png(annotation_mask(ann['segmentation'], height, width)),
-                })
-            yield int(info['id']), {
-                'image': path,
-                'image/id': int(info['id']),
-                'image/filename': info['file_name'],
-                'objects': objects,
+            for ann in sorted(by_image.get(info["id"], []), key=lambda a: a["id"]):
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                objects.append(
+                    {
+                        "id": int(ann["id"]),
+                        "area": float(ann.get("area", 0.0)),
+                        "bbox": np.array(
+                            [
+                                min(max(y, 0), height),
+                                min(max(x, 0), width),
+                                min(max(y + h, 0), height),
+                                min(max(x + w, 0), width),
+                            ],
+                            np.float32,
+                        ),
+                        "label": known[ann["category_id"]],
+                        "is_crowd": bool(ann.get("iscrowd", 0)),
+                        "mask": mask_png(annotation_mask(ann["segmentation"], height, width)),
+                    }
+                )
+            yield int(info["id"]), {
+                "image": path,
+                "image/id": int(info["id"]),
+                "image/filename": info["file_name"],
+                "objects": objects,
             }
         if missing:
-            _log.warning('coco_instances: %d images of %s were missing and skipped', missing, json_path)
+            _log.warning("coco_instances: %d images of %s were missing and skipped", missing, json_path)
 
 
 def _stack(values: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -344,21 +467,21 @@ def _stack(values: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 
 def decode_instances(record: Mapping[str, Any]) -> DenseExample:
     """A `CocoInstances` record -> dense example (per-instance masks)."""
-    image = T.DecodeImage.to_rgb(record['image'])
+    image = T.DecodeImage.to_rgb(record["image"])
     height, width = image.shape[:2]
-    objects = record['objects']
-    n = len(objects['label'])
-    masks = _stack([m[..., 0] if np.ndim(m) == 3 else m for m in objects['mask']], (0, height, width), np.uint8)
+    objects = record["objects"]
+    n = len(objects["label"])
+    masks = _stack([m[..., 0] if np.ndim(m) == 3 else m for m in objects["mask"]], (0, height, width), np.uint8)
     if masks.shape[1:] != (height, width):
-        raise ValueError(f'instance masks of size {masks.shape[1:]} on a {height}x{width} image')
+        raise ValueError(f"instance masks of size {masks.shape[1:]} on a {height}x{width} image")
     return {
-        'image': image,
-        'image_id': int(record['image/id']),
-        'boxes': _stack(objects['bbox'], (0, 4), np.float32),
-        'classes': np.asarray(objects['label'], np.int32).reshape(n),
-        'is_crowd': np.asarray(objects['is_crowd'], bool).reshape(n),
-        'is_thing': np.ones((n,), bool),
-        'masks': masks,
+        "image": image,
+        "image_id": int(record["image/id"]),
+        "boxes": _stack(objects["bbox"], (0, 4), np.float32),
+        "classes": np.asarray(objects["label"], np.int32).reshape(n),
+        "is_crowd": np.asarray(objects["is_crowd"], bool).reshape(n),
+        "is_thing": np.ones((n,), bool),
+        "masks": masks,
     }
 
 
@@ -389,36 +512,38 @@ def local_downloads(manual_dir: str) -> Iterator[None]:
 
     def extract(self, path):
         path = os.fspath(path)
-        folder = path[:-len('.zip')] if path.endswith('.zip') else path
+        folder = path[: -len(".zip")] if path.endswith(".zip") else path
         if not os.path.exists(path) and os.path.isdir(folder):
             return os.path.dirname(folder)
         return original_extract(self, path)
 
-    with mock.patch.object(tfds.download.DownloadManager, 'download_and_extract', download_and_extract), \
-            mock.patch.object(tfds.download.DownloadManager, 'extract', extract):
+    with (
+        mock.patch.object(tfds.download.DownloadManager, "download_and_extract", download_and_extract),
+        mock.patch.object(tfds.download.DownloadManager, "extract", extract),
+    ):
         yield
 
 
 def panoptic_builder_dir(data_dir: str | None) -> str | None:
     """The prepared coco/2017_panoptic version folder under `data_dir`, or None."""
-    root = os.path.join(data_dir or tfds.core.constants.DATA_DIR, *PANOPTIC_BUILDER.split('/'))
-    found = [os.path.dirname(p) for p in glob.glob(os.path.join(root, '*', 'dataset_info.json'))]
+    root = os.path.join(data_dir or tfds.core.constants.DATA_DIR, *PANOPTIC_BUILDER.split("/"))
+    found = [os.path.dirname(p) for p in glob.glob(os.path.join(root, "*", "dataset_info.json"))]
     if not found:
         return None
-    return max(found, key=lambda p: tuple(int(v) for v in os.path.basename(p).split('.')))
+    return max(found, key=lambda p: tuple(int(v) for v in os.path.basename(p).split(".")))
 
 
 def prepare_coco_panoptic(data_dir: str | None, manual_dir: str | None) -> tfds.core.DatasetBuilder:
     """Builds tfds' coco/2017_panoptic as array_record (from `manual_dir` when given)."""
-    builder = tfds.builder(PANOPTIC_BUILDER, data_dir=data_dir, file_format='array_record')
+    builder = tfds.builder(PANOPTIC_BUILDER, data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
     if manual_dir:
         manual_dir = os.path.expanduser(manual_dir)
         with local_downloads(manual_dir):
-            builder.download_and_prepare(file_format='array_record')
+            builder.download_and_prepare(file_format="array_record")
     else:
-        builder.download_and_prepare(file_format='array_record')
+        builder.download_and_prepare(file_format="array_record")
     return builder
 
 
@@ -427,7 +552,7 @@ def panoptic_class_table(label_names: Sequence[str]) -> tuple[list[int], list[bo
     table = {name: (cid, thing) for cid, name, thing in COCO_PANOPTIC_CATEGORIES}
     unknown = [n for n in label_names if n not in table]
     if unknown:
-        raise ValueError(f'coco_panoptic: unknown category names {unknown[:5]} in the prepared dataset')
+        raise ValueError(f"coco_panoptic: unknown category names {unknown[:5]} in the prepared dataset")
     return [table[n][0] for n in label_names], [table[n][1] for n in label_names]
 
 
@@ -459,24 +584,24 @@ class PanopticDecoder:
         self.is_thing = np.asarray(thing, bool)
 
     def map(self, record: Mapping[str, Any]) -> DenseExample:
-        image = T.DecodeImage.to_rgb(record['image'])
+        image = T.DecodeImage.to_rgb(record["image"])
         height, width = image.shape[:2]
-        panoptic = np.asarray(record['panoptic_image'])
+        panoptic = np.asarray(record["panoptic_image"])
         if panoptic.shape[:2] != (height, width):
-            raise ValueError(f'panoptic PNG of size {panoptic.shape[:2]} on a {height}x{width} image')
-        objects = record['panoptic_objects']
-        n = len(objects['label'])
-        classes = np.asarray(objects['label'], np.int32).reshape(n)
-        segments = segments_from_ids(rgb_to_id(panoptic), np.asarray(objects['id']).reshape(n))
-        boxes = _stack(objects['bbox'], (0, 4), np.float32) * np.array([height, width, height, width], np.float32)
+            raise ValueError(f"panoptic PNG of size {panoptic.shape[:2]} on a {height}x{width} image")
+        objects = record["panoptic_objects"]
+        n = len(objects["label"])
+        classes = np.asarray(objects["label"], np.int32).reshape(n)
+        segments = segments_from_ids(rgb_to_id(panoptic), np.asarray(objects["id"]).reshape(n))
+        boxes = _stack(objects["bbox"], (0, 4), np.float32) * np.array([height, width, height, width], np.float32)
         semantic_lut = np.concatenate([[IGNORE_LABEL], classes]).astype(np.uint8)
         return {
-            'image': image,
-            'image_id': int(record['image/id']),
-            'boxes': boxes,
-            'classes': classes,
-            'is_crowd': np.asarray(objects['is_crowd'], bool).reshape(n),
-            'is_thing': self.is_thing[classes],
-            'segments': segments,
-            'semantic': semantic_lut[segments],
+            "image": image,
+            "image_id": int(record["image/id"]),
+            "boxes": boxes,
+            "classes": classes,
+            "is_crowd": np.asarray(objects["is_crowd"], bool).reshape(n),
+            "is_thing": self.is_thing[classes],
+            "segments": segments,
+            "semantic": semantic_lut[segments],
         }

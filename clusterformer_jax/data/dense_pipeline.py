@@ -98,34 +98,67 @@ from clusterformer_jax.data import pipeline as input_pipeline
 from clusterformer_jax.data import shapes as shapes_lib
 from clusterformer_jax.data import transforms as T
 
-DATASETS = ('coco_instances', 'coco_panoptic', 'ade20k', 'shapes')
+DATASETS = ("coco_instances", "coco_panoptic", "ade20k", "shapes")
 _COCO = dict(
-    train_crop_size=1024, train_scale_range=(0.1, 2.0), train_scale_mode='fit', cat_max_ratio=1.0,
-    eval_short_side=800, eval_max_size=1333, eval_pad_size=1344, max_instances=100, mask_stride=4)
+    train_crop_size=1024,
+    train_scale_range=(0.1, 2.0),
+    train_scale_mode="fit",
+    cat_max_ratio=1.0,
+    eval_short_side=800,
+    eval_max_size=1333,
+    eval_pad_size=1344,
+    max_instances=100,
+    mask_stride=4,
+)
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    'coco_instances': dict(_COCO, instance_targets='things'),
-    'coco_panoptic': dict(_COCO, instance_targets='all'),
-    'ade20k': dict(
-        train_crop_size=640, train_scale_range=(0.5, 2.0), train_scale_mode='shorter', cat_max_ratio=0.75,
-        eval_short_side=640, eval_max_size=2560, eval_pad_size=1280, max_instances=100, mask_stride=4,
-        instance_targets='all'),
-    'shapes': dict(
-        train_crop_size=128, train_scale_range=(0.5, 2.0), train_scale_mode='fit', cat_max_ratio=1.0,
-        eval_short_side=128, eval_max_size=128, eval_pad_size=128, max_instances=16, mask_stride=1,
-        instance_targets='all', shapes_variant='default'),
+    "coco_instances": dict(_COCO, instance_targets="things"),
+    "coco_panoptic": dict(_COCO, instance_targets="all"),
+    "ade20k": dict(
+        train_crop_size=640,
+        train_scale_range=(0.5, 2.0),
+        train_scale_mode="shorter",
+        cat_max_ratio=0.75,
+        eval_short_side=640,
+        eval_max_size=2560,
+        eval_pad_size=1280,
+        max_instances=100,
+        mask_stride=4,
+        instance_targets="all",
+    ),
+    "shapes": dict(
+        train_crop_size=128,
+        train_scale_range=(0.5, 2.0),
+        train_scale_mode="fit",
+        cat_max_ratio=1.0,
+        eval_short_side=128,
+        eval_max_size=128,
+        eval_pad_size=128,
+        max_instances=16,
+        mask_stride=1,
+        instance_targets="all",
+        shapes_variant="default",
+    ),
 }
-_COMMON = dict(train_split='train', eval_split='validation', hflip=True, mean=T.IMAGENET_MEAN,
-               std=T.IMAGENET_STD, num_threads=2, num_workers=0)
+_COMMON = dict(
+    train_split="train",
+    eval_split="validation",
+    hflip=True,
+    mean=T.IMAGENET_MEAN,
+    std=T.IMAGENET_STD,
+    num_threads=2,
+    num_workers=0,
+)
 
 skipped_examples = input_pipeline.skipped_examples
 
 
 def _dataset_name(cfg: Mapping[str, Any]) -> str:
-    name = cfg.get('dataset')
+    name = cfg.get("dataset")
     if name not in DATASETS:
         raise ValueError(
             f'Unknown dense dataset {name!r} (data_dir={cfg.get("data_dir")!r}); set'
-            f' config.input.dataset to one of {", ".join(DATASETS)}.')
+            f' config.input.dataset to one of {", ".join(DATASETS)}.'
+        )
     return name
 
 
@@ -141,25 +174,27 @@ def _field(cfg: Mapping[str, Any], name: str, default: Any = None) -> Any:
 
 
 def _data_dir(cfg: Mapping[str, Any]) -> str | None:
-    data_dir = cfg.get('data_dir')
+    data_dir = cfg.get("data_dir")
     return os.path.expanduser(data_dir) if data_dir else None
 
 
 def _manual_dir(cfg: Mapping[str, Any]) -> str | None:
-    manual_dir = cfg.get('manual_dir')
+    manual_dir = cfg.get("manual_dir")
     return os.path.expanduser(manual_dir) if manual_dir else None
 
 
 def prepare_command(cfg: Mapping[str, Any]) -> str:
     """The one-line shell command that prepares `cfg.dataset`."""
-    name = cfg['dataset']
-    command = (f'python -m clusterformer_jax.data.dense_pipeline --dataset={name}'
-               f' --data_dir={cfg.get("data_dir") or "DATA_DIR"}')
-    if name in ('coco_instances', 'ade20k'):
-        command += ' --manual_dir=MANUAL_DIR'
-    elif name == 'coco_panoptic':
-        command += ' [--manual_dir=MANUAL_DIR]'
-    elif name == 'shapes':
+    name = cfg["dataset"]
+    command = (
+        f"python -m clusterformer_jax.data.dense_pipeline --dataset={name}"
+        f' --data_dir={cfg.get("data_dir") or "DATA_DIR"}'
+    )
+    if name in ("coco_instances", "ade20k"):
+        command += " --manual_dir=MANUAL_DIR"
+    elif name == "coco_panoptic":
+        command += " [--manual_dir=MANUAL_DIR]"
+    elif name == "shapes":
         command += f' --shapes_variant={_field(cfg, "shapes_variant")}'
     return command
 
@@ -176,36 +211,38 @@ def _prepare_manual(cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder) -
     if not manual_dir:
         raise ValueError(
             f'Dataset {cfg["dataset"]!r} is not prepared in {builder.data_dir} and'
-            f' config.input.manual_dir is unset; run: {prepare_command(cfg)}')
+            f" config.input.manual_dir is unset; run: {prepare_command(cfg)}"
+        )
     builder.download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
 
 
 def _builder(cfg: Mapping[str, Any]) -> tuple[tfds.core.DatasetBuilder, _Decoder]:
     """The prepared builder for `cfg.dataset` and its record decoder (preparing if possible)."""
     name = _dataset_name(cfg)
     data_dir = _data_dir(cfg)
-    if name == 'shapes':
-        return shapes_lib.prepare_shapes(data_dir, _field(cfg, 'shapes_variant')), _Decoder(shapes_lib.decode)
-    if name == 'coco_panoptic':
+    if name == "shapes":
+        return shapes_lib.prepare_shapes(data_dir, _field(cfg, "shapes_variant")), _Decoder(shapes_lib.decode)
+    if name == "coco_panoptic":
         directory = coco_lib.panoptic_builder_dir(data_dir)
         if directory is None:
             if not _manual_dir(cfg):
                 raise ValueError(
                     f"Dataset 'coco_panoptic' is not prepared in"
-                    f' {data_dir or tfds.core.constants.DATA_DIR} and config.input.manual_dir is'
-                    f' unset; run: {prepare_command(cfg)}')
+                    f" {data_dir or tfds.core.constants.DATA_DIR} and config.input.manual_dir is"
+                    f" unset; run: {prepare_command(cfg)}"
+                )
             coco_lib.prepare_coco_panoptic(data_dir, _manual_dir(cfg))
             directory = coco_lib.panoptic_builder_dir(data_dir)
         builder = tfds.builder_from_directory(directory)
-        names = builder.info.features['panoptic_objects']['label'].names
+        names = builder.info.features["panoptic_objects"]["label"].names
         return builder, _Decoder(coco_lib.PanopticDecoder(names).map)
-    if name == 'coco_instances':
-        builder = coco_lib.CocoInstances(data_dir=data_dir, file_format='array_record')
+    if name == "coco_instances":
+        builder = coco_lib.CocoInstances(data_dir=data_dir, file_format="array_record")
         decoder = _Decoder(coco_lib.decode_instances)
     else:
-        builder = ade20k_lib.Ade20k(data_dir=data_dir, file_format='array_record')
+        builder = ade20k_lib.Ade20k(data_dir=data_dir, file_format="array_record")
         decoder = _Decoder(ade20k_lib.decode)
     if not builder.is_prepared():
         _prepare_manual(cfg, builder)
@@ -221,7 +258,8 @@ def _num_examples(builder: tfds.core.DatasetBuilder, cfg: Mapping[str, Any], spl
         raise ValueError(
             f'Split {split!r} of dataset {cfg["dataset"]!r} is missing or empty in'
             f' {builder.data_dir} (available: {", ".join(builder.info.splits) or "none"});'
-            f' prepare it with: {prepare_command(cfg)}')
+            f" prepare it with: {prepare_command(cfg)}"
+        )
     return num
 
 
@@ -242,46 +280,58 @@ def _open_split(cfg: Mapping[str, Any], split: str) -> _DenseSource:
 def _side(value: Any) -> int:
     value = int(value)
     if value <= 0:
-        raise ValueError(f'image sizes must be positive, got {value}')
+        raise ValueError(f"image sizes must be positive, got {value}")
     return value
 
 
 def _spec(cfg: Mapping[str, Any], side: int) -> DT.RenderSpec:
     return DT.RenderSpec(
-        out_h=side, out_w=side, max_instances=int(_field(cfg, 'max_instances')),
-        mask_stride=int(_field(cfg, 'mask_stride')), instance_targets=_field(cfg, 'instance_targets'),
-        mean=tuple(_field(cfg, 'mean')), std=tuple(_field(cfg, 'std')))
+        out_h=side,
+        out_w=side,
+        max_instances=int(_field(cfg, "max_instances")),
+        mask_stride=int(_field(cfg, "mask_stride")),
+        instance_targets=_field(cfg, "instance_targets"),
+        mean=tuple(_field(cfg, "mean")),
+        std=tuple(_field(cfg, "std")),
+    )
 
 
 def train_transform(cfg: Mapping[str, Any]) -> DT.DenseTrainTransform:
     """The per-example training transform for `cfg` (dense example in, fixed-shape arrays out)."""
     return DT.DenseTrainTransform(
-        _spec(cfg, _side(_field(cfg, 'train_crop_size'))),
-        scale_range=tuple(_field(cfg, 'train_scale_range')), scale_mode=_field(cfg, 'train_scale_mode'),
-        hflip=bool(_field(cfg, 'hflip')), cat_max_ratio=float(_field(cfg, 'cat_max_ratio')))
+        _spec(cfg, _side(_field(cfg, "train_crop_size"))),
+        scale_range=tuple(_field(cfg, "train_scale_range")),
+        scale_mode=_field(cfg, "train_scale_mode"),
+        hflip=bool(_field(cfg, "hflip")),
+        cat_max_ratio=float(_field(cfg, "cat_max_ratio")),
+    )
 
 
 def eval_transform(cfg: Mapping[str, Any]) -> DT.DenseEvalTransform:
     """The deterministic eval transform for `cfg`."""
-    return DT.DenseEvalTransform(_spec(cfg, _side(_field(cfg, 'eval_pad_size'))),
-                                 short_side=_side(_field(cfg, 'eval_short_side')),
-                                 max_size=_side(_field(cfg, 'eval_max_size')))
+    return DT.DenseEvalTransform(
+        _spec(cfg, _side(_field(cfg, "eval_pad_size"))),
+        short_side=_side(_field(cfg, "eval_short_side")),
+        max_size=_side(_field(cfg, "eval_max_size")),
+    )
 
 
 def _eval_files(cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder) -> dict[str, str | None]:
     """Original annotation files of the eval split, for COCO-style evaluators (None if unknown)."""
-    files: dict[str, str | None] = {'instances_json': None, 'panoptic_json': None, 'panoptic_png_dir': None}
-    name, split = cfg['dataset'], str(_field(cfg, 'eval_split')).split('[')[0]
+    files: dict[str, str | None] = {"instances_json": None, "panoptic_json": None, "panoptic_png_dir": None}
+    name, split = cfg["dataset"], str(_field(cfg, "eval_split")).split("[")[0]
     manual_dir = _manual_dir(cfg)
-    if name == 'shapes':
+    if name == "shapes":
         paths = shapes_lib.export_coco(builder, split)
         files.update({k: paths[k] for k in files})
     elif manual_dir and split in coco_lib.INSTANCE_SPLITS:
         folder = coco_lib.INSTANCE_SPLITS[split]
         candidates = {
-            'coco_instances': {'instances_json': f'annotations/instances_{folder}.json'},
-            'coco_panoptic': {'panoptic_json': f'annotations/panoptic_{folder}.json',
-                              'panoptic_png_dir': f'annotations/panoptic_{folder}'},
+            "coco_instances": {"instances_json": f"annotations/instances_{folder}.json"},
+            "coco_panoptic": {
+                "panoptic_json": f"annotations/panoptic_{folder}.json",
+                "panoptic_png_dir": f"annotations/panoptic_{folder}",
+            },
         }.get(name, {})
         for key, rel in candidates.items():
             path = os.path.join(manual_dir, rel)
@@ -289,22 +339,29 @@ def _eval_files(cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder) -> di
     return files
 
 
-def _class_table(cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder
-                 ) -> tuple[tuple[str, ...], tuple[bool, ...], tuple[int, ...]]:
+def _class_table(
+    cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder
+) -> tuple[tuple[str, ...], tuple[bool, ...], tuple[int, ...]]:
     """(class names, is-thing flags, dataset category ids) in contiguous class order."""
-    name = cfg['dataset']
-    if name == 'coco_instances':
-        return (tuple(n for _, n in coco_lib.COCO_THING_CATEGORIES), (True,) * 80,
-                tuple(i for i, _ in coco_lib.COCO_THING_CATEGORIES))
-    if name == 'coco_panoptic':
-        names = tuple(builder.info.features['panoptic_objects']['label'].names)
+    name = cfg["dataset"]
+    if name == "coco_instances":
+        return (
+            tuple(n for _, n in coco_lib.COCO_THING_CATEGORIES),
+            (True,) * 80,
+            tuple(i for i, _ in coco_lib.COCO_THING_CATEGORIES),
+        )
+    if name == "coco_panoptic":
+        names = tuple(builder.info.features["panoptic_objects"]["label"].names)
         ids, thing = coco_lib.panoptic_class_table(names)
         return names, tuple(thing), tuple(ids)
-    if name == 'ade20k':
+    if name == "ade20k":
         return ade20k_lib.ADE20K_CLASSES, (False,) * ade20k_lib.NUM_CLASSES, tuple(range(1, 151))
     classes = shapes_lib.CLASSES
-    return classes, tuple(c < shapes_lib.NUM_THING_CLASSES for c in range(len(classes))), \
-        tuple(range(1, len(classes) + 1))
+    return (
+        classes,
+        tuple(c < shapes_lib.NUM_THING_CLASSES for c in range(len(classes))),
+        tuple(range(1, len(classes) + 1)),
+    )
 
 
 def get_dataset_info(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -319,28 +376,29 @@ def get_dataset_info(config: Mapping[str, Any]) -> dict[str, Any]:
     """
     builder, _ = _builder(config)
     names, thing, ids = _class_table(config, builder)
-    crop = _side(_field(config, 'train_crop_size'))
+    crop = _side(_field(config, "train_crop_size"))
     return {
-        'num_classes': len(names),
-        'num_thing_classes': int(sum(thing)),
-        'class_names': names,
-        'is_thing': thing,
-        'category_ids': ids,
-        'num_train': _num_examples(builder, config, _field(config, 'train_split')),
-        'num_eval': _num_examples(builder, config, _field(config, 'eval_split')),
-        'image_size': crop,
-        'eval_image_size': _side(_field(config, 'eval_pad_size')),
-        'max_instances': int(_field(config, 'max_instances')),
-        'mask_size': crop // int(_field(config, 'mask_stride')),
-        'ignore_label': DT.IGNORE_LABEL,
+        "num_classes": len(names),
+        "num_thing_classes": int(sum(thing)),
+        "class_names": names,
+        "is_thing": thing,
+        "category_ids": ids,
+        "num_train": _num_examples(builder, config, _field(config, "train_split")),
+        "num_eval": _num_examples(builder, config, _field(config, "eval_split")),
+        "image_size": crop,
+        "eval_image_size": _side(_field(config, "eval_pad_size")),
+        "max_instances": int(_field(config, "max_instances")),
+        "mask_size": crop // int(_field(config, "mask_stride")),
+        "ignore_label": DT.IGNORE_LABEL,
         **_eval_files(config, builder),
     }
 
 
 def _read_options(cfg: Mapping[str, Any], local_batch: int) -> grain.ReadOptions:
     return grain.ReadOptions(
-        num_threads=int(_field(cfg, 'num_threads')),
-        prefetch_buffer_size=int(_field(cfg, 'prefetch_buffer_size', 2 * local_batch)))
+        num_threads=int(_field(cfg, "num_threads")),
+        prefetch_buffer_size=int(_field(cfg, "prefetch_buffer_size", 2 * local_batch)),
+    )
 
 
 class _Select(grain.transforms.Map):
@@ -354,20 +412,20 @@ class _Select(grain.transforms.Map):
 
 
 def _outputs(cfg: Mapping[str, Any], eval_mode: bool) -> tuple[str, ...] | None:
-    keys = cfg.get('outputs')
+    keys = cfg.get("outputs")
     if keys is None:
         return None
-    keys = tuple(keys) + (('mask',) if eval_mode and 'mask' not in keys else ())
-    known = set(DT.empty_output(DT.RenderSpec(1, 1, 1))) | {'mask'}
+    keys = tuple(keys) + (("mask",) if eval_mode and "mask" not in keys else ())
+    known = set(DT.empty_output(DT.RenderSpec(1, 1, 1))) | {"mask"}
     unknown = sorted(set(keys) - known)
     if unknown:
-        raise ValueError(f'config.input.outputs has unknown keys {unknown}; known: {sorted(known)}')
+        raise ValueError(f"config.input.outputs has unknown keys {unknown}; known: {sorted(known)}")
     return keys
 
 
 def _finish(ds: grain.IterDataset, cfg: Mapping[str, Any], local_batch: int) -> grain.IterDataset:
     """Optional worker processes (each takes every W-th element; outputs interleave back in order), then batching."""
-    workers = int(_field(cfg, 'num_workers'))
+    workers = int(_field(cfg, "num_workers"))
     if workers > 0:
         from absl import flags  # grain's worker processes read absl flags; outside absl.app they are unparsed.
 
@@ -393,10 +451,11 @@ def create_train_iterator(
     and counted in `skipped_examples()`.
     """
     pi, pc, local_batch = input_pipeline._process_layout(  # pylint: disable=protected-access
-        global_batch_size, process_index, process_count)
+        global_batch_size, process_index, process_count
+    )
     transform = train_transform(config)
     keys = _outputs(config, eval_mode=False)
-    source = _open_split(config, _field(config, 'train_split'))
+    source = _open_split(config, _field(config, "train_split"))
     shuffle_seed, augment_seed = input_pipeline._seeds(seed, pi)  # pylint: disable=protected-access
     ds = grain.MapDataset.source(source)[pi::pc].shuffle(seed=shuffle_seed).repeat()
     ds = ds.random_map(transform, seed=augment_seed)  # Unreadable (None) records pass through ...
@@ -420,13 +479,15 @@ def create_eval_iterator(
     to N minus unreadable records. Each `iter()` starts a fresh pass.
     """
     pi, pc, local_batch = input_pipeline._process_layout(  # pylint: disable=protected-access
-        global_batch_size, process_index, process_count)
+        global_batch_size, process_index, process_count
+    )
     transform = eval_transform(config)
     keys = _outputs(config, eval_mode=True)
-    source = _open_split(config, _field(config, 'eval_split'))
+    source = _open_split(config, _field(config, "eval_split"))
     num_batches = math.ceil(math.ceil(len(source) / pc) / local_batch)
-    element = input_pipeline.EvalElement(source, pi, pc, transform.map,
-                                         functools.partial(DT.empty_output, transform.spec))
+    element = input_pipeline.EvalElement(
+        source, pi, pc, transform.map, functools.partial(DT.empty_output, transform.spec)
+    )
     ds = grain.MapDataset.range(num_batches * local_batch).map(element)
     if keys:
         ds = ds.map(_Select(keys))
@@ -436,24 +497,28 @@ def create_eval_iterator(
 def main(argv: list[str] | None = None) -> None:
     """Prepares a dense dataset in array_record format (see the module docstring)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument('--dataset', required=True, choices=DATASETS)
-    parser.add_argument('--data_dir', default=None)
-    parser.add_argument('--manual_dir', default=None)
-    parser.add_argument('--shapes_variant', default='default', choices=sorted(shapes_lib.VARIANTS))
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--manual_dir", default=None)
+    parser.add_argument("--shapes_variant", default="default", choices=sorted(shapes_lib.VARIANTS))
     args = parser.parse_args(argv)
-    cfg = {'dataset': args.dataset, 'data_dir': args.data_dir, 'manual_dir': args.manual_dir,
-           'shapes_variant': args.shapes_variant}
-    if args.dataset == 'coco_panoptic' and coco_lib.panoptic_builder_dir(_data_dir(cfg)) is None:
+    cfg = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "manual_dir": args.manual_dir,
+        "shapes_variant": args.shapes_variant,
+    }
+    if args.dataset == "coco_panoptic" and coco_lib.panoptic_builder_dir(_data_dir(cfg)) is None:
         coco_lib.prepare_coco_panoptic(_data_dir(cfg), _manual_dir(cfg))  # Downloads without manual_dir.
     builder, _ = _builder(cfg)
-    print(f'{builder.info.full_name} ready in {builder.data_dir}:')
+    print(f"{builder.info.full_name} ready in {builder.data_dir}:")
     for name, split in builder.info.splits.items():
-        print(f'  {name}: {split.num_examples} examples')
-    if args.dataset == 'shapes':
+        print(f"  {name}: {split.num_examples} examples")
+    if args.dataset == "shapes":
         for split in builder.info.splits:
             paths = shapes_lib.export_coco(builder, split)
             print(f'  COCO-format {split}: {paths["instances_json"]}, {paths["panoptic_json"]}')
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -58,8 +58,8 @@ from PIL import Image
 from clusterformer_jax.data import transforms as T
 
 IGNORE_LABEL = 255
-SCALE_MODES = ('fit', 'shorter')
-INSTANCE_TARGETS = ('things', 'all')
+SCALE_MODES = ("fit", "shorter")
+INSTANCE_TARGETS = ("things", "all")
 
 DenseExample = dict[str, Any]
 
@@ -90,15 +90,33 @@ class Placement:
     flip: bool = False
 
     @classmethod
-    def create(cls, src_h: int, src_w: int, scale: float, out_h: int, out_w: int,
-               top_frac: float = 0.0, left_frac: float = 0.0, flip: bool = False) -> Placement:
+    def create(
+        cls,
+        src_h: int,
+        src_w: int,
+        scale: float,
+        out_h: int,
+        out_w: int,
+        top_frac: float = 0.0,
+        left_frac: float = 0.0,
+        flip: bool = False,
+    ) -> Placement:
         """Resizes by `scale` and places a window at fractions of the free offset range."""
         resized_h, resized_w = round_half_up(src_h * scale), round_half_up(src_w * scale)
         crop_h, crop_w = min(out_h, resized_h), min(out_w, resized_w)
         top = int(math.floor(top_frac * (resized_h - crop_h + 1)))
         left = int(math.floor(left_frac * (resized_w - crop_w + 1)))
-        return cls(src_h, src_w, resized_h / src_h, resized_w / src_w,
-                   min(top, resized_h - crop_h), min(left, resized_w - crop_w), crop_h, crop_w, flip)
+        return cls(
+            src_h,
+            src_w,
+            resized_h / src_h,
+            resized_w / src_w,
+            min(top, resized_h - crop_h),
+            min(left, resized_w - crop_w),
+            crop_h,
+            crop_w,
+            flip,
+        )
 
     def source_rows(self, stride: int = 1) -> np.ndarray:
         """Source row sampled by each output row (at `stride`) inside the window."""
@@ -123,8 +141,12 @@ class Placement:
 
     def resize_image(self, image: np.ndarray) -> np.ndarray:
         """Bilinear resample of the window: uint8 (crop_h, crop_w, 3)."""
-        box = (self.left / self.scale_x, self.top / self.scale_y,
-               (self.left + self.crop_w) / self.scale_x, (self.top + self.crop_h) / self.scale_y)
+        box = (
+            self.left / self.scale_x,
+            self.top / self.scale_y,
+            (self.left + self.crop_w) / self.scale_x,
+            (self.top + self.crop_h) / self.scale_y,
+        )
         pil = Image.fromarray(image)
         if (self.crop_h, self.crop_w) == (self.src_h, self.src_w) and box == (0, 0, self.src_w, self.src_h):
             out = image
@@ -179,30 +201,30 @@ class RenderSpec:
     out_w: int
     max_instances: int
     mask_stride: int = 1
-    instance_targets: str = 'all'
+    instance_targets: str = "all"
     mean: Sequence[float] = T.IMAGENET_MEAN
     std: Sequence[float] = T.IMAGENET_STD
 
     def __post_init__(self):
         if self.out_h % self.mask_stride or self.out_w % self.mask_stride:
-            raise ValueError(
-                f'mask_stride {self.mask_stride} must divide the output size {self.out_h}x{self.out_w}')
+            raise ValueError(f"mask_stride {self.mask_stride} must divide the output size {self.out_h}x{self.out_w}")
         if self.instance_targets not in INSTANCE_TARGETS:
-            raise ValueError(f'instance_targets must be one of {INSTANCE_TARGETS}, got {self.instance_targets!r}')
+            raise ValueError(f"instance_targets must be one of {INSTANCE_TARGETS}, got {self.instance_targets!r}")
         if self.max_instances < 1:
-            raise ValueError(f'max_instances must be positive, got {self.max_instances}')
+            raise ValueError(f"max_instances must be positive, got {self.max_instances}")
 
 
 def _candidates(example: Mapping[str, Any], spec: RenderSpec) -> np.ndarray:
     """Indices of the instances that may fill slots (things only when asked)."""
-    n = len(example['classes'])
-    if spec.instance_targets == 'things':
-        return np.flatnonzero(np.asarray(example['is_thing'], bool))
+    n = len(example["classes"])
+    if spec.instance_targets == "things":
+        return np.flatnonzero(np.asarray(example["is_thing"], bool))
     return np.arange(n)
 
 
-def render(example: Mapping[str, Any], placement: Placement, spec: RenderSpec,
-           normalize: T.Normalize) -> dict[str, np.ndarray]:
+def render(
+    example: Mapping[str, Any], placement: Placement, spec: RenderSpec, normalize: T.Normalize
+) -> dict[str, np.ndarray]:
     """Applies `placement` to a dense example; returns the fixed-shape arrays.
 
     Keys: image float32 (out_h, out_w, 3) normalised, 0 outside the image;
@@ -217,12 +239,12 @@ def render(example: Mapping[str, Any], placement: Placement, spec: RenderSpec,
     """
     p, m, stride = placement, spec.max_instances, spec.mask_stride
     out_h, out_w = spec.out_h, spec.out_w
-    masks, segments, semantic = example.get('masks'), example.get('segments'), example.get('semantic')
-    classes = np.asarray(example['classes'], np.int32)
+    masks, segments, semantic = example.get("masks"), example.get("segments"), example.get("semantic")
+    classes = np.asarray(example["classes"], np.int32)
     n = len(classes)
 
     candidates = _candidates(example, spec)
-    boxes = p.map_boxes(example['boxes']) if n else np.zeros((0, 4), np.float32)
+    boxes = p.map_boxes(example["boxes"]) if n else np.zeros((0, 4), np.float32)
     keep = np.zeros(n, bool)
     keep[candidates] = True
     keep &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -231,7 +253,7 @@ def render(example: Mapping[str, Any], placement: Placement, spec: RenderSpec,
     segment_canvas = None
     if segments is not None:
         segment_canvas = segments[rows[:, None], cols[None, :]]
-        counts = np.bincount(segment_canvas.ravel(), minlength=n + 1)[1:n + 1]
+        counts = np.bincount(segment_canvas.ravel(), minlength=n + 1)[1 : n + 1]
         keep &= counts > 0
     elif masks is not None and n:
         keep &= _sampled(_sampled(masks, rows, 1, p.scale_y), cols, 2, p.scale_x).any(axis=(1, 2))
@@ -240,20 +262,20 @@ def render(example: Mapping[str, Any], placement: Placement, spec: RenderSpec,
 
     out: dict[str, np.ndarray] = {}
     image = np.zeros((out_h, out_w, 3), np.float32)
-    window = image[:p.crop_h, :p.crop_w]  # Normalised in place: (pixel - mean) / std.
-    np.subtract(p.resize_image(example['image']), normalize.mean, out=window)
+    window = image[: p.crop_h, : p.crop_w]  # Normalised in place: (pixel - mean) / std.
+    np.subtract(p.resize_image(example["image"]), normalize.mean, out=window)
     window *= normalize.inv_std
-    out['image'] = image
+    out["image"] = image
     image_mask = np.zeros((out_h, out_w), bool)
-    image_mask[:p.crop_h, :p.crop_w] = True
-    out['image_mask'] = image_mask
+    image_mask[: p.crop_h, : p.crop_w] = True
+    out["image_mask"] = image_mask
 
     out_boxes = np.zeros((m, 4), np.float32)
     out_boxes[:k] = boxes[kept]
-    out['boxes'] = out_boxes
+    out["boxes"] = out_boxes
     out_classes = np.full((m,), -1, np.int32)
     out_classes[:k] = classes[kept]
-    out['classes'] = out_classes
+    out["classes"] = out_classes
 
     mh, mw = out_h // stride, out_w // stride
     instance_masks = np.zeros((m, mh, mw), np.uint8)
@@ -261,48 +283,55 @@ def render(example: Mapping[str, Any], placement: Placement, spec: RenderSpec,
         rows_s, cols_s = (rows, cols) if stride == 1 else (p.source_rows(stride), p.source_cols(stride))
         if segments is not None:
             low = segment_canvas if stride == 1 else segments[rows_s[:, None], cols_s[None, :]]
-            instance_masks[:k, :len(rows_s), :len(cols_s)] = low[None] == (kept + 1)[:, None, None]
+            instance_masks[:k, : len(rows_s), : len(cols_s)] = low[None] == (kept + 1)[:, None, None]
         else:
-            instance_masks[:k, :len(rows_s), :len(cols_s)] = masks[kept[:, None, None], rows_s[None, :, None],
-                                                                     cols_s[None, None, :]]
-    out['instance_masks'] = instance_masks
+            instance_masks[:k, : len(rows_s), : len(cols_s)] = masks[
+                kept[:, None, None], rows_s[None, :, None], cols_s[None, None, :]
+            ]
+    out["instance_masks"] = instance_masks
 
     valid = np.zeros((m,), bool)
     valid[:k] = True
-    out['instance_valid'] = valid
-    for key in ('is_crowd', 'is_thing'):
+    out["instance_valid"] = valid
+    for key in ("is_crowd", "is_thing"):
         values = np.zeros((m,), bool)
         values[:k] = np.asarray(example[key], bool)[kept]
         out[key] = values
 
     sem = np.full((out_h, out_w), IGNORE_LABEL, np.int32)
     if semantic is not None:
-        sem[:p.crop_h, :p.crop_w] = semantic[rows[:, None], cols[None, :]]
-    out['semantic'] = sem
+        sem[: p.crop_h, : p.crop_w] = semantic[rows[:, None], cols[None, :]]
+    out["semantic"] = sem
 
     panoptic = np.zeros((out_h, out_w), np.int32)
     if segment_canvas is not None:
         lut = np.zeros(n + 1, np.int32)
         lut[kept + 1] = np.arange(1, k + 1, dtype=np.int32)
-        panoptic[:p.crop_h, :p.crop_w] = lut[segment_canvas]
-    out['panoptic_ids'] = panoptic
+        panoptic[: p.crop_h, : p.crop_w] = lut[segment_canvas]
+    out["panoptic_ids"] = panoptic
 
-    out['image_id'] = np.int32(example['image_id'])
-    out['orig_size'] = np.array([p.src_h, p.src_w], np.int32)
-    out['scale'] = np.array([p.scale_y, p.scale_x], np.float32)
+    out["image_id"] = np.int32(example["image_id"])
+    out["orig_size"] = np.array([p.src_h, p.src_w], np.int32)
+    out["scale"] = np.array([p.scale_y, p.scale_x], np.float32)
     return out
 
 
 class DenseTrainTransform(grain.transforms.RandomMap):
     """Random scale jitter + fixed-size crop + flip + pad, then `render`."""
 
-    def __init__(self, spec: RenderSpec, scale_range: tuple[float, float] = (0.1, 2.0),
-                 scale_mode: str = 'fit', hflip: bool = True, cat_max_ratio: float = 1.0):
+    def __init__(
+        self,
+        spec: RenderSpec,
+        scale_range: tuple[float, float] = (0.1, 2.0),
+        scale_mode: str = "fit",
+        hflip: bool = True,
+        cat_max_ratio: float = 1.0,
+    ):
         if scale_mode not in SCALE_MODES:
-            raise ValueError(f'scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}')
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
         lo, hi = (float(v) for v in scale_range)
         if not 0 < lo <= hi:
-            raise ValueError(f'scale_range must satisfy 0 < low <= high, got {scale_range}')
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}")
         self.spec = spec
         self.scale_range = (lo, hi)
         self.scale_mode = scale_mode
@@ -313,20 +342,21 @@ class DenseTrainTransform(grain.transforms.RandomMap):
     def base_scale(self, height: int, width: int) -> float:
         """Resize factor at jitter 1.0."""
         out_h, out_w = self.spec.out_h, self.spec.out_w
-        if self.scale_mode == 'fit':
+        if self.scale_mode == "fit":
             return min(out_h / height, out_w / width)
         return min(min(out_h, out_w) / min(height, width), 4 * max(out_h, out_w) / max(height, width))
 
     def placement(self, example: Mapping[str, Any], rng: np.random.Generator) -> Placement:
         """Draws the jitter, flip and window for one example."""
-        height, width = example['image'].shape[:2]
+        height, width = example["image"].shape[:2]
         scale = rng.uniform(*self.scale_range) * self.base_scale(height, width)
         flip = bool(self.hflip and rng.random() < 0.5)
-        semantic = example.get('semantic')
+        semantic = example.get("semantic")
         tries = 10 if (self.cat_max_ratio < 1.0 and semantic is not None) else 1
         for _ in range(tries):
-            p = Placement.create(height, width, scale, self.spec.out_h, self.spec.out_w,
-                                 rng.random(), rng.random(), flip)
+            p = Placement.create(
+                height, width, scale, self.spec.out_h, self.spec.out_w, rng.random(), rng.random(), flip
+            )
             if tries == 1:
                 break
             crop = semantic[p.source_rows()[:, None], p.source_cols()[None, :]]
@@ -351,11 +381,15 @@ class DenseEvalTransform(grain.transforms.Map):
 
     def scale(self, height: int, width: int) -> float:
         """The eval resize factor; also keeps the image inside the canvas."""
-        return min(self.short_side / min(height, width), self.max_size / max(height, width),
-                   self.spec.out_h / height, self.spec.out_w / width)
+        return min(
+            self.short_side / min(height, width),
+            self.max_size / max(height, width),
+            self.spec.out_h / height,
+            self.spec.out_w / width,
+        )
 
     def map(self, element: DenseExample) -> dict[str, np.ndarray]:
-        height, width = element['image'].shape[:2]
+        height, width = element["image"].shape[:2]
         p = Placement.create(height, width, self.scale(height, width), self.spec.out_h, self.spec.out_w)
         return render(element, p, self.spec, self.normalize)
 
@@ -364,17 +398,17 @@ def empty_output(spec: RenderSpec) -> dict[str, np.ndarray]:
     """An all-padding output with the same keys, shapes and dtypes as `render`."""
     m, stride = spec.max_instances, spec.mask_stride
     return {
-        'image': np.zeros((spec.out_h, spec.out_w, 3), np.float32),
-        'image_mask': np.zeros((spec.out_h, spec.out_w), bool),
-        'boxes': np.zeros((m, 4), np.float32),
-        'classes': np.full((m,), -1, np.int32),
-        'instance_masks': np.zeros((m, spec.out_h // stride, spec.out_w // stride), np.uint8),
-        'instance_valid': np.zeros((m,), bool),
-        'is_crowd': np.zeros((m,), bool),
-        'is_thing': np.zeros((m,), bool),
-        'semantic': np.full((spec.out_h, spec.out_w), IGNORE_LABEL, np.int32),
-        'panoptic_ids': np.zeros((spec.out_h, spec.out_w), np.int32),
-        'image_id': np.int32(0),
-        'orig_size': np.zeros((2,), np.int32),
-        'scale': np.zeros((2,), np.float32),
+        "image": np.zeros((spec.out_h, spec.out_w, 3), np.float32),
+        "image_mask": np.zeros((spec.out_h, spec.out_w), bool),
+        "boxes": np.zeros((m, 4), np.float32),
+        "classes": np.full((m,), -1, np.int32),
+        "instance_masks": np.zeros((m, spec.out_h // stride, spec.out_w // stride), np.uint8),
+        "instance_valid": np.zeros((m,), bool),
+        "is_crowd": np.zeros((m,), bool),
+        "is_thing": np.zeros((m,), bool),
+        "semantic": np.full((spec.out_h, spec.out_w), IGNORE_LABEL, np.int32),
+        "panoptic_ids": np.zeros((spec.out_h, spec.out_w), np.int32),
+        "image_id": np.int32(0),
+        "orig_size": np.zeros((2,), np.int32),
+        "scale": np.zeros((2,), np.float32),
     }

@@ -30,7 +30,7 @@ from PIL import Image
 
 NUM_CLASSES = 10
 TEST_FRACTION = 0.2
-SPLIT_SIZES = {'train': 1437, 'test': 360}
+SPLIT_SIZES = {"train": 1437, "test": 360}
 
 
 def digit_images_uint8() -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +50,7 @@ def split_ids(labels: np.ndarray) -> dict[str, np.ndarray]:
     test_counts = np.floor(quotas).astype(np.int64)
     missing = math.ceil(len(labels) * TEST_FRACTION) - int(test_counts.sum())
     # Largest remainder first; stable sort keeps the lower class id on ties.
-    order = np.argsort(-(quotas - test_counts), kind='stable')
+    order = np.argsort(-(quotas - test_counts), kind="stable")
     test_counts[order[:missing]] += 1
 
     test_ids = []
@@ -60,32 +60,34 @@ def split_ids(labels: np.ndarray) -> dict[str, np.ndarray]:
         test_ids.append(ids_c[perm[: test_counts[c]]])
     test = np.sort(np.concatenate(test_ids))
     train = np.setdiff1d(np.arange(len(labels)), test)
-    return {'train': train, 'test': test}
+    return {"train": train, "test": test}
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image, mode='RGB').save(buffer, format='PNG')
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 class Digits(tfds.core.GeneratorBasedBuilder):
     """tfds builder for scikit-learn's 8x8 handwritten digits."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release: fixed stratified 1437/360 split.'}
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release: fixed stratified 1437/360 split."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            description='scikit-learn load_digits(): 8x8 handwritten digits.',
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(8, 8, 3), encoding_format='png'),
-                'label': tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-                'id': tfds.features.Scalar(dtype=np.int64),
-            }),
-            supervised_keys=('image', 'label'),
-            homepage='https://scikit-learn.org/stable/datasets/toy_dataset.html',
+            description="scikit-learn load_digits(): 8x8 handwritten digits.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(8, 8, 3), encoding_format="png"),
+                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                    "id": tfds.features.Scalar(dtype=np.int64),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
@@ -94,19 +96,16 @@ class Digits(tfds.core.GeneratorBasedBuilder):
         ids = split_ids(labels)
         sizes = {name: len(split) for name, split in ids.items()}
         if sizes != SPLIT_SIZES:
-            raise RuntimeError(f'digits split sizes {sizes} differ from the documented {SPLIT_SIZES}')
-        return {
-            name: self._generate_examples(images, labels, split_ids_)
-            for name, split_ids_ in ids.items()
-        }
+            raise RuntimeError(f"digits split sizes {sizes} differ from the documented {SPLIT_SIZES}")
+        return {name: self._generate_examples(images, labels, split_ids_) for name, split_ids_ in ids.items()}
 
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray, ids: np.ndarray):
         for i in ids:
             i = int(i)
             yield i, {
-                'image': _png_bytes(images[i]),
-                'label': int(labels[i]),
-                'id': i,
+                "image": _png_bytes(images[i]),
+                "label": int(labels[i]),
+                "id": i,
             }
 
 
@@ -117,7 +116,7 @@ def prepare_digits(data_dir: str | None = None) -> Digits:
     """
     if data_dir is not None:
         data_dir = os.path.expanduser(data_dir)
-    builder = Digits(data_dir=data_dir, file_format='array_record')
+    builder = Digits(data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        builder.download_and_prepare(file_format='array_record')
+        builder.download_and_prepare(file_format="array_record")
     return builder

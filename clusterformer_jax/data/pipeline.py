@@ -75,12 +75,12 @@ from clusterformer_jax.data import transforms as T
 
 _log = logging.getLogger(__name__)
 
-DATASETS = ('digits', 'imagenet2012')
+DATASETS = ("digits", "imagenet2012")
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    'digits': dict(eval_split='test', image_size=32, train_augment='resize', hflip=False,
-                   cache_train=True, num_threads=0),
-    'imagenet2012': dict(
-        eval_split='validation', image_size=224, train_augment='inception_crop', hflip=True),
+    "digits": dict(
+        eval_split="test", image_size=32, train_augment="resize", hflip=False, cache_train=True, num_threads=0
+    ),
+    "imagenet2012": dict(eval_split="validation", image_size=224, train_augment="inception_crop", hflip=True),
 }
 # Consecutive unreadable records after which the split is declared broken.
 _MAX_CONSECUTIVE_FAILURES = 1000
@@ -95,7 +95,7 @@ def skipped_examples() -> int:
 
 
 def _dataset_name(cfg: Mapping[str, Any]) -> str:
-    name = cfg.get('dataset')
+    name = cfg.get("dataset")
     if name not in DATASETS:
         raise ValueError(
             f'Unknown dataset {name!r} (data_dir={cfg.get("data_dir")!r}); set'
@@ -116,12 +116,12 @@ def _prepare_command(cfg: Mapping[str, Any]) -> str:
     return (
         f'python -m clusterformer_jax.data.pipeline --dataset={cfg["dataset"]}'
         f' --data_dir={cfg.get("data_dir") or "DATA_DIR"}'
-        + (' --manual_dir=MANUAL_DIR' if cfg['dataset'] == 'imagenet2012' else '')
+        + (" --manual_dir=MANUAL_DIR" if cfg["dataset"] == "imagenet2012" else "")
     )
 
 
 def _data_dir(cfg: Mapping[str, Any]) -> str | None:
-    data_dir = cfg.get('data_dir')
+    data_dir = cfg.get("data_dir")
     return os.path.expanduser(data_dir) if data_dir else None
 
 
@@ -129,27 +129,25 @@ def _builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     """Returns the prepared (array_record) builder for `cfg.dataset`."""
     name = _dataset_name(cfg)
     data_dir = _data_dir(cfg)
-    if name == 'digits':
+    if name == "digits":
         return digits_lib.prepare_digits(data_dir)
-    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
-        manual_dir = cfg.get('manual_dir')
+        manual_dir = cfg.get("manual_dir")
         if not manual_dir:
             raise ValueError(
-                f'Dataset {name!r} is not prepared in {builder.data_dir} and'
-                f' config.input.manual_dir is unset; run: {_prepare_command(cfg)}'
+                f"Dataset {name!r} is not prepared in {builder.data_dir} and"
+                f" config.input.manual_dir is unset; run: {_prepare_command(cfg)}"
             )
         builder.download_and_prepare(
-            file_format='array_record',
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=os.path.expanduser(manual_dir)
-            ),
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir)),
         )
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
         raise ValueError(
-            f'Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value},'
-            f' not array_record (needed for random access); re-prepare it with:'
-            f' {_prepare_command(cfg)}'
+            f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value},"
+            f" not array_record (needed for random access); re-prepare it with:"
+            f" {_prepare_command(cfg)}"
         )
     return builder
 
@@ -163,7 +161,7 @@ def _num_examples(builder: tfds.core.DatasetBuilder, cfg: Mapping[str, Any], spl
         raise ValueError(
             f'Split {split!r} of dataset {cfg["dataset"]!r} is missing or empty in'
             f' {builder.data_dir} (available: {", ".join(builder.info.splits)});'
-            f' prepare it with: {_prepare_command(cfg)}'
+            f" prepare it with: {_prepare_command(cfg)}"
         )
     return num
 
@@ -195,13 +193,15 @@ class _DecodedSource:
                 self._consecutive_failures += 1
                 count, consecutive = _skipped, self._consecutive_failures
             if consecutive >= _MAX_CONSECUTIVE_FAILURES:
-                raise RuntimeError(
-                    f'{consecutive} consecutive records of {self._description} failed to load'
-                ) from e
+                raise RuntimeError(f"{consecutive} consecutive records of {self._description} failed to load") from e
             if count <= 20 or count % 1000 == 0:
                 _log.warning(
-                    'Skipping record %d of %s (%d skipped so far): %s: %s',
-                    index, self._description, count, type(e).__name__, e,
+                    "Skipping record %d of %s (%d skipped so far): %s: %s",
+                    index,
+                    self._description,
+                    count,
+                    type(e).__name__,
+                    e,
                 )
             return None
         self._consecutive_failures = 0
@@ -255,64 +255,63 @@ def _process_layout(
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(
-            f'global_batch_size {global_batch_size} must be a positive multiple of'
-            f' process_count {process_count}'
+            f"global_batch_size {global_batch_size} must be a positive multiple of" f" process_count {process_count}"
         )
     return process_index, process_count, global_batch_size // process_count
 
 
 def _read_options(cfg: Mapping[str, Any], local_batch: int) -> grain.ReadOptions:
     return grain.ReadOptions(
-        num_threads=int(_field(cfg, 'num_threads', 2)),
-        prefetch_buffer_size=int(_field(cfg, 'prefetch_buffer_size', 2 * local_batch)),
+        num_threads=int(_field(cfg, "num_threads", 2)),
+        prefetch_buffer_size=int(_field(cfg, "prefetch_buffer_size", 2 * local_batch)),
     )
 
 
 def _check_config(cfg: Mapping[str, Any]) -> None:
-    if _dataset_name(cfg) == 'digits' and _field(cfg, 'hflip'):
-        raise ValueError('hflip must be False for digits (mirrored digits change meaning).')
-    augment = _field(cfg, 'train_augment')
-    if augment not in ('inception_crop', 'resize'):
+    if _dataset_name(cfg) == "digits" and _field(cfg, "hflip"):
+        raise ValueError("hflip must be False for digits (mirrored digits change meaning).")
+    augment = _field(cfg, "train_augment")
+    if augment not in ("inception_crop", "resize"):
         raise ValueError(f"train_augment must be 'inception_crop' or 'resize', got {augment!r}")
 
 
 def train_transforms(cfg: Mapping[str, Any]) -> T.Compose:
     """The per-example training transform for `cfg` (uint8 in, float32 out)."""
     _check_config(cfg)
-    size = int(_field(cfg, 'image_size'))
-    method = _field(cfg, 'resize_method', 'bicubic')
-    mean = tuple(_field(cfg, 'mean', T.IMAGENET_MEAN))
+    size = int(_field(cfg, "image_size"))
+    method = _field(cfg, "resize_method", "bicubic")
+    mean = tuple(_field(cfg, "mean", T.IMAGENET_MEAN))
     steps: list[Any] = []
-    if _field(cfg, 'train_augment') == 'inception_crop':
+    if _field(cfg, "train_augment") == "inception_crop":
         steps.append(T.RandomResizedCrop(size, method=method))
     else:
         steps.append(T.Resize(size, method=method))
-    if _field(cfg, 'hflip'):
+    if _field(cfg, "hflip"):
         steps.append(T.RandomHorizontalFlip(0.5))
-    spec = _field(cfg, 'randaugment')
+    spec = _field(cfg, "randaugment")
     if spec:
         fill = tuple(int(round(m)) for m in mean)
         steps.append(T.RandAugment.from_string(spec, fill=fill, method=method))
-    steps.append(T.Normalize(mean, _field(cfg, 'std', T.IMAGENET_STD)))
-    erase_prob = float(_field(cfg, 'random_erase_prob', 0.0))
+    steps.append(T.Normalize(mean, _field(cfg, "std", T.IMAGENET_STD)))
+    erase_prob = float(_field(cfg, "random_erase_prob", 0.0))
     if erase_prob > 0:
-        steps.append(T.RandomErasing(erase_prob, mode='rand'))
+        steps.append(T.RandomErasing(erase_prob, mode="rand"))
     return T.Compose(steps)
 
 
 def eval_transforms(cfg: Mapping[str, Any]) -> T.Compose:
     """The deterministic eval transform for `cfg` (uint8 in, float32 out)."""
     _check_config(cfg)
-    size = int(_field(cfg, 'image_size'))
-    method = _field(cfg, 'resize_method', 'bicubic')
-    if _field(cfg, 'train_augment') == 'resize':
+    size = int(_field(cfg, "image_size"))
+    method = _field(cfg, "resize_method", "bicubic")
+    if _field(cfg, "train_augment") == "resize":
         resize = T.Resize(size, method=method)
     else:
-        resize = T.ResizeShorterCenterCrop(size, float(_field(cfg, 'eval_crop_pct', 0.875)), method)
-    normalize = T.Normalize(_field(cfg, 'mean', T.IMAGENET_MEAN), _field(cfg, 'std', T.IMAGENET_STD))
+        resize = T.ResizeShorterCenterCrop(size, float(_field(cfg, "eval_crop_pct", 0.875)), method)
+    normalize = T.Normalize(_field(cfg, "mean", T.IMAGENET_MEAN), _field(cfg, "std", T.IMAGENET_STD))
     return T.Compose([resize, normalize])
 
 
@@ -320,10 +319,10 @@ def get_dataset_info(config: Mapping[str, Any]) -> dict[str, int]:
     """Returns {'num_classes', 'num_train', 'num_eval', 'image_size'} (global counts)."""
     builder = _builder(config)
     return {
-        'num_classes': int(builder.info.features['label'].num_classes),
-        'num_train': _num_examples(builder, config, _field(config, 'train_split', 'train')),
-        'num_eval': _num_examples(builder, config, _field(config, 'eval_split')),
-        'image_size': int(_field(config, 'image_size')),
+        "num_classes": int(builder.info.features["label"].num_classes),
+        "num_train": _num_examples(builder, config, _field(config, "train_split", "train")),
+        "num_eval": _num_examples(builder, config, _field(config, "eval_split")),
+        "image_size": int(_field(config, "image_size")),
     }
 
 
@@ -349,8 +348,8 @@ def create_train_iterator(
     """
     pi, pc, local_batch = _process_layout(global_batch_size, process_index, process_count)
     transform = train_transforms(config)
-    source = _open_split(config, _field(config, 'train_split', 'train'))
-    if _field(config, 'cache_train', False):
+    source = _open_split(config, _field(config, "train_split", "train"))
+    if _field(config, "cache_train", False):
         prefix, transform = transform.split_deterministic()
         source = _CachedSource(source, prefix)
     shuffle_seed, augment_seed = _seeds(seed, pi)
@@ -366,7 +365,7 @@ def create_train_iterator(
     # Batches are stacked in a background thread so the trainer's thread only dispatches steps (14% of
     # quickstart step time was spent waiting on stacking without it). The iterator state still counts
     # consumed batches only, so checkpoints resume exactly.
-    ahead = int(_field(config, 'batch_prefetch', 2))
+    ahead = int(_field(config, "batch_prefetch", 2))
     if ahead > 0:
         it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=ahead)
     return iter(it_ds)
@@ -380,9 +379,14 @@ class EvalElement(grain.transforms.Map):
     them in worker processes). Shared by the classification and dense pipelines.
     """
 
-    def __init__(self, source: _DecodedSource, process_index: int, process_count: int,
-                 transform: Callable[[dict[str, Any]], dict[str, np.ndarray]],
-                 padding: Callable[[], dict[str, np.ndarray]]):
+    def __init__(
+        self,
+        source: _DecodedSource,
+        process_index: int,
+        process_count: int,
+        transform: Callable[[dict[str, Any]], dict[str, np.ndarray]],
+        padding: Callable[[], dict[str, np.ndarray]],
+    ):
         self._source = source
         self._num = len(source)
         self._pi = process_index
@@ -394,17 +398,17 @@ class EvalElement(grain.transforms.Map):
         index = self._pi + position * self._pc
         element = self._source[index] if index < self._num else None
         if element is None:
-            return {**self._padding(), 'mask': np.float32(0.0)}
-        return {**self._transform(element), 'mask': np.float32(1.0)}
+            return {**self._padding(), "mask": np.float32(0.0)}
+        return {**self._transform(element), "mask": np.float32(1.0)}
 
 
 def _image_label(transform: T.Compose, element: dict[str, Any]) -> dict[str, np.ndarray]:
     element = transform.map(element)
-    return {'image': element['image'], 'label': element['label']}
+    return {"image": element["image"], "label": element["label"]}
 
 
 def _blank_example(size: int) -> dict[str, np.ndarray]:
-    return {'image': np.zeros((size, size, 3), np.float32), 'label': np.int32(0)}
+    return {"image": np.zeros((size, size, 3), np.float32), "label": np.int32(0)}
 
 
 def create_eval_iterator(
@@ -423,11 +427,16 @@ def create_eval_iterator(
     """
     pi, pc, local_batch = _process_layout(global_batch_size, process_index, process_count)
     transform = eval_transforms(config)
-    source = _open_split(config, _field(config, 'eval_split'))
+    source = _open_split(config, _field(config, "eval_split"))
     per_process = math.ceil(len(source) / pc)
     num_batches = math.ceil(per_process / local_batch)
-    element = EvalElement(source, pi, pc, functools.partial(_image_label, transform),
-                          functools.partial(_blank_example, int(_field(config, 'image_size'))))
+    element = EvalElement(
+        source,
+        pi,
+        pc,
+        functools.partial(_image_label, transform),
+        functools.partial(_blank_example, int(_field(config, "image_size"))),
+    )
     ds = grain.MapDataset.range(num_batches * local_batch).map(element)
     it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
     return it_ds.batch(local_batch, drop_remainder=True)
@@ -436,16 +445,16 @@ def create_eval_iterator(
 def main(argv: list[str] | None = None) -> None:
     """Prepares a dataset in array_record format (see the module docstring)."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument('--dataset', required=True, choices=DATASETS)
-    parser.add_argument('--data_dir', default=None)
-    parser.add_argument('--manual_dir', default=None)
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--manual_dir", default=None)
     args = parser.parse_args(argv)
-    cfg = {'dataset': args.dataset, 'data_dir': args.data_dir, 'manual_dir': args.manual_dir}
+    cfg = {"dataset": args.dataset, "data_dir": args.data_dir, "manual_dir": args.manual_dir}
     builder = _builder(cfg)
-    print(f'{builder.info.full_name} ready in {builder.data_dir}:')
+    print(f"{builder.info.full_name} ready in {builder.data_dir}:")
     for name, split in builder.info.splits.items():
-        print(f'  {name}: {split.num_examples} examples')
+        print(f"  {name}: {split.num_examples} examples")
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     main()

@@ -33,9 +33,9 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 _RESAMPLE = {
-    'bicubic': Image.Resampling.BICUBIC,
-    'bilinear': Image.Resampling.BILINEAR,
-    'nearest': Image.Resampling.NEAREST,
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
 }
 
 
@@ -44,9 +44,7 @@ def resample_filter(method: str) -> Image.Resampling:
     try:
         return _RESAMPLE[method]
     except KeyError:
-        raise ValueError(
-            f'Unknown resize method {method!r}; expected one of {sorted(_RESAMPLE)}.'
-        ) from None
+        raise ValueError(f"Unknown resize method {method!r}; expected one of {sorted(_RESAMPLE)}.") from None
 
 
 class ImageMap(grain.transforms.Map):
@@ -56,7 +54,7 @@ class ImageMap(grain.transforms.Map):
         raise NotImplementedError
 
     def map(self, element: Element) -> Element:
-        return {**element, 'image': self.apply(element['image'])}
+        return {**element, "image": self.apply(element["image"])}
 
 
 class ImageRandomMap(grain.transforms.RandomMap):
@@ -66,7 +64,7 @@ class ImageRandomMap(grain.transforms.RandomMap):
         raise NotImplementedError
 
     def random_map(self, element: Element, rng: np.random.Generator) -> Element:
-        return {**element, 'image': self.apply(element['image'], rng)}
+        return {**element, "image": self.apply(element["image"], rng)}
 
 
 class Compose(grain.transforms.RandomMap):
@@ -91,17 +89,19 @@ class Compose(grain.transforms.RandomMap):
     def is_random(self) -> bool:
         return any(isinstance(t, grain.transforms.RandomMap) for t in self.transforms)
 
-    def split_deterministic(self) -> tuple['Compose', 'Compose']:
+    def split_deterministic(self) -> tuple["Compose", "Compose"]:
         """(leading non-random steps, the rest): the first part's output depends on the element only."""
-        cut = next((i for i, t in enumerate(self.transforms) if isinstance(t, grain.transforms.RandomMap)),
-                   len(self.transforms))
+        cut = next(
+            (i for i, t in enumerate(self.transforms) if isinstance(t, grain.transforms.RandomMap)),
+            len(self.transforms),
+        )
         return Compose(self.transforms[:cut]), Compose(self.transforms[cut:])
 
     def map(self, element: Element) -> Element:
         """Applies the transforms when none of them is random."""
         for t in self.transforms:
             if isinstance(t, grain.transforms.RandomMap):
-                raise TypeError(f'{type(t).__name__} needs an rng; use random_map.')
+                raise TypeError(f"{type(t).__name__} needs an rng; use random_map.")
             element = t.map(element)
         return element
 
@@ -115,7 +115,7 @@ class DecodeImage(grain.transforms.Map):
     for anything it cannot turn into a non-empty RGB image.
     """
 
-    def __init__(self, image_key: str = 'image', label_key: str = 'label'):
+    def __init__(self, image_key: str = "image", label_key: str = "label"):
         self.image_key = image_key
         self.label_key = label_key
 
@@ -124,10 +124,10 @@ class DecodeImage(grain.transforms.Map):
         if isinstance(image, (bytes, np.bytes_)):
             with Image.open(io.BytesIO(bytes(image))) as pil:
                 pil.load()
-                image = np.asarray(pil.convert('RGB'))
+                image = np.asarray(pil.convert("RGB"))
         image = np.asarray(image)
         if image.dtype != np.uint8:
-            raise ValueError(f'expected a uint8 image, got dtype {image.dtype}')
+            raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
         if image.ndim == 3 and image.shape[-1] == 1:
             image = image[..., 0]
         if image.ndim == 2:
@@ -135,20 +135,20 @@ class DecodeImage(grain.transforms.Map):
         elif image.ndim == 3 and image.shape[-1] == 4:
             image = image[..., :3]
         if image.ndim != 3 or image.shape[-1] != 3 or 0 in image.shape:
-            raise ValueError(f'cannot use an image of shape {image.shape}')
+            raise ValueError(f"cannot use an image of shape {image.shape}")
         return np.ascontiguousarray(image)
 
     def map(self, element: Element) -> Element:
         return {
-            'image': self.to_rgb(element[self.image_key]),
-            'label': np.int32(element[self.label_key]),
+            "image": self.to_rgb(element[self.image_key]),
+            "label": np.int32(element[self.label_key]),
         }
 
 
 class Resize(ImageMap):
     """Resizes to a fixed (size, size), ignoring the aspect ratio."""
 
-    def __init__(self, size: int, method: str = 'bicubic'):
+    def __init__(self, size: int, method: str = "bicubic"):
         self.size = size
         self.resample = resample_filter(method)
 
@@ -167,9 +167,9 @@ class ResizeShorterCenterCrop(ImageMap):
     like torchvision's `CenterCrop`.
     """
 
-    def __init__(self, size: int, crop_pct: float = 0.875, method: str = 'bicubic'):
+    def __init__(self, size: int, crop_pct: float = 0.875, method: str = "bicubic"):
         if not 0 < crop_pct <= 1:
-            raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}')
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.size = size
         self.crop_pct = crop_pct
         self.resample = resample_filter(method)
@@ -187,7 +187,7 @@ class ResizeShorterCenterCrop(ImageMap):
             image = np.asarray(Image.fromarray(image).resize((new_w, new_h), self.resample))
         top = int(round((new_h - self.size) / 2.0))
         left = int(round((new_w - self.size) / 2.0))
-        return np.ascontiguousarray(image[top:top + self.size, left:left + self.size])
+        return np.ascontiguousarray(image[top : top + self.size, left : left + self.size])
 
 
 class RandomResizedCrop(ImageRandomMap):
@@ -203,7 +203,7 @@ class RandomResizedCrop(ImageRandomMap):
         size: int,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        method: str = 'bicubic',
+        method: str = "bicubic",
     ):
         self.size = size
         self.scale = scale
@@ -280,9 +280,9 @@ class RandomErasing(ImageRandomMap):
         p: float = 0.25,
         area: tuple[float, float] = (0.02, 1 / 3),
         min_aspect: float = 0.3,
-        mode: str = 'rand',
+        mode: str = "rand",
     ):
-        if mode not in ('rand', 'pixel', 'const'):
+        if mode not in ("rand", "pixel", "const"):
             raise ValueError(f"RandomErasing mode must be 'rand', 'pixel' or 'const', got {mode!r}")
         self.p = p
         self.area = area
@@ -301,14 +301,14 @@ class RandomErasing(ImageRandomMap):
             if w < width and h < height:
                 top = int(rng.integers(0, height - h + 1))
                 left = int(rng.integers(0, width - w + 1))
-                if self.mode == 'pixel':
+                if self.mode == "pixel":
                     fill = rng.standard_normal((h, w, channels))
-                elif self.mode == 'rand':
+                elif self.mode == "rand":
                     fill = rng.standard_normal((1, 1, channels))
                 else:
                     fill = 0.0
                 image = image.copy()
-                image[top:top + h, left:left + w] = fill
+                image[top : top + h, left : left + w] = fill
                 return image
         return image
 
@@ -339,24 +339,24 @@ def _posterize(img: Image.Image, bits: int) -> Image.Image:
 
 # Each op: (image, resample filter, fill colour, *level args) -> image.
 _OPS: dict[str, Callable[..., Image.Image]] = {
-    'AutoContrast': lambda img, r, f: ImageOps.autocontrast(img),
-    'Equalize': lambda img, r, f: ImageOps.equalize(img),
-    'Invert': lambda img, r, f: ImageOps.invert(img),
-    'Rotate': lambda img, r, f, deg: img.rotate(deg, resample=r, fillcolor=f),
-    'Posterize': lambda img, r, f, bits: _posterize(img, bits),
-    'Solarize': lambda img, r, f, thresh: ImageOps.solarize(img, thresh),
-    'SolarizeAdd': lambda img, r, f, add: _solarize_add(img, add),
-    'Color': lambda img, r, f, x: ImageEnhance.Color(img).enhance(x),
-    'Contrast': lambda img, r, f, x: ImageEnhance.Contrast(img).enhance(x),
-    'Brightness': lambda img, r, f, x: ImageEnhance.Brightness(img).enhance(x),
-    'Sharpness': lambda img, r, f, x: ImageEnhance.Sharpness(img).enhance(x),
-    'ShearX': lambda img, r, f, x: _affine(img, (1, x, 0, 0, 1, 0), r, f),
-    'ShearY': lambda img, r, f, x: _affine(img, (1, 0, 0, x, 1, 0), r, f),
-    'TranslateXRel': lambda img, r, f, x: _affine(img, (1, 0, x * img.size[0], 0, 1, 0), r, f),
-    'TranslateYRel': lambda img, r, f, x: _affine(img, (1, 0, 0, 0, 1, x * img.size[1]), r, f),
+    "AutoContrast": lambda img, r, f: ImageOps.autocontrast(img),
+    "Equalize": lambda img, r, f: ImageOps.equalize(img),
+    "Invert": lambda img, r, f: ImageOps.invert(img),
+    "Rotate": lambda img, r, f, deg: img.rotate(deg, resample=r, fillcolor=f),
+    "Posterize": lambda img, r, f, bits: _posterize(img, bits),
+    "Solarize": lambda img, r, f, thresh: ImageOps.solarize(img, thresh),
+    "SolarizeAdd": lambda img, r, f, add: _solarize_add(img, add),
+    "Color": lambda img, r, f, x: ImageEnhance.Color(img).enhance(x),
+    "Contrast": lambda img, r, f, x: ImageEnhance.Contrast(img).enhance(x),
+    "Brightness": lambda img, r, f, x: ImageEnhance.Brightness(img).enhance(x),
+    "Sharpness": lambda img, r, f, x: ImageEnhance.Sharpness(img).enhance(x),
+    "ShearX": lambda img, r, f, x: _affine(img, (1, x, 0, 0, 1, 0), r, f),
+    "ShearY": lambda img, r, f, x: _affine(img, (1, 0, 0, x, 1, 0), r, f),
+    "TranslateXRel": lambda img, r, f, x: _affine(img, (1, 0, x * img.size[0], 0, 1, 0), r, f),
+    "TranslateYRel": lambda img, r, f, x: _affine(img, (1, 0, 0, 0, 1, x * img.size[1]), r, f),
 }
-for _name in ('Posterize', 'Solarize', 'Color', 'Contrast', 'Brightness', 'Sharpness'):
-    _OPS[_name + 'Increasing'] = _OPS[_name]
+for _name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"):
+    _OPS[_name + "Increasing"] = _OPS[_name]
 
 
 def _negate(value: float, rng: np.random.Generator) -> float:
@@ -369,39 +369,62 @@ def _enhance_increasing(level: float, rng: np.random.Generator) -> tuple[float]:
 
 # Each level fn: (magnitude level in [0, 10], rng) -> op args.
 _LEVEL_FNS: dict[str, Callable[[float, np.random.Generator], tuple]] = {
-    'AutoContrast': lambda lv, rng: (),
-    'Equalize': lambda lv, rng: (),
-    'Invert': lambda lv, rng: (),
-    'Rotate': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 30.0, rng),),
-    'Posterize': lambda lv, rng: (int(lv / _LEVEL_DENOM * 4),),
-    'PosterizeIncreasing': lambda lv, rng: (4 - int(lv / _LEVEL_DENOM * 4),),
-    'Solarize': lambda lv, rng: (int(lv / _LEVEL_DENOM * 256),),
-    'SolarizeIncreasing': lambda lv, rng: (256 - int(lv / _LEVEL_DENOM * 256),),
-    'SolarizeAdd': lambda lv, rng: (min(128, int(lv / _LEVEL_DENOM * 110)),),
-    'Color': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
-    'Contrast': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
-    'Brightness': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
-    'Sharpness': lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
-    'ColorIncreasing': _enhance_increasing,
-    'ContrastIncreasing': _enhance_increasing,
-    'BrightnessIncreasing': _enhance_increasing,
-    'SharpnessIncreasing': _enhance_increasing,
-    'ShearX': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.3, rng),),
-    'ShearY': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.3, rng),),
-    'TranslateXRel': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.45, rng),),
-    'TranslateYRel': lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.45, rng),),
+    "AutoContrast": lambda lv, rng: (),
+    "Equalize": lambda lv, rng: (),
+    "Invert": lambda lv, rng: (),
+    "Rotate": lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 30.0, rng),),
+    "Posterize": lambda lv, rng: (int(lv / _LEVEL_DENOM * 4),),
+    "PosterizeIncreasing": lambda lv, rng: (4 - int(lv / _LEVEL_DENOM * 4),),
+    "Solarize": lambda lv, rng: (int(lv / _LEVEL_DENOM * 256),),
+    "SolarizeIncreasing": lambda lv, rng: (256 - int(lv / _LEVEL_DENOM * 256),),
+    "SolarizeAdd": lambda lv, rng: (min(128, int(lv / _LEVEL_DENOM * 110)),),
+    "Color": lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
+    "Contrast": lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
+    "Brightness": lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
+    "Sharpness": lambda lv, rng: (lv / _LEVEL_DENOM * 1.8 + 0.1,),
+    "ColorIncreasing": _enhance_increasing,
+    "ContrastIncreasing": _enhance_increasing,
+    "BrightnessIncreasing": _enhance_increasing,
+    "SharpnessIncreasing": _enhance_increasing,
+    "ShearX": lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.3, rng),),
+    "ShearY": lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.3, rng),),
+    "TranslateXRel": lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.45, rng),),
+    "TranslateYRel": lambda lv, rng: (_negate(lv / _LEVEL_DENOM * 0.45, rng),),
 }
 
 RAND_OPS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize',
-    'SolarizeAdd', 'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX',
-    'ShearY', 'TranslateXRel', 'TranslateYRel',
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
 RAND_INCREASING_OPS = (
-    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
-    'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
-    'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
-    'TranslateXRel', 'TranslateYRel',
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
 )
 
 
@@ -423,7 +446,7 @@ class RandAugment(ImageRandomMap):
         prob: float = 0.5,
         increasing: bool = True,
         fill: tuple[int, int, int] = (124, 116, 104),
-        method: str = 'bicubic',
+        method: str = "bicubic",
     ):
         self.num_ops = num_ops
         self.magnitude = magnitude
@@ -437,34 +460,34 @@ class RandAugment(ImageRandomMap):
     @classmethod
     def from_string(cls, spec: str, **kwargs: Any) -> RandAugment:
         """Parses timm's 'rand-m9-n2-mstd0.5-mmax10-p0.5-inc1' notation."""
-        parts = spec.split('-')
-        if parts[0] != 'rand':
+        parts = spec.split("-")
+        if parts[0] != "rand":
             raise ValueError(f"RandAugment spec must start with 'rand', got {spec!r}")
         args: dict[str, Any] = {}
         for part in parts[1:]:
-            match = re.fullmatch(r'(mstd|mmax|inc|m|n|p)([\d.]+|inf)', part)
+            match = re.fullmatch(r"(mstd|mmax|inc|m|n|p)([\d.]+|inf)", part)
             if match is None:
-                raise ValueError(f'Unknown RandAugment option {part!r} in {spec!r}')
+                raise ValueError(f"Unknown RandAugment option {part!r} in {spec!r}")
             key, value = match.groups()
-            if key == 'm':
-                args['magnitude'] = float(value)
-            elif key == 'n':
-                args['num_ops'] = int(value)
-            elif key == 'mstd':
-                args['magnitude_std'] = float(value)
-            elif key == 'mmax':
-                args['magnitude_max'] = float(value)
-            elif key == 'p':
-                args['prob'] = float(value)
+            if key == "m":
+                args["magnitude"] = float(value)
+            elif key == "n":
+                args["num_ops"] = int(value)
+            elif key == "mstd":
+                args["magnitude_std"] = float(value)
+            elif key == "mmax":
+                args["magnitude_max"] = float(value)
+            elif key == "p":
+                args["prob"] = float(value)
             else:
-                args['increasing'] = bool(int(value))
+                args["increasing"] = bool(int(value))
         return cls(**{**args, **kwargs})
 
     def apply_op(self, img: Image.Image, name: str, rng: np.random.Generator) -> Image.Image:
         if self.prob < 1.0 and rng.random() > self.prob:
             return img
         level = self.magnitude
-        if self.magnitude_std == float('inf'):
+        if self.magnitude_std == float("inf"):
             level = rng.uniform(0.0, level)
         elif self.magnitude_std > 0:
             level = rng.normal(level, self.magnitude_std)

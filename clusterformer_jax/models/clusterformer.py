@@ -204,7 +204,6 @@ class ClusterFormerBackbone(nn.Module):
         return {"stages": stages, "centers": centers}
 
 
-
 class ClusterFormer(nn.Module):
     """The ClusterFormer classifier: ``__call__(images, train)`` -> float32 logits.
 
@@ -231,9 +230,7 @@ class ClusterFormer(nn.Module):
             pooled = jnp.concatenate([jnp.mean(s, axis=(1, 2)) for s in feats["stages"]], axis=-1)
             init = nn.initializers.normal(0.01)
         else:
-            pooled = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="head_norm")(
-                jnp.mean(feats["centers"], axis=1)
-            )
+            pooled = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="head_norm")(jnp.mean(feats["centers"], axis=1))
             init = nn.initializers.truncated_normal(0.02)
         pooled = nn.Dropout(self.drop_rate)(pooled, not train)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init, name="head")(pooled)

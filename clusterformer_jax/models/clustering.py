@@ -25,13 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clusterformer_jax.errors import ModelConfigError
 from clusterformer_jax.runtime import host_allocator
 
 Dtype = Any
-
-
-class ModelConfigError(ValueError):
-    """A model field or input shape that cannot work; the trainer reports it as a one-line config error."""
 
 
 ESTEP_AXES = ("clusters", "tokens")
@@ -101,9 +98,9 @@ def _depthwise_shifted_bwd(residuals, grad):
 
     def kernel_row(_, i):
         band = jax.lax.dynamic_slice(padded, (0, i, 0, 0), (batch, height, width + 2 * pad, channels))
-        return None, jnp.stack([
-            jnp.sum(band[:, :, j : j + width] * grad, axis=(0, 1, 2), dtype=jnp.float32) for j in range(k)
-        ])
+        return None, jnp.stack(
+            [jnp.sum(band[:, :, j : j + width] * grad, axis=(0, 1, 2), dtype=jnp.float32) for j in range(k)]
+        )
 
     grad_weight = jax.lax.scan(kernel_row, None, jnp.arange(k))[1]
     return grad_x, grad_weight.astype(weight.dtype)
@@ -143,8 +140,12 @@ class DepthwiseConv(nn.Module):
             out = depthwise_shifted(x, weight[:, :, 0])
         else:
             out = jax.lax.conv_general_dilated(
-                x, weight, (self.stride,) * 2, ((pad, pad), (pad, pad)),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
+                x,
+                weight,
+                (self.stride,) * 2,
+                ((pad, pad), (pad, pad)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=channels,
             )
         if self.use_bias:
             bias_init = self.bias_init or torch_default_bias_init(k * k)
@@ -172,9 +173,7 @@ class PointwiseParams(nn.Module):
 
 def adaptive_pool_bins(in_size: int, out_size: int) -> list[tuple[int, int]]:
     """Half-open input ranges of PyTorch's AdaptiveAvgPool: bin i is [floor(i*I/O), ceil((i+1)*I/O))."""
-    return [
-        ((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)) for i in range(out_size)
-    ]
+    return [((i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)) for i in range(out_size)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,9 +225,7 @@ def _flash_ungroup(t: jax.Array, heads: int) -> jax.Array:
     return t.reshape(g // heads, heads, l, e).transpose(0, 2, 1, 3).reshape(g, l, e)
 
 
-def window_partition(
-    x: jax.Array, heads: int, windows: int, partition: str
-) -> jax.Array:
+def window_partition(x: jax.Array, heads: int, windows: int, partition: str) -> jax.Array:
     """(B, H, W, heads*e) -> (B*heads*windows**2, n, n, e) with n = H / windows.
 
     ``spatial`` cuts true n x n windows. ``raw`` reproduces the released code: per (image, head) the
@@ -256,9 +253,7 @@ def raw_chunks(x: jax.Array, heads: int, windows: int) -> jax.Array:
     return x.reshape(b * heads * windows * windows, e, h * w // (windows * windows))
 
 
-def window_merge(
-    x: jax.Array, batch: int, heads: int, windows: int, partition: str
-) -> jax.Array:
+def window_merge(x: jax.Array, batch: int, heads: int, windows: int, partition: str) -> jax.Array:
     """Inverse of ``window_partition``: (B*heads*windows**2, n, n, e) -> (B, H, W, heads*e)."""
     _, n_h, n_w, e = x.shape
     h, w = n_h * windows, n_w * windows
@@ -594,9 +589,7 @@ class ClusteringMixer(nn.Module):
         center_dirs = l2_normalize(centers.astype(jnp.float32))
         if self.dispatch == "official":
             token_dirs = l2_normalize(dispatch_queries.astype(jnp.float32), axis=1)  # channel-first (G, e, N)
-            out = _hard_dispatch(
-                token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32)
-            )
+            out = _hard_dispatch(token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32))
             return (_unscramble(out) if raw else out), centers
         # Eq. 6: (1/K) sum_k sim(C_k, p_i) C_k (the MLP after it runs on the merged map)
         token_dirs = l2_normalize(dispatch_queries.astype(jnp.float32))
@@ -625,8 +618,9 @@ class ClusteringMixer(nn.Module):
             # center values one (G*e, N) x (N, K) matmul
             tokens = x.astype(self.dtype).reshape(b, h * w, self.dim)
             q_cf, v_cf, f_cf = (
-                (jnp.einsum("bnd,dc->bcn", tokens, k.astype(self.dtype)) + bias.astype(self.dtype)[:, None])
-                .reshape(g, e, n)
+                (jnp.einsum("bnd,dc->bcn", tokens, k.astype(self.dtype)) + bias.astype(self.dtype)[:, None]).reshape(
+                    g, e, n
+                )
                 for k, bias in zip(kernels, biases)
             )
             q_tok = jnp.swapaxes(q_cf, 1, 2)
@@ -661,9 +655,9 @@ class ClusteringMixer(nn.Module):
                 return carry, mdl._cluster_groups(chunk, alpha, beta)
 
             chunked = tuple(t.reshape(g // per_chunk, per_chunk, *t.shape[1:]) for t in group_inputs)
-            _, (out, centers) = nn.scan(
-                body, variable_broadcast="params", split_rngs={"params": False}
-            )(self, None, chunked)
+            _, (out, centers) = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(
+                self, None, chunked
+            )
             out, centers = out.reshape(g, *out.shape[2:]), centers.reshape(g, *centers.shape[2:])
 
         out = window_merge(out.astype(self.dtype).reshape(g, n_h, n_w, e), b, heads, windows, self.partition)

@@ -108,9 +108,7 @@ class ClusterMixer(nn.Module):
         mask = jax.nn.one_hot(first_argmax(sim, axis=1), m, axis=1, dtype=sim.dtype)  # each point: one center
         sim = sim * mask
         weight = sim if self.denominator == "similarity" else mask
-        agg = (jnp.einsum("gmn,gne->gme", sim, values) + value_centers) / (
-            jnp.sum(weight, axis=2, keepdims=True) + 1.0
-        )
+        agg = (jnp.einsum("gmn,gne->gme", sim, values) + value_centers) / (jnp.sum(weight, axis=2, keepdims=True) + 1.0)
         out = jnp.einsum("gmn,gme->gne", sim, agg).astype(self.dtype)
 
         out = out.reshape(b, heads, fold, fold, n_h, n_w, e)  # undo the regions, then merge the heads
@@ -139,7 +137,13 @@ class ContextClusterBlock(nn.Module):
         gamma1 = self.param("layer_scale_1", scale_init, (self.dim,))
         gamma2 = self.param("layer_scale_2", scale_init, (self.dim,))
         mixer = ClusterMixer(
-            self.dim, self.heads, self.head_dim, self.proposal, self.fold, self.denominator, self.dtype,
+            self.dim,
+            self.heads,
+            self.head_dim,
+            self.proposal,
+            self.fold,
+            self.denominator,
+            self.dtype,
             name="token_mixer",
         )
         x = x + DropPath(self.drop_path)(gamma1 * mixer(group_norm("norm1", self.dtype)(x)), deterministic)

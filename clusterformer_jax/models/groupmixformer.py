@@ -347,9 +347,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "gmf_tiny": dict(dims=(80, 160, 200, 240), depths=(4, 4, 12, 4), mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.1),
     "gmf_small": dict(dims=(80, 160, 320, 320), depths=(2, 4, 12, 4), mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.2),
     "gmf_base": dict(dims=(200, 240, 320, 480), depths=(8, 8, 12, 8), mlp_ratios=(2, 2, 4, 4), drop_path_rate=0.5),
-    "gmf_large": dict(
-        dims=(240, 320, 360, 480), depths=(8, 10, 30, 10), mlp_ratios=(4, 4, 2, 2), drop_path_rate=0.1
-    ),
+    "gmf_large": dict(dims=(240, 320, 360, 480), depths=(8, 10, 30, 10), mlp_ratios=(4, 4, 2, 2), drop_path_rate=0.1),
 }
 
 for _name, _preset in PRESETS.items():

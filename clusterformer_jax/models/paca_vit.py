@@ -41,17 +41,24 @@ def _conv_init(kernel: int, features: int, groups: int = 1) -> Callable:
     return nn.initializers.normal(math.sqrt(2.0 / (kernel * kernel * features // groups)))
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype, groups: int = 1,
-          use_bias: bool = True) -> nn.Module:
+def _conv(
+    features: int, kernel: int, stride: int, name: str, dtype: Dtype, groups: int = 1, use_bias: bool = True
+) -> nn.Module:
     """k x k conv with PyTorch's symmetric padding (k-1)/2 (never 'SAME', which pads stride-2 convs 0/1)."""
     if groups == features and groups > 1:  # depthwise
         init = _conv_init(kernel, features, groups)
         return DepthwiseConv(kernel, stride, use_bias, dtype, init, nn.initializers.zeros, name=name)
     pad = (kernel - 1) // 2
     return nn.Conv(
-        features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-        feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-        kernel_init=_conv_init(kernel, features, groups), name=name,
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=_conv_init(kernel, features, groups),
+        name=name,
     )
 
 
@@ -136,8 +143,9 @@ class PaCaAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, hw: Tuple[int, int], z: Optional[jax.Array],
-                 deterministic: bool) -> Tuple[jax.Array, Optional[jax.Array]]:
+    def __call__(
+        self, x: jax.Array, hw: Tuple[int, int], z: Optional[jax.Array], deterministic: bool
+    ) -> Tuple[jax.Array, Optional[jax.Array]]:
         b, n, c = x.shape
         if self.num_clusters > 0:
             if self.compute_clusters:
@@ -199,11 +207,21 @@ class PaCaBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, z: Optional[jax.Array], hw: Tuple[int, int],
-                 deterministic: bool) -> Tuple[jax.Array, Optional[jax.Array]]:
+    def __call__(
+        self, x: jax.Array, z: Optional[jax.Array], hw: Tuple[int, int], deterministic: bool
+    ) -> Tuple[jax.Array, Optional[jax.Array]]:
         attn = PaCaAttention(
-            self.dim, self.heads, self.num_clusters, self.compute_clusters, self.clustering, self.kernel,
-            self.mlp_ratio, self.attn_drop, self.drop, self.dtype, name="attn",
+            self.dim,
+            self.heads,
+            self.num_clusters,
+            self.compute_clusters,
+            self.clustering,
+            self.kernel,
+            self.mlp_ratio,
+            self.attn_drop,
+            self.drop,
+            self.dtype,
+            name="attn",
         )
         a, z = attn(_layer_norm("norm1", self.dtype)(x), hw, z, deterministic)
         x = x + DropPath(self.drop_path)(a, deterministic)
@@ -247,7 +265,9 @@ class PaCaViTBackbone(_PaCaFields):
             raise ModelConfigError(f"model field clustering={self.clustering!r} is not one of {CLUSTERINGS}")
         for stage, (dim, heads) in enumerate(zip(self.dims, self.num_heads)):
             if dim % heads:
-                raise ModelConfigError(f"model field dims[{stage}]={dim} is not divisible by num_heads[{stage}]={heads}")
+                raise ModelConfigError(
+                    f"model field dims[{stage}]={dim} is not divisible by num_heads[{stage}]={heads}"
+                )
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ModelConfigError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
 
@@ -349,8 +369,9 @@ class PaCaSegHead(nn.Module):
 
         def key_value(name: str) -> jax.Array:
             t = nn.Dense(self.channels, dtype=self.dtype, name=f"{name}_linear")(z)
-            t = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                             name=f"{name}_bn")(t)
+            t = nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f"{name}_bn"
+            )(t)
             return nn.relu(t)
 
         k, v = key_value("k"), key_value("v")
@@ -384,8 +405,9 @@ class PaCaViTSegmenter(_PaCaFields):
         return out
 
 
-def paca_seg_loss(outputs: Dict[str, jax.Array], labels: jax.Array, ignore_index: int = 255,
-                  aux_weight: float = 0.4) -> jax.Array:
+def paca_seg_loss(
+    outputs: Dict[str, jax.Array], labels: jax.Array, ignore_index: int = 255, aux_weight: float = 0.4
+) -> jax.Array:
     """Mean CE over non-ignored pixels of the logits plus ``aux_weight`` x the same CE of the cluster logits.
 
     ``labels`` (B, H, W) int; both logit maps are bilinearly resized to the label size first.
@@ -409,9 +431,7 @@ _SMALL = dict(depths=(3, 3, 10, 3))
 PRESETS: Dict[str, Dict[str, Any]] = {
     "pacavit_tiny_p2cconv_100_0": dict(depths=(2, 2, 4, 2), drop_path_rate=0.1),
     "pacavit_small_p2cconv_100_0": dict(_SMALL),
-    "pacavit_base_p2cconv_100_0": dict(
-        depths=(3, 3, 18, 3), dims=(96, 192, 384, 512), drop_path_rate=0.5
-    ),
+    "pacavit_base_p2cconv_100_0": dict(depths=(3, 3, 18, 3), dims=(96, 192, 384, 512), drop_path_rate=0.5),
     "pacavit_small_p2cmlp_100_0": dict(_SMALL, clustering="mlp"),
     "pacavit_small_p2cconv_2_0": dict(_SMALL, clusters=(2, 2, 2, 0)),
     "pacavit_small_p2cconv_49_0": dict(_SMALL, clusters=(49, 49, 49, 0)),

@@ -58,8 +58,7 @@ _PRESETS: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any]]] = {
     "clusterformer_small": (ClusterFormer, dict(_PAPER, depths=(2, 2, 18, 2), drop_path_rate=0.3)),
     "clusterformer_base": (
         ClusterFormer,
-        dict(_PAPER, depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32),
-             drop_path_rate=0.5),
+        dict(_PAPER, depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
     ),
     # Released configs: tiny uses T=3, small silently runs with the default T=1; neither sets drop-path.
     "clusterformer_tiny_official": (ClusterFormer, dict(_OFFICIAL, depths=(2, 2, 6, 2), num_iters=3)),
@@ -67,9 +66,19 @@ _PRESETS: Dict[str, Tuple[Callable[..., nn.Module], Dict[str, Any]]] = {
     # Quickstart: 32x32 digits (stage maps 8/4/2/1), whole-map clustering with 4x4 centers.
     "clusterformer_nano": (
         ClusterFormer,
-        dict(_PAPER, depths=(1, 1, 2, 1), dims=(32, 64, 128, 192), num_heads=(1, 2, 4, 6), head_dim=32,
-             mlp_ratios=(4, 4, 4, 4), window_counts=(1, 1, 1, 1), centers=(4, 4), num_iters=3,
-             head="official_neck", num_classes=10),
+        dict(
+            _PAPER,
+            depths=(1, 1, 2, 1),
+            dims=(32, 64, 128, 192),
+            num_heads=(1, 2, 4, 6),
+            head_dim=32,
+            mlp_ratios=(4, 4, 4, 4),
+            window_counts=(1, 1, 1, 1),
+            centers=(4, 4),
+            num_iters=3,
+            head="official_neck",
+            num_classes=10,
+        ),
     ),
 }
 

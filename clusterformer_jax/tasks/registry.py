@@ -7,16 +7,16 @@ from typing import Any
 
 from clusterformer_jax.tasks.base import Task
 from clusterformer_jax.tasks.classification import ClassificationTask
-from clusterformer_jax.trainers.errors import ConfigError
+from clusterformer_jax.errors import ConfigError
 
 TASKS: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], Task]] = {
-    'classification': ClassificationTask,
+    "classification": ClassificationTask,
 }
 
 
 def create_task(config: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> Task:
-  """Instantiates ``TASKS[config.task]`` for a dataset described by ``dataset_info``."""
-  name = config['task']
-  if name not in TASKS:
-    raise ConfigError(f'unknown task {name!r}; available: {", ".join(sorted(TASKS))}')
-  return TASKS[name](config, dataset_info)
+    """Instantiates ``TASKS[config.task]`` for a dataset described by ``dataset_info``."""
+    name = config["task"]
+    if name not in TASKS:
+        raise ConfigError(f'unknown task {name!r}; available: {", ".join(sorted(TASKS))}')
+    return TASKS[name](config, dataset_info)
