@@ -96,6 +96,16 @@ def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
+def model_fields(name: str) -> set[str]:
+    """The constructor fields ``create_model(name, **overrides)`` accepts."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    cls = _PRESETS[name][0]
+    if cls is ClusterFormer:
+        return (_field_names(ClusterFormer) - {"backbone"}) | _field_names(ClusterFormerBackbone)
+    return _field_names(cls)
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Builds preset ``name`` with ``overrides`` (e.g. num_classes=10, num_iters=1, dtype='bfloat16')."""
     if name not in _PRESETS:
