@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from clusterformer_jax.data import coco as coco_lib  # noqa: E402
+from clusterformer_jax.data import coco_format  # noqa: E402
 from clusterformer_jax.data import dense_pipeline as dp  # noqa: E402
 from clusterformer_jax.data import pipeline as cls_pipeline  # noqa: E402
 from clusterformer_jax.data import shapes as shapes_lib  # noqa: E402
@@ -137,7 +138,7 @@ def make_coco(root: str, count: int) -> None:
                             ],
                         }
                     )
-            _write(f"{root}/annotations/panoptic_{split}/{image_id:012d}.png", _png(coco_lib.id_to_rgb(ids)))
+            _write(f"{root}/annotations/panoptic_{split}/{image_id:012d}.png", _png(coco_format.id_to_rgb(ids)))
             panoptic.append({"image_id": image_id, "file_name": f"{image_id:012d}.png", "segments_info": segments})
         _write(
             f"{root}/annotations/instances_{split}.json",

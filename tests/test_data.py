@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import tarfile
 
@@ -12,6 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from clusterformer_jax.data import common
+from clusterformer_jax.data import dense_transforms as DT
 from clusterformer_jax.data import digits as digits_lib
 from clusterformer_jax.data import pipeline
 from clusterformer_jax.data import transforms as T
@@ -253,6 +256,65 @@ def test_eval_two_processes_equal_batches_exact_count(digits_dir, sklearn_digits
     # The eval dataset restarts on every iter().
     ds = pipeline.create_eval_iterator(cfg, global_batch_size=46, process_index=1, process_count=2)
     assert len(list(ds)) == len(list(ds)) == 8
+
+
+# ---------------------------------------------------------------- shared eval pass (common.py)
+
+NUM_RECORDS, BROKEN = 11, 7  # record 7 fails to decode
+DENSE_SPEC = DT.RenderSpec(8, 8, 2)
+
+
+def _decode_record(record: dict) -> dict:
+    if record["id"] == BROKEN:
+        raise ValueError("unreadable record")
+    return {"image": np.full((6, 6, 3), 10 + record["id"], np.uint8), "id": record["id"]}
+
+
+def _classification_row(element: dict) -> dict:
+    return {"image": element["image"].astype(np.float32), "label": np.int32(element["id"])}
+
+
+def _classification_padding() -> dict:
+    return {"image": np.zeros((6, 6, 3), np.float32), "label": np.int32(0)}
+
+
+def _dense_row(element: dict) -> dict:
+    empty = dict(boxes=np.zeros((0, 4), np.float32), classes=np.zeros(0, np.int32), is_crowd=np.zeros(0, bool))
+    example = dict(image=element["image"], image_id=element["id"], is_thing=np.zeros(0, bool), **empty)
+    return DT.DenseEvalTransform(DENSE_SPEC, short_side=6, max_size=8).map(example)
+
+
+@pytest.mark.parametrize(
+    "kind, transform, padding, id_key",
+    [
+        ("classification", _classification_row, _classification_padding, "label"),
+        ("dense", _dense_row, functools.partial(DT.empty_output, DENSE_SPEC), "image_id"),
+    ],
+)
+def test_padded_eval_dataset_order_mask_and_padding(kind, transform, padding, id_key):
+    source = common.DecodedSource([{"id": i} for i in range(NUM_RECORDS)], f"in-memory {kind}", _decode_record)
+    skipped = common.skipped_examples()
+    seen = []
+    for p in (0, 1):
+        layout = common.process_layout(8, p, 2)
+        assert layout == (p, 2, 4)
+        options = common.read_options(0, None, layout.local_batch)
+        ds = common.padded_eval_dataset(source, layout, transform=transform, padding=padding, options=options)
+        batches = list(ds)
+        assert len(batches) == 2  # ceil(ceil(11 / 2) / 4)
+        rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        assert rows["mask"].dtype == np.float32 and set(np.unique(rows["mask"])) <= {0.0, 1.0}
+        real = rows["mask"] == 1
+        # Process p reads p, p + 2, ... in order; the broken record and positions past the end are padding.
+        expected = [i for i in range(p, NUM_RECORDS, 2) if i != BROKEN]
+        assert rows[id_key][real].tolist() == expected
+        seen += expected
+        for key, value in padding().items():
+            np.testing.assert_array_equal(rows[key][~real], np.broadcast_to(value, rows[key][~real].shape))
+        assert not rows["image"][~real].any()
+    # Over both processes every readable record is a real row exactly once.
+    assert sorted(seen) == [i for i in range(NUM_RECORDS) if i != BROKEN]
+    assert common.skipped_examples() == skipped + 1
 
 
 # ---------------------------------------------------------------- config errors

@@ -21,6 +21,7 @@ from PIL import Image
 
 from clusterformer_jax.data import ade20k as ade20k_lib
 from clusterformer_jax.data import coco as coco_lib
+from clusterformer_jax.data import coco_format
 from clusterformer_jax.data import dense_pipeline as dp
 from clusterformer_jax.data import dense_transforms as DT
 from clusterformer_jax.data import shapes as shapes_lib
@@ -282,7 +283,7 @@ def _panoptic_png(image_id: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.zeros((h, w), np.int64)
     for sid, _, _, (r0, r1), (c0, c1) in PAN_SEGMENTS.get(image_id, []):
         ids[r0:r1, c0:c1] = sid
-    return ids, coco_lib.id_to_rgb(ids)
+    return ids, coco_format.id_to_rgb(ids)
 
 
 @pytest.fixture(scope="module")
@@ -509,7 +510,7 @@ def test_shapes_pipeline_matches_coco_export(shapes_dir):
     assert len(instances["images"]) == 16
     for ann in panoptic["annotations"]:
         ex = got[ann["image_id"]]
-        ids = coco_lib.rgb_to_id(np.asarray(Image.open(os.path.join(info["panoptic_png_dir"], ann["file_name"]))))
+        ids = coco_format.rgb_to_id(np.asarray(Image.open(os.path.join(info["panoptic_png_dir"], ann["file_name"]))))
         image = np.asarray(
             Image.open(
                 os.path.join(os.path.dirname(os.path.dirname(info["instances_json"])), "validation", ann["file_name"])
@@ -528,7 +529,7 @@ def test_shapes_pipeline_matches_coco_export(shapes_dir):
         thing_anns = [a for a in instances["annotations"] if a["image_id"] == ann["image_id"]]
         assert len(thing_anns) == sum(s["category_id"] <= 3 for s in segments)
         for a in thing_anns:
-            mask = coco_lib.rle_decode(a["segmentation"])
+            mask = coco_format.rle_decode(a["segmentation"])
             assert mask.sum() == a["area"]
             slot = [s["id"] for s in segments].index(a["id"] % 1000)
             np.testing.assert_array_equal(mask, ex["instance_masks"][slot])
@@ -576,6 +577,22 @@ def test_shapes_eval_sharding_and_outputs(shapes_dir):
         if m
     ]
     assert sorted(ids) == list(range(1, 17))
+
+
+def test_shapes_eval_pads_last_batch_with_empty_rows(shapes_dir):
+    cfg = _shapes_cfg(shapes_dir)
+    batches = list(dp.create_eval_iterator(cfg, global_batch_size=5, **ONE))
+    assert len(batches) == 4  # ceil(16 / 5): the last batch has 1 real row and 4 padding rows
+    rows = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    assert rows["mask"].dtype == np.float32 and set(np.unique(rows["mask"])) == {0.0, 1.0}
+    real = rows["mask"] == 1
+    assert real.sum() == dp.get_dataset_info(cfg)["num_eval"] == 16 and real[:16].all() and not real[16:].any()
+    empty = DT.empty_output(dp.eval_transform(cfg).spec)
+    assert set(rows) == set(empty) | {"mask"}
+    for key, value in empty.items():
+        assert rows[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(rows[key][~real], np.broadcast_to(value, (4, *np.shape(value))), err_msg=key)
+    assert not rows["image"][~real].any() and rows["image_mask"][real].any()
 
 
 def test_shapes_worker_processes_match_threads(shapes_dir):
@@ -783,21 +800,21 @@ def test_segment_boxes_and_masks_codecs():
     segments[7, 0] = 3
     np.testing.assert_array_equal(DT.segment_boxes(segments, 3), [[2, 3, 5, 9], [0, 0, 0, 0], [7, 0, 8, 1]])
     # Polygons: pixel-centre rule, against an independent half-plane fill.
-    np.testing.assert_array_equal(coco_lib.polygon_mask([1, 1, 5, 1, 5, 4, 1, 4], 7, 8).sum(), 12)
+    np.testing.assert_array_equal(coco_format.polygon_mask([1, 1, 5, 1, 5, 4, 1, 4], 7, 8).sum(), 12)
     for poly in ([0, 0, 8.2, 0, 0, 8.2], [2.3, 1.1, 9.7, 4.2, 5.5, 9.9, 0.4, 6.6], [3.1, 0, 10, 5.3, 3.1, 10]):
-        np.testing.assert_array_equal(coco_lib.polygon_mask(poly, 12, 12), _inside_polygon(poly, 12, 12))
+        np.testing.assert_array_equal(coco_format.polygon_mask(poly, 12, 12), _inside_polygon(poly, 12, 12))
     # RLE: a hand-computed compressed string and one made by pycocotools' encode, then round trips.
-    np.testing.assert_array_equal(coco_lib.rle_decode({"size": [2, 2], "counts": "121"}), [[0, 1], [1, 0]])
-    assert coco_lib.rle_encode(np.array([[0, 1], [1, 0]]))["counts"] == "121"
+    np.testing.assert_array_equal(coco_format.rle_decode({"size": [2, 2], "counts": "121"}), [[0, 1], [1, 0]])
+    assert coco_format.rle_encode(np.array([[0, 1], [1, 0]]))["counts"] == "121"
     y, x = np.mgrid[:40, :50]
     disc = (((x - 20) ** 2 + (y - 15) ** 2) < 150).astype(np.uint8)
-    assert coco_lib.rle_encode(disc)["counts"] == PYCOCOTOOLS_DISC_RLE
-    np.testing.assert_array_equal(coco_lib.rle_decode({"size": [40, 50], "counts": PYCOCOTOOLS_DISC_RLE}), disc)
+    assert coco_format.rle_encode(disc)["counts"] == PYCOCOTOOLS_DISC_RLE
+    np.testing.assert_array_equal(coco_format.rle_decode({"size": [40, 50], "counts": PYCOCOTOOLS_DISC_RLE}), disc)
     rng = np.random.default_rng(1)
     for shape, density in (((37, 53), 0.5), ((64, 80), 0.02), ((5, 7), 1.0)):
         mask = (rng.random(shape) < density).astype(np.uint8)
         mask[10:30, 5:40] = 1 if shape[0] > 30 else mask[10:30, 5:40]
-        rle = coco_lib.rle_encode(mask)
-        np.testing.assert_array_equal(coco_lib.rle_decode(rle), mask)
-        np.testing.assert_array_equal(coco_lib.rle_decode(_uncompressed_rle(mask)), mask)
-        assert coco_lib.annotation_mask(rle, *shape).sum() == mask.sum()
+        rle = coco_format.rle_encode(mask)
+        np.testing.assert_array_equal(coco_format.rle_decode(rle), mask)
+        np.testing.assert_array_equal(coco_format.rle_decode(_uncompressed_rle(mask)), mask)
+        assert coco_format.annotation_mask(rle, *shape).sum() == mask.sum()

@@ -2,9 +2,9 @@
 
 Same contract as the classification pipeline (`pipeline.py`): the trainer calls
 `get_dataset_info`, `create_train_iterator` and `create_eval_iterator` with the
-`config.input` ConfigDict, and this module reuses that pipeline's process
-sharding, seeding, skipped-record counting (`skipped_examples()` counts both)
-and eval padding scheme.
+`config.input` ConfigDict. Process sharding, seeding, skipped-record counting
+(`skipped_examples()` counts both pipelines) and the padded eval pass come from
+common.py, shared with that pipeline.
 
 Datasets (`config.input.dataset`):
   coco_instances  COCO 2017 detection + instance segmentation, 80 classes
@@ -82,19 +82,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
-import numpy as np
 import tensorflow_datasets as tfds
 
 from clusterformer_jax.data import ade20k as ade20k_lib
 from clusterformer_jax.data import coco as coco_lib
+from clusterformer_jax.data import common
 from clusterformer_jax.data import dense_transforms as DT
-from clusterformer_jax.data import pipeline as input_pipeline
 from clusterformer_jax.data import shapes as shapes_lib
 from clusterformer_jax.data import transforms as T
 
@@ -149,7 +147,7 @@ _COMMON = dict(
     num_workers=0,
 )
 
-skipped_examples = input_pipeline.skipped_examples
+skipped_examples = common.skipped_examples
 
 
 def _dataset_name(cfg: Mapping[str, Any]) -> str:
@@ -199,11 +197,8 @@ def prepare_command(cfg: Mapping[str, Any]) -> str:
     return command
 
 
-class _Decoder:
-    """Adapts a record -> dense example function to the `.map` the skipping source calls."""
-
-    def __init__(self, fn: Callable[[Mapping[str, Any]], DT.DenseExample]):
-        self.map = fn
+# Record -> dense example; must pickle (grain may call it in worker processes).
+Decoder = Callable[[Mapping[str, Any]], DT.DenseExample]
 
 
 def _prepare_manual(cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder) -> None:
@@ -218,12 +213,12 @@ def _prepare_manual(cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder) -
     )
 
 
-def _builder(cfg: Mapping[str, Any]) -> tuple[tfds.core.DatasetBuilder, _Decoder]:
+def _builder(cfg: Mapping[str, Any]) -> tuple[tfds.core.DatasetBuilder, Decoder]:
     """The prepared builder for `cfg.dataset` and its record decoder (preparing if possible)."""
     name = _dataset_name(cfg)
     data_dir = _data_dir(cfg)
     if name == "shapes":
-        return shapes_lib.prepare_shapes(data_dir, _field(cfg, "shapes_variant")), _Decoder(shapes_lib.decode)
+        return shapes_lib.prepare_shapes(data_dir, _field(cfg, "shapes_variant")), shapes_lib.decode
     if name == "coco_panoptic":
         directory = coco_lib.panoptic_builder_dir(data_dir)
         if directory is None:
@@ -237,13 +232,13 @@ def _builder(cfg: Mapping[str, Any]) -> tuple[tfds.core.DatasetBuilder, _Decoder
             directory = coco_lib.panoptic_builder_dir(data_dir)
         builder = tfds.builder_from_directory(directory)
         names = builder.info.features["panoptic_objects"]["label"].names
-        return builder, _Decoder(coco_lib.PanopticDecoder(names).map)
+        return builder, coco_lib.PanopticDecoder(names).map
     if name == "coco_instances":
         builder = coco_lib.CocoInstances(data_dir=data_dir, file_format="array_record")
-        decoder = _Decoder(coco_lib.decode_instances)
+        decoder: Decoder = coco_lib.decode_instances
     else:
         builder = ade20k_lib.Ade20k(data_dir=data_dir, file_format="array_record")
-        decoder = _Decoder(ade20k_lib.decode)
+        decoder = ade20k_lib.decode
     if not builder.is_prepared():
         _prepare_manual(cfg, builder)
     return builder, decoder
@@ -263,18 +258,11 @@ def _num_examples(builder: tfds.core.DatasetBuilder, cfg: Mapping[str, Any], spl
     return num
 
 
-class _DenseSource(input_pipeline._DecodedSource):  # pylint: disable=protected-access
-    """The classification pipeline's skip-and-count source with a dense decoder."""
-
-    def __init__(self, source: Any, description: str, decode: _Decoder):
-        super().__init__(source, description)
-        self._decode = decode
-
-
-def _open_split(cfg: Mapping[str, Any], split: str) -> _DenseSource:
+def _open_split(cfg: Mapping[str, Any], split: str) -> common.DecodedSource:
     builder, decoder = _builder(cfg)
     _num_examples(builder, cfg, split)
-    return _DenseSource(builder.as_data_source(split), f'{cfg["dataset"]}:{split} in {builder.data_dir}', decoder)
+    description = f'{cfg["dataset"]}:{split} in {builder.data_dir}'
+    return common.DecodedSource(builder.as_data_source(split), description, decoder)
 
 
 def _side(value: Any) -> int:
@@ -395,20 +383,7 @@ def get_dataset_info(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_options(cfg: Mapping[str, Any], local_batch: int) -> grain.ReadOptions:
-    return grain.ReadOptions(
-        num_threads=int(_field(cfg, "num_threads")),
-        prefetch_buffer_size=int(_field(cfg, "prefetch_buffer_size", 2 * local_batch)),
-    )
-
-
-class _Select(grain.transforms.Map):
-    """Keeps only the requested output keys."""
-
-    def __init__(self, keys: tuple[str, ...]):
-        self.keys = keys
-
-    def map(self, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: element[k] for k in self.keys}
+    return common.read_options(_field(cfg, "num_threads"), _field(cfg, "prefetch_buffer_size"), local_batch)
 
 
 def _outputs(cfg: Mapping[str, Any], eval_mode: bool) -> tuple[str, ...] | None:
@@ -421,18 +396,6 @@ def _outputs(cfg: Mapping[str, Any], eval_mode: bool) -> tuple[str, ...] | None:
     if unknown:
         raise ValueError(f"config.input.outputs has unknown keys {unknown}; known: {sorted(known)}")
     return keys
-
-
-def _finish(ds: grain.IterDataset, cfg: Mapping[str, Any], local_batch: int) -> grain.IterDataset:
-    """Optional worker processes (each takes every W-th element; outputs interleave back in order), then batching."""
-    workers = int(_field(cfg, "num_workers"))
-    if workers > 0:
-        from absl import flags  # grain's worker processes read absl flags; outside absl.app they are unparsed.
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
-    return ds.batch(local_batch, drop_remainder=True)
 
 
 def create_train_iterator(
@@ -450,19 +413,17 @@ def create_train_iterator(
     `get_state` / `set_state` resume exactly. Unreadable records are skipped
     and counted in `skipped_examples()`.
     """
-    pi, pc, local_batch = input_pipeline._process_layout(  # pylint: disable=protected-access
-        global_batch_size, process_index, process_count
-    )
+    pi, pc, local_batch = common.process_layout(global_batch_size, process_index, process_count)
     transform = train_transform(config)
     keys = _outputs(config, eval_mode=False)
     source = _open_split(config, _field(config, "train_split"))
-    shuffle_seed, augment_seed = input_pipeline._seeds(seed, pi)  # pylint: disable=protected-access
+    shuffle_seed, augment_seed = common.derive_seeds(seed, pi)
     ds = grain.MapDataset.source(source)[pi::pc].shuffle(seed=shuffle_seed).repeat()
     ds = ds.random_map(transform, seed=augment_seed)  # Unreadable (None) records pass through ...
     if keys:
-        ds = ds.map(_Select(keys))
+        ds = ds.map(common.SelectKeys(keys))
     it_ds = ds.to_iter_dataset(_read_options(config, local_batch))  # ... and are dropped here.
-    return iter(_finish(it_ds, config, local_batch))
+    return iter(common.batch_local(it_ds, local_batch, int(_field(config, "num_workers"))))
 
 
 def create_eval_iterator(
@@ -475,23 +436,22 @@ def create_eval_iterator(
     """One pass over the eval split for this process, as full batches with a padding `mask`.
 
     Process p takes examples p, p + P, ...; every process yields
-    ceil(ceil(N / P) / local_batch) batches, so the masks of all processes sum
-    to N minus unreadable records. Each `iter()` starts a fresh pass.
+    ceil(ceil(N / P) / local_batch) batches, padded with `DT.empty_output` rows of
+    mask 0, so the masks of all processes sum to N minus unreadable records. Each
+    `iter()` starts a fresh pass (`common.padded_eval_dataset`).
     """
-    pi, pc, local_batch = input_pipeline._process_layout(  # pylint: disable=protected-access
-        global_batch_size, process_index, process_count
-    )
+    layout = common.process_layout(global_batch_size, process_index, process_count)
     transform = eval_transform(config)
     keys = _outputs(config, eval_mode=True)
-    source = _open_split(config, _field(config, "eval_split"))
-    num_batches = math.ceil(math.ceil(len(source) / pc) / local_batch)
-    element = input_pipeline.EvalElement(
-        source, pi, pc, transform.map, functools.partial(DT.empty_output, transform.spec)
+    return common.padded_eval_dataset(
+        _open_split(config, _field(config, "eval_split")),
+        layout,
+        transform=transform.map,
+        padding=functools.partial(DT.empty_output, transform.spec),
+        options=_read_options(config, layout.local_batch),
+        outputs=keys,
+        num_workers=int(_field(config, "num_workers")),
     )
-    ds = grain.MapDataset.range(num_batches * local_batch).map(element)
-    if keys:
-        ds = ds.map(_Select(keys))
-    return _finish(ds.to_iter_dataset(_read_options(config, local_batch)), config, local_batch)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,11 +19,11 @@ example*, a dict of numpy arrays in source-image pixels:
 `DenseTrainTransform` and `DenseEvalTransform` turn it into fixed-shape
 arrays (see `render` for the keys). Geometry follows detectron2 / Mask2Former:
 
-  * train, 'fit' scale mode (COCO large-scale jitter, §4.1.2): draw
+  * train, 'fit' scale mode (COCO large-scale jitter, paper §4.1.2): draw
     s ~ U(scale_range), resize by s * min(out_h / H, out_w / W) (detectron2
     `ResizeScale`), take a random out_h x out_w window (`FixedSizeCrop`),
     flip with probability 0.5, pad bottom/right.
-  * train, 'shorter' scale mode (ADE20K, §4.1.3): resize by
+  * train, 'shorter' scale mode (ADE20K, paper §4.1.3): resize by
     s * min(min(out) / min(H, W), 4 * max(out) / max(H, W)) (mmseg's
     `Resize(img_scale=(4c, c), ratio_range)`), random crop that keeps any one
     class below `cat_max_ratio` of the labelled crop pixels (mmseg, 10 tries),

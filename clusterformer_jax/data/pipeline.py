@@ -27,8 +27,8 @@ optional except `dataset`):
   mean, std          per channel on the 0..255 scale; default ImageNet
                      (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375).
   num_threads        grain reader threads per process; default 2 (imagenet2012) /
-                     0 (digits: from the cache, reader threads cost more CPU than
-                     they save: 5.7 against 2.2 ms per batch of 64).
+                     0 (digits: examples come from the in-memory cache, where
+                     reader threads cost more than they save).
   prefetch_buffer_size  elements grain prefetches; default 2 * local batch.
   batch_prefetch     whole train batches a background thread assembles ahead of
                      the trainer; default 2 (0: assemble in the trainer's thread).
@@ -52,28 +52,25 @@ dataset is missing and `manual_dir` is set, the pipeline prepares it itself;
 on a multi-host job prepare it beforehand so hosts do not race.
 
 Records that fail to read or decode are skipped (train) or masked out (eval),
-counted in `skipped_examples()` and logged.
+counted in `skipped_examples()` and logged. The source wrapper, process layout,
+seeds and the padded eval pass are shared with the dense pipeline (common.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import logging
-import math
 import os
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from clusterformer_jax.data import common
 from clusterformer_jax.data import digits as digits_lib
 from clusterformer_jax.data import transforms as T
-
-_log = logging.getLogger(__name__)
 
 DATASETS = ("digits", "imagenet2012")
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -82,16 +79,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     ),
     "imagenet2012": dict(eval_split="validation", image_size=224, train_augment="inception_crop", hflip=True),
 }
-# Consecutive unreadable records after which the split is declared broken.
-_MAX_CONSECUTIVE_FAILURES = 1000
 
-_skip_lock = threading.Lock()
-_skipped = 0
-
-
-def skipped_examples() -> int:
-    """Number of records skipped in this process because they failed to load."""
-    return _skipped
+skipped_examples = common.skipped_examples
 
 
 def _dataset_name(cfg: Mapping[str, Any]) -> str:
@@ -166,48 +155,6 @@ def _num_examples(builder: tfds.core.DatasetBuilder, cfg: Mapping[str, Any], spl
     return num
 
 
-class _DecodedSource:
-    """Random-access source yielding decoded `{'image', 'label'}` or None.
-
-    tfds data sources decode on `__getitem__`; a record that fails to read or
-    decode becomes None (grain drops Nones) and is counted and logged. Many
-    failures in a row mean the split itself is unreadable, which is raised.
-    """
-
-    def __init__(self, source: Any, description: str):
-        self._source = source
-        self._description = description
-        self._decode = T.DecodeImage()
-        self._consecutive_failures = 0
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        global _skipped
-        try:
-            element = self._decode.map(self._source[index])
-        except Exception as e:  # pylint: disable=broad-except
-            with _skip_lock:
-                _skipped += 1
-                self._consecutive_failures += 1
-                count, consecutive = _skipped, self._consecutive_failures
-            if consecutive >= _MAX_CONSECUTIVE_FAILURES:
-                raise RuntimeError(f"{consecutive} consecutive records of {self._description} failed to load") from e
-            if count <= 20 or count % 1000 == 0:
-                _log.warning(
-                    "Skipping record %d of %s (%d skipped so far): %s: %s",
-                    index,
-                    self._description,
-                    count,
-                    type(e).__name__,
-                    e,
-                )
-            return None
-        self._consecutive_failures = 0
-        return element
-
-
 class _CachedSource:
     """`source[i]` passed through the deterministic `prefix` transform, computed once per index.
 
@@ -216,7 +163,7 @@ class _CachedSource:
     not cached: they are retried, and counted, on every access as without a cache.
     """
 
-    def __init__(self, source: _DecodedSource, prefix: T.Compose):
+    def __init__(self, source: common.DecodedSource, prefix: T.Compose):
         self._source = source
         self._prefix = prefix
         self._cache: list[dict[str, Any] | None] = [None] * len(source)
@@ -238,36 +185,15 @@ class _CachedSource:
         return element
 
 
-def _open_split(cfg: Mapping[str, Any], split: str) -> _DecodedSource:
+def _open_split(cfg: Mapping[str, Any], split: str) -> common.DecodedSource:
     builder = _builder(cfg)
     _num_examples(builder, cfg, split)
     source = builder.as_data_source(split)
-    return _DecodedSource(source, f'{cfg["dataset"]}:{split} in {builder.data_dir}')
-
-
-def _process_layout(
-    global_batch_size: int, process_index: int | None, process_count: int | None
-) -> tuple[int, int, int]:
-    """Returns (process_index, process_count, local_batch)."""
-    if process_index is None or process_count is None:
-        import jax  # Only needed when the caller does not say.
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of" f" process_count {process_count}"
-        )
-    return process_index, process_count, global_batch_size // process_count
+    return common.DecodedSource(source, f'{cfg["dataset"]}:{split} in {builder.data_dir}', T.DecodeImage().map)
 
 
 def _read_options(cfg: Mapping[str, Any], local_batch: int) -> grain.ReadOptions:
-    return grain.ReadOptions(
-        num_threads=int(_field(cfg, "num_threads", 2)),
-        prefetch_buffer_size=int(_field(cfg, "prefetch_buffer_size", 2 * local_batch)),
-    )
+    return common.read_options(_field(cfg, "num_threads", 2), _field(cfg, "prefetch_buffer_size"), local_batch)
 
 
 def _check_config(cfg: Mapping[str, Any]) -> None:
@@ -326,12 +252,6 @@ def get_dataset_info(config: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
-def _seeds(seed: int, process_index: int) -> tuple[int, int]:
-    """Independent 32-bit (shuffle, augmentation) seeds for this process."""
-    state = np.random.SeedSequence([seed, process_index]).generate_state(2)
-    return int(state[0]), int(state[1])
-
-
 def create_train_iterator(
     config: Mapping[str, Any],
     *,
@@ -346,13 +266,13 @@ def create_train_iterator(
     every epoch from (seed, p); augmentation randomness is a function of
     (seed, p, element position), so `get_state`/`set_state` resume exactly.
     """
-    pi, pc, local_batch = _process_layout(global_batch_size, process_index, process_count)
+    pi, pc, local_batch = common.process_layout(global_batch_size, process_index, process_count)
     transform = train_transforms(config)
     source = _open_split(config, _field(config, "train_split", "train"))
     if _field(config, "cache_train", False):
         prefix, transform = transform.split_deterministic()
         source = _CachedSource(source, prefix)
-    shuffle_seed, augment_seed = _seeds(seed, pi)
+    shuffle_seed, augment_seed = common.derive_seeds(seed, pi)
     ds = grain.MapDataset.source(source)[pi::pc]
     ds = ds.shuffle(seed=shuffle_seed).repeat()
     # Unreadable records are None here; to_iter_dataset drops them.
@@ -362,44 +282,12 @@ def create_train_iterator(
         ds = ds.map(transform.map)
     it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
     it_ds = it_ds.batch(local_batch, drop_remainder=True)
-    # Batches are stacked in a background thread so the trainer's thread only dispatches steps (14% of
-    # quickstart step time was spent waiting on stacking without it). The iterator state still counts
-    # consumed batches only, so checkpoints resume exactly.
+    # Batches are stacked in a background thread so the trainer's thread only dispatches steps. The
+    # iterator state still counts consumed batches only, so checkpoints resume exactly.
     ahead = int(_field(config, "batch_prefetch", 2))
     if ahead > 0:
         it_ds = grain.experimental.ThreadPrefetchIterDataset(it_ds, prefetch_buffer_size=ahead)
     return iter(it_ds)
-
-
-class EvalElement(grain.transforms.Map):
-    """Maps local eval position i of process p to example p + i*P, transformed, with mask 1.
-
-    Past the split's end, or for a record that failed to load, the element is
-    `padding()` with mask 0. `transform` and `padding` must pickle (grain may run
-    them in worker processes). Shared by the classification and dense pipelines.
-    """
-
-    def __init__(
-        self,
-        source: _DecodedSource,
-        process_index: int,
-        process_count: int,
-        transform: Callable[[dict[str, Any]], dict[str, np.ndarray]],
-        padding: Callable[[], dict[str, np.ndarray]],
-    ):
-        self._source = source
-        self._num = len(source)
-        self._pi = process_index
-        self._pc = process_count
-        self._transform = transform
-        self._padding = padding
-
-    def map(self, position: int) -> dict[str, np.ndarray]:
-        index = self._pi + position * self._pc
-        element = self._source[index] if index < self._num else None
-        if element is None:
-            return {**self._padding(), "mask": np.float32(0.0)}
-        return {**self._transform(element), "mask": np.float32(1.0)}
 
 
 def _image_label(transform: T.Compose, element: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -423,23 +311,17 @@ def create_eval_iterator(
     Process p takes examples p, p + P, ...; every process yields
     ceil(ceil(N / P) / local_batch) batches, padded with zero rows of mask 0, so
     the masks over all processes sum to N (minus unreadable records). Each
-    `iter()` of the result starts a fresh pass.
+    `iter()` of the result starts a fresh pass (`common.padded_eval_dataset`).
     """
-    pi, pc, local_batch = _process_layout(global_batch_size, process_index, process_count)
+    layout = common.process_layout(global_batch_size, process_index, process_count)
     transform = eval_transforms(config)
-    source = _open_split(config, _field(config, "eval_split"))
-    per_process = math.ceil(len(source) / pc)
-    num_batches = math.ceil(per_process / local_batch)
-    element = EvalElement(
-        source,
-        pi,
-        pc,
-        functools.partial(_image_label, transform),
-        functools.partial(_blank_example, int(_field(config, "image_size"))),
+    return common.padded_eval_dataset(
+        _open_split(config, _field(config, "eval_split")),
+        layout,
+        transform=functools.partial(_image_label, transform),
+        padding=functools.partial(_blank_example, int(_field(config, "image_size"))),
+        options=_read_options(config, layout.local_batch),
     )
-    ds = grain.MapDataset.range(num_batches * local_batch).map(element)
-    it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
-    return it_ds.batch(local_batch, drop_remainder=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from clusterformer_jax.data.coco import id_to_rgb, png_bytes, rgb_to_id, rle_encode, segments_from_ids
+from clusterformer_jax.data.coco_format import id_to_rgb, png_bytes, rgb_to_id, rle_encode, segments_from_ids
 from clusterformer_jax.data.dense_transforms import IGNORE_LABEL, DenseExample
 
 THING_CLASSES = ("circle", "square", "triangle")

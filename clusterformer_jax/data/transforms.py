@@ -1,16 +1,14 @@
 """Per-example image transforms (numpy + PIL) used by the grain pipeline.
 
-Every transform works on an element dict `{'image': ..., 'label': ...}` and
-changes only `'image'`; its `apply` method takes and returns the bare image so
-it can be tested on its own. Images are uint8 HxWx3 arrays until `Normalize`
-turns them into float32. Randomised transforms draw every random number from
-the `np.random.Generator` grain hands to `random_map`, so a pipeline is a pure
-function of (seed, element index).
+Every transform works on an element dict `{'image': ..., 'label': ...}` and changes only `'image'`; its
+`apply` method takes and returns the bare image so it can be tested on its own. Images are uint8 HxWx3
+arrays until `Normalize` turns them into float32. Randomised transforms draw every random number from
+the `np.random.Generator` grain hands to `random_map`, so a pipeline is a pure function of (seed, element
+index).
 
 The geometry and augmentation follow torchvision / timm:
   * `RandomResizedCrop`: the Inception crop (torchvision `RandomResizedCrop`).
-  * `ResizeShorterCenterCrop`: timm's eval transform
-    (`Resize(int(size / crop_pct))` + `CenterCrop(size)`).
+  * `ResizeShorterCenterCrop`: timm's eval transform (`Resize(int(size / crop_pct))` + `CenterCrop(size)`).
   * `RandAugment`: timm's `rand-m{M}-n{N}-mstd{S}-inc{0,1}` policy.
   * `RandomErasing`: timm's random erasing, applied to the normalised image.
 """
