@@ -3,8 +3,8 @@ G groups at once, against the same work mapped over G-chunks with ``jax.lax.map`
 
 The EM ops run one at a time over all groups, so every (G, K, N) tensor (30 MB for ClusterFormer-T's stage
 1 at batch 8 and 224, 120 MB at 448) streams through memory between ops; chunks keep it in cache. The model
-does this (``ClusteringMixer.group_chunk``, sized by ``GROUP_CHUNK_BYTES``); this isolates the EM steps to
-choose a chunk size for other shapes or machines. Stage-1 shapes: G = batch * heads * windows².
+does this (``MixerConfig.group_chunk``/``group_chunk_bytes``; ``runtime.GROUP_CHUNK_BYTES`` on one CPU
+device); this isolates the EM steps to choose a chunk size for other shapes or machines. Stage-1 shapes: G = batch * heads * windows².
 
   bash launch/python.sh benchmarks/em_chunking.py --groups 1536 --chunks 1 24 48 96
 """
@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clusterformer_jax.models.clustering import soft_assign_sum  # noqa: E402
+from clusterformer_jax.models.kernels import soft_assign_sum  # noqa: E402
 
 
 def em_steps(centers, keys, values, kernel, steps: int):

@@ -104,10 +104,25 @@ def matmul_peak(dtype, n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / _median_seconds(lambda: jax.block_until_ready(f(a)), repeats)
 
 
-def bench(name: str, batch: int, size: int, dtype: str, repeats: int, remat: bool = False) -> dict:
+def _with_execution_settings(name: str, kwargs: dict, machine: dict | None) -> dict:
+    """``kwargs`` plus the execution fields the trainer would resolve for this machine (``runtime.py``);
+    ``machine`` (backend, num_devices, allocator) overrides what is read from the process."""
+    try:
+        from clusterformer_jax.runtime import with_execution_settings
+    except ImportError:  # code from before execution settings (--baseline): its model read the machine itself
+        return kwargs
+    from clusterformer_jax.models.registry import model_fields
+
+    return with_execution_settings(model_fields(name), kwargs, **(machine or {}))
+
+
+def bench(
+    name: str, batch: int, size: int, dtype: str, repeats: int, remat: bool = False, machine: dict | None = None
+) -> dict:
     kwargs = {"remat": True} if remat else {}
     if name.startswith("clusterformer") and size % 224 == 0 and size != 224:
         kwargs["window_counts"] = _window_counts(size)
+    kwargs = _with_execution_settings(name, kwargs, machine)
     model = create_model(name, dtype=dtype, **kwargs)
     images = jnp.asarray(np.random.RandomState(0).rand(batch, size, size, 3), jnp.float32)
     variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, images[:1])
@@ -175,9 +190,9 @@ def bench(name: str, batch: int, size: int, dtype: str, repeats: int, remat: boo
 def _flop_count_model(name: str, dtype: str, kwargs: dict):
     """A copy of the model to count FLOPs on, when the timed one would count wrong; else None.
 
-    XLA's cost analysis counts a while loop's body once, so a ClusterFormer's rolled EM scan (the default on
-    CPU without tcmalloc) would hide T-1 of its T iterations, and the group-chunk loop (the default on CPU)
-    all chunks but one; the copy runs neither loop and has the same FLOPs. Block rematerialisation
+    XLA's cost analysis counts a while loop's body once, so a ClusterFormer's rolled EM scan (``em_unroll``)
+    would hide T-1 of its T iterations, and the group-chunk loop all chunks but one; the copy runs neither
+    loop and has the same FLOPs. Block rematerialisation
     (``remat``) adds the recomputed forward to the train step's count; the copy leaves it out, so that MFU
     counts the model's FLOPs only (compiling it allocates none of its buffers).
     """
@@ -188,7 +203,15 @@ def _flop_count_model(name: str, dtype: str, kwargs: dict):
 
 
 def _loop_free_overrides() -> dict:
-    """ClusterFormer fields that run neither the EM scan nor the clustering as a loop; {} where neither does."""
+    """ClusterFormer fields that run neither the EM scan nor the clustering as a loop."""
+    try:
+        from clusterformer_jax.models.clustering import MixerConfig  # noqa: F401
+    except ImportError:  # code from before MixerConfig (--baseline): the model resolved its loops itself
+        return _old_loop_free_overrides()
+    return dict(em_unroll=None, group_chunk=None, group_chunk_bytes=None)
+
+
+def _old_loop_free_overrides() -> dict:
     try:
         from clusterformer_jax.models.clustering import resolve_em_unroll
     except ImportError:  # code older than em_unroll (--baseline): its loop was always rolled

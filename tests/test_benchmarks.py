@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clusterformer_jax.models import clustering
+from clusterformer_jax import runtime
 from clusterformer_jax.models.registry import create_model
 from tests import load_benchmark
 
@@ -21,18 +21,17 @@ def test_flop_count_includes_every_em_iteration(monkeypatch):
     throughput = load_benchmark("model_throughput.py")
     rows = {}
     for allocator in ("glibc", "tcmalloc"):  # on CPU: the EM scan rolled into a loop, then unrolled
-        monkeypatch.setattr(clustering, "host_allocator", lambda a=allocator: a)
-        rows[allocator] = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1)
+        machine = dict(backend="cpu", num_devices=8, allocator=allocator)  # 8 devices: no group chunks
+        rows[allocator] = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, machine=machine)
     # nano's groups (batch x heads) fit one chunk; 4 KiB chunks make stage 1 a loop over its groups
-    monkeypatch.setattr(clustering, "GROUP_CHUNK_BYTES", 4096)
-    monkeypatch.setattr(clustering.jax, "device_count", lambda: 1)  # the suite runs on 8 CPU devices
-    rows["chunked"] = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1)
+    monkeypatch.setattr(runtime, "GROUP_CHUNK_BYTES", 4096)
+    machine = dict(backend="cpu", num_devices=1, allocator="tcmalloc")
+    rows["chunked"] = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, machine=machine)
     for key in ("fwd_flops", "step_flops"):
         assert rows["glibc"][key] == rows["tcmalloc"][key] == rows["chunked"][key] > 0
 
     # what the count would be without the unrolled copy: XLA counts the loop body once
-    monkeypatch.setattr(clustering, "host_allocator", lambda: "glibc")
-    model = create_model("clusterformer_nano")
+    model = create_model("clusterformer_nano", em_unroll=1)
     images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32)
     params = model.init(jax.random.PRNGKey(0), images[:1])
     rolled = jax.jit(model.apply).lower(params, images).compile()
@@ -42,16 +41,16 @@ def test_flop_count_includes_every_em_iteration(monkeypatch):
 
 def test_remat_rows_count_the_models_flops_not_the_recomputed_ones(monkeypatch):
     throughput = load_benchmark("model_throughput.py")
-    # the EM steps unrolled, and on the suite's 8 devices no chunk loop: plain rows count on the timed model
-    monkeypatch.setattr(clustering, "host_allocator", lambda: "tcmalloc")
-    plain = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1)
-    remat = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1, remat=True)
+    # the EM steps unrolled and no chunk loop: plain rows count on the timed model
+    machine = dict(backend="cpu", num_devices=8, allocator="tcmalloc")
+    plain = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, machine=machine)
+    remat = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, remat=True, machine=machine)
     assert remat["model"] == "clusterformer_nano +remat"
     assert (remat["fwd_flops"], remat["step_flops"]) == (plain["fwd_flops"], plain["step_flops"])
 
     # counted on the timed model, the train step would include every block's forward twice
     monkeypatch.setattr(throughput, "_flop_count_model", lambda *args: None)
-    recounted = throughput.bench("clusterformer_nano", batch=2, size=32, dtype="float32", repeats=1, remat=True)
+    recounted = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, remat=True, machine=machine)
     assert recounted["fwd_flops"] == plain["fwd_flops"]
     assert recounted["step_flops"] > plain["step_flops"] + 0.5 * plain["fwd_flops"]
 
@@ -72,7 +71,7 @@ def test_rows_start_from_returned_memory_and_report_their_own_peak_rss():
 def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):
     throughput = load_benchmark("model_throughput.py")
 
-    def bench(name, batch, size, dtype, repeats, remat):
+    def bench(name, batch, size, dtype, repeats, remat, machine=None):
         if name == "coc_tiny" and not remat:
             raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 29741585472 bytes.\n(more lines)")
         return dict(
@@ -119,7 +118,7 @@ def test_bf16_mfu_on_a_listed_accelerator_counts_against_its_datasheet_peak(monk
     assert throughput.datasheet_peak(types.SimpleNamespace(platform="gpu", device_kind="NVIDIA L4"), "bfloat16") is None
     assert throughput.datasheet_peak(jax.devices()[0], "bfloat16") is None  # CPU
 
-    def bench(name, batch, size, dtype, repeats, remat):
+    def bench(name, batch, size, dtype, repeats, remat, machine=None):
         return dict(
             model=name,
             batch=batch,

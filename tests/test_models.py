@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clusterformer_jax.models import clustering
+from clusterformer_jax import runtime
+from clusterformer_jax.errors import ModelConfigError
+from clusterformer_jax.models import clustering, dispatch, kernels, layers, layout
+from clusterformer_jax.models.clustering import MixerConfig
 from clusterformer_jax.models.clusterformer import ClusterFormerBackbone
 from clusterformer_jax.models.registry import create_model, list_models
 from tests import reference_numpy as ref
@@ -13,6 +16,10 @@ from tests import reference_numpy as ref
 
 def _count(tree) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+def _mixer(dim, heads, windows=1, **config):
+    return clustering.ClusteringMixer(dim, heads, windows, MixerConfig(**config))
 
 
 def _abstract_params(model, size):
@@ -33,13 +40,13 @@ def _abstract_params(model, size):
     ],
 )
 def test_adaptive_pool_bins_follow_pytorch(in_size, out_size, expected):
-    assert clustering.adaptive_pool_bins(in_size, out_size) == expected
+    assert layers.adaptive_pool_bins(in_size, out_size) == expected
 
 
 @pytest.mark.parametrize("in_hw,out_hw", [((7, 7), (10, 10)), ((7, 5), (2, 4)), ((4, 4), (4, 4))])
 def test_adaptive_avg_pool_values(in_hw, out_hw):
     x = np.random.RandomState(0).randn(3, *in_hw, 5).astype(np.float32)
-    got = clustering.adaptive_avg_pool(jnp.asarray(x), out_hw)
+    got = layers.adaptive_avg_pool(jnp.asarray(x), out_hw)
     want = ref.adaptive_avg_pool_nchw(x.transpose(0, 3, 1, 2), *out_hw).transpose(0, 2, 3, 1)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
@@ -116,11 +123,11 @@ def _torch_layout(params):
 )
 def test_raw_mixer_matches_released_forward(variant, windows, size, center_hw):
     dim, heads, e = 12, 2, 8
-    mixer = clustering.ClusteringMixer(
+    mixer = _mixer(
         dim,
         heads,
+        windows,
         head_dim=e,
-        windows=windows,
         centers=center_hw,
         num_iters=3,
         estep_axis=variant,
@@ -157,18 +164,18 @@ def _dense_dispatch(token_dirs, center_dirs, alpha, beta, values, center_values)
 def test_first_argmax_equals_argmax_with_ties():
     x = jnp.asarray(np.random.RandomState(3).randint(0, 3, (5, 7, 6)), jnp.float32)  # many tied maxima
     for axis in range(3):
-        np.testing.assert_array_equal(clustering.first_argmax(x, axis), jnp.argmax(x, axis=axis))
+        np.testing.assert_array_equal(layers.first_argmax(x, axis), jnp.argmax(x, axis=axis))
 
 
 def test_gather_dispatch_equals_dense_form_with_gradients():
     rng = np.random.RandomState(7)
     g, k, n, e = 4, 9, 13, 5
-    dirs = [clustering.l2_normalize(jnp.asarray(rng.randn(g, m, e), jnp.float32)) for m in (n, k)]
+    dirs = [layers.l2_normalize(jnp.asarray(rng.randn(g, m, e), jnp.float32)) for m in (n, k)]
     dirs[1] = dirs[1].at[:, 3].set(dirs[1][:, 1])  # duplicate centers: ties must go to the first index
     values, center_values = (jnp.asarray(rng.randn(g, m, e), jnp.float32) for m in (n, k))
     args = (*dirs, jnp.array([2.5]), jnp.array([-0.4]), values, center_values)
     # ours takes the token directions channel-first
-    ours = lambda t, *rest: clustering._hard_dispatch(jnp.swapaxes(t, 1, 2), *rest)  # noqa: E731
+    ours = lambda t, *rest: dispatch.hard_dispatch(jnp.swapaxes(t, 1, 2), *rest)  # noqa: E731
     np.testing.assert_allclose(ours(*args), _dense_dispatch(*args), rtol=1e-5, atol=1e-6)
     probe = jnp.asarray(rng.randn(g, n, e), jnp.float32)
     grads = [
@@ -189,7 +196,7 @@ def test_soft_assign_sum_vjp_equals_autodiff(over_clusters, scale):
         logits = scale * jnp.einsum("gke,gne->gkn", q, keys)
         return jnp.einsum("gkn,gne->gke", jax.nn.softmax(logits, axis=1 if over_clusters else 2), values)
 
-    custom = lambda *a: clustering.soft_assign_sum(*a, over_clusters, scale)  # noqa: E731
+    custom = lambda *a: kernels.soft_assign_sum(*a, over_clusters, scale)  # noqa: E731
     np.testing.assert_allclose(custom(q, keys, values), plain(q, keys, values), rtol=1e-5, atol=1e-6)
     grads = [jax.grad(lambda *a: jnp.sum(fn(*a) * probe), argnums=(0, 1, 2))(q, keys, values) for fn in (custom, plain)]
     for got, want in zip(*grads):
@@ -202,7 +209,7 @@ def test_affine_sigmoid_vjp_equals_autodiff():
     cos, probe = (jnp.asarray(rng.uniform(-1, 1, (3, 7, 5)), jnp.float32) for _ in range(2))
     alpha, beta = jnp.array([1.3]), jnp.array([0.2])
     loss = lambda fn: lambda c, a, b: jnp.sum(fn(c, a, b) * probe)  # noqa: E731
-    got = jax.grad(loss(clustering.affine_sigmoid), argnums=(0, 1, 2))(cos, alpha, beta)
+    got = jax.grad(loss(kernels.affine_sigmoid), argnums=(0, 1, 2))(cos, alpha, beta)
     want = jax.grad(loss(lambda c, a, b: jax.nn.sigmoid(b + a * c)), argnums=(0, 1, 2))(cos, alpha, beta)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
@@ -212,9 +219,7 @@ def test_em_remat_and_unroll_change_no_number():
     x = jnp.asarray(np.random.RandomState(9).randn(2, 8, 8, 12), jnp.float32)
     results = []
     for remat, unroll in ((False, 1), (True, 1), (True, 2), (True, 3), (False, 3)):
-        mixer = clustering.ClusteringMixer(
-            12, 2, head_dim=6, windows=2, centers=(3, 3), em_remat=remat, em_unroll=unroll
-        )
+        mixer = _mixer(12, 2, 2, head_dim=6, centers=(3, 3), em_remat=remat, em_unroll=unroll)
         params = mixer.init(jax.random.PRNGKey(0), x)
         loss = lambda p: jnp.sum(jnp.sin(mixer.apply(p, x)[0]))  # noqa: E731
         results.append((loss(params), jax.grad(loss)(params)))
@@ -234,9 +239,7 @@ def test_group_chunks_change_no_number(variant):
     x = jnp.asarray(np.random.RandomState(4).randn(2, 8, 8, 12), jnp.float32)  # G = 2 images * 2 heads * 4
     results = []
     for group_chunk in (16, 4, 2):
-        mixer = clustering.ClusteringMixer(
-            12, 2, head_dim=6, windows=2, centers=(3, 3), em_unroll=3, group_chunk=group_chunk, **variant
-        )
+        mixer = _mixer(12, 2, 2, head_dim=6, centers=(3, 3), em_unroll=3, group_chunk=group_chunk, **variant)
         params = mixer.init(jax.random.PRNGKey(0), x)
         loss = lambda p: jnp.sum(jnp.sin(mixer.apply(p, x)[0])) + jnp.sum(mixer.apply(p, x)[1] ** 2)  # noqa: E731
         text = jax.jit(loss).lower(params).as_text()
@@ -246,28 +249,64 @@ def test_group_chunks_change_no_number(variant):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), results[0], other)
 
 
-def test_group_chunk_resolution(monkeypatch):
-    resolve = clustering.resolve_group_chunk
+def test_group_chunk_resolution():
+    def per_chunk(groups, heads, assignment_size, **config):
+        return MixerConfig(**config).groups_per_chunk(groups, heads, assignment_size)
+
     # explicit: the largest multiple of heads that divides the groups and is at most the request
-    assert resolve(48, 1536, 3, 4900) == 48
-    assert resolve(50, 1536, 3, 4900) == 48
-    assert resolve(4, 24, 3, 10) == 3
-    assert resolve(2, 24, 3, 10) == 24  # no multiple of 3 fits: one pass
-    assert resolve(1000, 24, 3, 10) == 24
-    # default on CPU: (K, N) float32 assignments of one chunk within GROUP_CHUNK_BYTES (1 MiB)
-    monkeypatch.setattr(clustering.jax, "default_backend", lambda: "cpu")
-    monkeypatch.setattr(clustering.jax, "device_count", lambda: 1)
-    assert resolve(None, 1536, 3, 100 * 49) == 48  # 1 MiB / 19600 B = 53 -> 48 divides 1536
-    assert resolve(None, 192, 24, 100 * 49) == 48  # 53 -> the multiple of 24 heads below it
-    assert resolve(None, 192, 24, 100 * 4900) == 24  # chunks never split a window's heads
-    assert resolve(None, 64, 2, 16 * 64) == 64  # everything fits: one pass
-    monkeypatch.setattr(clustering.jax, "device_count", lambda: 8)  # the group axis may be sharded
-    assert resolve(None, 1536, 3, 100 * 49) == 1536
-    monkeypatch.setattr(clustering.jax, "device_count", lambda: 1)
-    monkeypatch.setattr(clustering.jax, "default_backend", lambda: "gpu")
-    assert resolve(None, 1536, 3, 100 * 49) == 1536
-    with pytest.raises(clustering.ModelConfigError, match="group_chunk=0 must be >= 1"):
-        resolve(0, 1536, 3, 4900)
+    assert per_chunk(1536, 3, 4900, group_chunk=48) == 48
+    assert per_chunk(1536, 3, 4900, group_chunk=50) == 48
+    assert per_chunk(24, 3, 10, group_chunk=4) == 3
+    assert per_chunk(24, 3, 10, group_chunk=2) == 24  # no multiple of 3 fits: one pass
+    assert per_chunk(24, 3, 10, group_chunk=1000) == 24
+    # by bytes: the (K, N) float32 assignments of one chunk within group_chunk_bytes
+    mib = runtime.GROUP_CHUNK_BYTES
+    assert per_chunk(1536, 3, 100 * 49, group_chunk_bytes=mib) == 48  # 1 MiB / 19600 B = 53 -> 48 divides 1536
+    assert per_chunk(192, 24, 100 * 49, group_chunk_bytes=mib) == 48  # 53 -> the multiple of 24 heads below it
+    assert per_chunk(192, 24, 100 * 4900, group_chunk_bytes=mib) == 24  # chunks never split a window's heads
+    assert per_chunk(64, 2, 16 * 64, group_chunk_bytes=mib) == 64  # everything fits: one pass
+    assert per_chunk(1536, 3, 100 * 49, group_chunk=6, group_chunk_bytes=mib) == 6  # explicit wins
+    assert per_chunk(1536, 3, 100 * 49) == 1536  # neither: all groups at once
+    with pytest.raises(ModelConfigError, match="group_chunk=0 must be >= 1"):
+        MixerConfig(group_chunk=0).validate()
+
+
+def test_execution_settings_are_resolved_from_the_machine_not_the_model():
+    one_cpu = runtime.execution_settings("cpu", 1, "glibc")
+    assert one_cpu == dict(depthwise_impl="shifted", remat_impl="tied", em_unroll=1, group_chunk_bytes=1 << 20)
+    assert runtime.execution_settings("cpu", 1, "tcmalloc")["em_unroll"] is None  # all T: no loop
+    assert runtime.execution_settings("cpu", 8, "glibc")["group_chunk_bytes"] is None  # the group axis is sharded
+    accelerator = dict(depthwise_impl="grouped", remat_impl="barrier", em_unroll=None, group_chunk_bytes=None)
+    assert runtime.execution_settings("gpu", 1, "glibc") == accelerator
+    assert runtime.execution_settings("tpu", 8, "tcmalloc") == accelerator
+    # only the fields a model has; what the user set wins
+    resolved = runtime.with_execution_settings(
+        {"remat_impl", "em_unroll", "num_iters"}, {"em_unroll": 2, "num_iters": None}, backend="cpu", num_devices=1
+    )
+    assert resolved == {"em_unroll": 2, "num_iters": None, "remat_impl": "tied"}
+
+
+OFFICIAL_NANO = dict(partition="raw", dispatch="official", center_ffn=False, mlp_ratios=(8, 8, 4, 4))
+
+
+@pytest.mark.parametrize("variant", [{}, OFFICIAL_NANO], ids=["paper", "official"])
+def test_cpu_and_accelerator_execution_fields_give_the_same_numbers(variant):
+    """One preset built with the CPU fields and with the accelerator fields: different programs (a rolled EM
+    loop, group chunks, tied remat), equal logits and gradients."""
+    images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32)
+    results = []
+    for fields in (runtime.execution_settings("cpu", 1, "glibc"), runtime.execution_settings("gpu", 1, "glibc")):
+        del fields["depthwise_impl"]  # ClusterFormer has no depthwise convolution
+        model = create_model("clusterformer_nano", remat=True, **variant, **fields)
+        params = model.init(jax.random.PRNGKey(0), images)
+        loss = lambda p: jnp.sum(jnp.sin(model.apply(p, images)))  # noqa: E731
+        grad = jax.jit(jax.grad(loss))
+        results.append((jax.jit(loss)(params), grad(params), "while" in grad.lower(params).as_text()))
+    (cpu_loss, cpu_grads, cpu_loops), (gpu_loss, gpu_grads, gpu_loops) = results
+    assert cpu_loops and not gpu_loops
+    np.testing.assert_allclose(cpu_loss, gpu_loss, rtol=1e-5)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(gpu_grads))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale), cpu_grads, gpu_grads)
 
 
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 1), (7, 1), (3, 2)])
@@ -275,7 +314,7 @@ def test_depthwise_shifted_sums_equal_grouped_conv(kernel, stride):
     x = jnp.asarray(np.random.RandomState(kernel).randn(2, 9, 9, 6), jnp.float32)
     results = []
     for impl in ("shifted", "grouped"):
-        conv = clustering.DepthwiseConv(kernel, stride, impl=impl)
+        conv = layers.DepthwiseConv(kernel, stride, impl=impl)
         params = conv.init(jax.random.PRNGKey(0), x)
         loss = lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x)))  # noqa: E731
         results.append((conv.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x)))
@@ -285,44 +324,37 @@ def test_depthwise_shifted_sums_equal_grouped_conv(kernel, stride):
 
 def test_depthwise_shifted_backward_keeps_no_copy_per_tap():
     x = jnp.zeros((4, 32, 32, 64), jnp.float32)
-    conv = clustering.DepthwiseConv(7, impl="shifted")
+    conv = layers.DepthwiseConv(7, impl="shifted")
     params = conv.init(jax.random.PRNGKey(0), x)
     grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.sin(conv.apply(p, x))), argnums=(0, 1)))
     temp = grad.lower(params, x).compile().memory_analysis().temp_size_in_bytes
     assert temp < 12 * x.nbytes  # autodiff's backward held its 49 tap products at once: 48x
 
 
-def test_em_unroll_resolution(monkeypatch):
-    assert clustering.resolve_em_unroll(2, 3) == 2
-    assert clustering.resolve_em_unroll(8, 3) == 3
-    for allocator, want in (("glibc", 1), ("tcmalloc", 3)):
-        monkeypatch.setattr(clustering, "host_allocator", lambda a=allocator: a)
-        assert clustering.resolve_em_unroll(None, 3) == want
-    monkeypatch.setattr(clustering.jax, "default_backend", lambda: "tpu")
-    monkeypatch.setattr(clustering, "host_allocator", lambda: "glibc")
-    assert clustering.resolve_em_unroll(None, 3) == 3
-    with pytest.raises(clustering.ModelConfigError, match="em_unroll=0 must be >= 1"):
-        clustering.resolve_em_unroll(0, 3)
+def test_em_unroll_resolution():
+    assert MixerConfig(em_unroll=2, num_iters=3).unroll() == 2
+    assert MixerConfig(em_unroll=8, num_iters=3).unroll() == 3
+    assert MixerConfig(em_unroll=None, num_iters=3).unroll() == 3
+    with pytest.raises(ModelConfigError, match="em_unroll=0 must be >= 1"):
+        MixerConfig(em_unroll=0).validate()
 
 
 def test_spatial_windows_are_true_windows():
     x = jnp.arange(2 * 4 * 4 * 6, dtype=jnp.float32).reshape(2, 4, 4, 6)
-    parts = clustering.window_partition(x, heads=2, windows=2, partition="spatial")
+    parts = layout.window_partition(x, heads=2, windows=2, partition="spatial")
     assert parts.shape == (2 * 2 * 4, 2, 2, 3)
     # group 0 = image 0, head 0, top-left window: rows 0-1, cols 0-1, channels 0-2
     np.testing.assert_array_equal(np.asarray(parts[0]), np.asarray(x[0, :2, :2, :3]))
     # group 3 = image 0, head 0, bottom-right window
     np.testing.assert_array_equal(np.asarray(parts[3]), np.asarray(x[0, 2:, 2:, :3]))
     for mode in ("spatial", "raw"):
-        parts = clustering.window_partition(x, 2, 2, mode)
-        np.testing.assert_array_equal(np.asarray(clustering.window_merge(parts, 2, 2, 2, mode)), np.asarray(x))
+        parts = layout.window_partition(x, 2, 2, mode)
+        np.testing.assert_array_equal(np.asarray(layout.window_merge(parts, 2, 2, 2, mode)), np.asarray(x))
 
 
 def test_paper_dispatch_is_similarity_weighted_mean_of_centers():
     """Eq. 6 before its MLP: (1/K) sum_k sigmoid(alpha*cos(C_k, p_i) + beta) C_k (checked via a probe)."""
-    mixer = clustering.ClusteringMixer(
-        8, 1, head_dim=8, centers=(2, 2), num_iters=1, dispatch="paper", partition="spatial"
-    )
+    mixer = _mixer(8, 1, head_dim=8, centers=(2, 2), num_iters=1, dispatch="paper", partition="spatial")
     x = jnp.asarray(np.random.RandomState(5).randn(1, 4, 4, 8).astype(np.float32))
     params = mixer.init(jax.random.PRNGKey(1), x)["params"]
     out, centers = mixer.apply({"params": params}, x)
@@ -426,10 +458,10 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
 
 def test_cosine_normalisation_has_finite_gradient_at_zero():
     """An empty cluster gives an all-zero center; its cosine must not turn the gradient into NaN."""
-    grad = jax.grad(lambda v: clustering.l2_normalize(v).sum())(jnp.zeros((2, 4)))
+    grad = jax.grad(lambda v: layers.l2_normalize(v).sum())(jnp.zeros((2, 4)))
     assert bool(jnp.all(jnp.isfinite(grad)))
     x = jnp.asarray([[3.0, 4.0], [1e-14, 0.0]])
-    np.testing.assert_allclose(np.asarray(clustering.l2_normalize(x)), [[0.6, 0.8], [1e-2, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(layers.l2_normalize(x)), [[0.6, 0.8], [1e-2, 0.0]], rtol=1e-6)
 
 
 def test_gelu_is_the_exact_erf_form():
@@ -437,4 +469,4 @@ def test_gelu_is_the_exact_erf_form():
 
     x = np.linspace(-6, 6, 25).astype(np.float32)
     want = [0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.astype(np.float64)]
-    np.testing.assert_allclose(clustering.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)

@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from clusterformer_jax.models.registry import create_model
+from clusterformer_jax import runtime
+from clusterformer_jax.models.registry import create_model, model_fields
 from clusterformer_jax.models.remat import remat
 
 SMALL = {  # every backbone family at a few thousand parameters; GroupMixFormer updates BatchNorm statistics
@@ -47,18 +48,22 @@ def _grads(name, remat_blocks, images, labels, **overrides):
     return jax.jit(jax.grad(loss))(params)
 
 
+def _execution(name: str, backend: str) -> dict:
+    """The execution fields ``name`` has, as resolved for one device of ``backend``."""
+    return {k: v for k, v in runtime.execution_settings(backend, 1, "glibc").items() if k in model_fields(name)}
+
+
 @pytest.mark.parametrize(
     "name,backend", [(name, "cpu") for name in sorted(SMALL)] + [("clusterformer_nano", "gpu"), ("paca_tiny", "gpu")]
 )
-def test_remat_gives_the_gradients_of_the_plain_model(name, backend, monkeypatch):
-    """'gpu': the rematted model built as on an accelerator (flax's nn.remat, whose static_argnums differ for
-    ClusterFormer's and PaCa's blocks; one-pass clustering, unrolled EM, grouped depthwise convolutions), run
-    here on CPU against the plain model built for CPU."""
+def test_remat_gives_the_gradients_of_the_plain_model(name, backend):
+    """'gpu': the rematted model with the accelerator's execution fields (flax's nn.remat, whose static_argnums
+    differ for ClusterFormer's and PaCa's blocks; one-pass clustering, unrolled EM, grouped depthwise
+    convolutions), against the plain model with the CPU's."""
     images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32)
     labels = jnp.array([1, 3])
-    plain = _grads(name, False, images, labels, drop_path_rate=0.0)
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    rematted = _grads(name, True, images, labels, drop_path_rate=0.0)
+    plain = _grads(name, False, images, labels, drop_path_rate=0.0, **_execution(name, "cpu"))
+    rematted = _grads(name, True, images, labels, drop_path_rate=0.0, **_execution(name, backend))
     assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(rematted)
     # float32 rounding only (the recomputation is fused apart from the forward pass, and BatchNorm over the
     # 2x1x1 last-stage maps magnifies it): within 1e-5 of the largest gradient
@@ -74,15 +79,18 @@ class _Dropout(nn.Module):
 
 
 class _TwoBlocks(nn.Module):
+    impl: str
+
     @nn.compact
     def __call__(self, x):
-        block = remat(_Dropout, static_argnums=(2,))
+        block = remat(_Dropout, (2,), self.impl)
         return block(name="b1")(block(name="b0")(x, False), False)
 
 
-def test_the_recomputation_draws_the_forward_passs_dropout_masks():
+@pytest.mark.parametrize("impl", ["tied", "barrier"])
+def test_the_recomputation_draws_the_forward_passs_dropout_masks(impl):
     x = jnp.asarray(np.random.RandomState(0).rand(4000) + 0.5, jnp.float32)
-    out, vjp = jax.vjp(lambda x: _TwoBlocks().apply({}, x, rngs={"dropout": jax.random.PRNGKey(2)}), x)
+    out, vjp = jax.vjp(lambda x: _TwoBlocks(impl).apply({}, x, rngs={"dropout": jax.random.PRNGKey(2)}), x)
     (grad_x,) = vjp(jnp.ones_like(out))
     # out = x * m0 * m1 * 4 with both masks drawn in the forward pass; the backward recomputes both blocks
     kept = out != 0
@@ -90,24 +98,18 @@ def test_the_recomputation_draws_the_forward_passs_dropout_masks():
     np.testing.assert_array_equal(grad_x, jnp.where(kept, 4.0, 0.0))
 
 
-def _nano_grad_temps(images, remat_blocks: bool) -> int:
-    model = create_model("clusterformer_nano", remat=remat_blocks)
+def _nano_grad_temps(images, remat_blocks: bool, remat_impl: str = "tied") -> int:
+    model = create_model("clusterformer_nano", remat=remat_blocks, remat_impl=remat_impl)
     params = model.init(jax.random.PRNGKey(0), images[:1])["params"]
     loss = lambda p: jnp.sum(model.apply({"params": p}, images))  # noqa: E731
     return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_remat_shrinks_the_train_steps_temporaries_on_cpu(monkeypatch):
+def test_tied_remat_shrinks_the_train_steps_temporaries_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU path (recomputation tied to the cotangent)")
-    from clusterformer_jax.models import clusterformer
-
     images = jnp.zeros((2, 64, 64, 3), jnp.float32)
     plain = _nano_grad_temps(images, False)
-    assert _nano_grad_temps(images, True) < 0.75 * plain
-
+    assert _nano_grad_temps(images, True, "tied") < 0.75 * plain
     # why the tie: nn.remat alone saves nothing here, its recomputation merged back into the forward pass
-    monkeypatch.setattr(
-        clusterformer, "remat", lambda cls, static_argnums: nn.remat(cls, static_argnums=static_argnums)
-    )
-    assert _nano_grad_temps(images, True) > 0.9 * plain
+    assert _nano_grad_temps(images, True, "barrier") > 0.9 * plain

@@ -1,4 +1,4 @@
-"""ClusterFormer backbone and classifier (paper §3.2-3.3; released code in seed_systems.md §2).
+"""ClusterFormer backbone and classifier (paper §3.2-3.3), and its presets.
 
 Stem: RGB + two coordinate channels -> conv k4 s4. Four stages of ``ClusterBlock``s joined by conv k3 s2
 (explicit padding 1, as PyTorch). Each block is pre-norm GroupNorm(1, eps 1e-5) -> clustering mixer ->
@@ -7,88 +7,28 @@ layer scale -> stochastic depth, then GroupNorm -> MLP -> layer scale -> stochas
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+import dataclasses
+from typing import Any, Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clusterformer_jax.models.clustering import (
-    ClusteringMixer,
-    ModelConfigError,
-    gelu,
-    torch_default_bias_init,
-    torch_default_kernel_init,
-)
+from clusterformer_jax.errors import ModelConfigError
+from clusterformer_jax.models.clustering import ClusteringMixer, MixerConfig
+from clusterformer_jax.models.layers import DropPath, Mlp, conv, group_norm, position_channels
 from clusterformer_jax.models.remat import remat
 
 Dtype = Any
 HEADS = ("official_neck", "paper_centers")
 
 
-def position_channels(images: jax.Array) -> jax.Array:
-    """Appends row/(H-1)-0.5 and col/(W-1)-0.5 coordinate channels to NHWC images."""
-    b, h, w, _ = images.shape
-    rows = jnp.arange(h, dtype=images.dtype) / max(h - 1, 1) - 0.5
-    cols = jnp.arange(w, dtype=images.dtype) / max(w - 1, 1) - 0.5
-    grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)
-    return jnp.concatenate([images, jnp.broadcast_to(grid, (b, h, w, 2))], axis=-1)
-
-
-def group_norm(name: str, dtype: Dtype) -> nn.GroupNorm:
-    """GroupNorm(1, C) with PyTorch's epsilon: normalises over (H, W, C) per sample."""
-    return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=dtype, name=name)
-
-
-def conv(features: int, fan_in: int, kernel: int, stride: int, pad: int, name: str, dtype: Dtype):
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dtype=dtype,
-        kernel_init=torch_default_kernel_init(),
-        bias_init=torch_default_bias_init(fan_in * kernel * kernel),
-        name=name,
-    )
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch per sample with probability ``rate``."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        rng = self.make_rng("dropout")
-        mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
-
-
-class Mlp(nn.Module):
-    """1x1 conv -> exact GELU -> dropout -> 1x1 conv -> dropout (trunc-normal 0.02 init, zero bias)."""
-
-    hidden: int
-    drop: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        init = nn.initializers.truncated_normal(0.02)
-        dim = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=init, name="fc1")(x)
-        x = nn.Dropout(self.drop)(gelu(x), deterministic)
-        x = nn.Dense(dim, dtype=self.dtype, kernel_init=init, name="fc2")(x)
-        return nn.Dropout(self.drop)(x, deterministic)
-
-
 class ClusterBlock(nn.Module):
     dim: int
+    heads: int
+    windows: int
     mlp_ratio: float
-    mixer: Dict[str, Any]
+    mixer: MixerConfig
     drop_path: float = 0.0
     drop: float = 0.0
     layer_scale_init: float = 1e-5
@@ -99,9 +39,8 @@ class ClusterBlock(nn.Module):
         scale_init = nn.initializers.constant(self.layer_scale_init)
         gamma1 = self.param("layer_scale_1", scale_init, (self.dim,))
         gamma2 = self.param("layer_scale_2", scale_init, (self.dim,))
-        mixed, centers = ClusteringMixer(self.dim, dtype=self.dtype, name="token_mixer", **self.mixer)(
-            group_norm("norm1", self.dtype)(x)
-        )
+        mixer = ClusteringMixer(self.dim, self.heads, self.windows, self.mixer, self.dtype, name="token_mixer")
+        mixed, centers = mixer(group_norm("norm1", self.dtype)(x))
         x = x + DropPath(self.drop_path)(gamma1 * mixed, deterministic)
         hidden = int(self.dim * self.mlp_ratio)
         mlp = Mlp(hidden, self.drop, self.dtype, name="mlp")(group_norm("norm2", self.dtype)(x), deterministic)
@@ -113,30 +52,21 @@ class ClusterFormerBackbone(nn.Module):
     """Hierarchical backbone: images -> {'stages': [4 GroupNorm'd NHWC maps], 'centers': (B, M, inner)}.
 
     ``centers`` are the last block's cluster centers (all windows of the last stage), which the paper's
-    classification head and the dense decoders' query initialisation consume.
+    classification head and the dense decoders' query initialisation consume. ``mixer`` configures every
+    block's clustering; ``remat`` recomputes each block in the backward pass (``remat_impl``: see remat.py).
     """
 
     depths: Sequence[int] = (2, 2, 6, 2)
     dims: Sequence[int] = (96, 192, 384, 768)
     mlp_ratios: Sequence[float] = (8, 8, 4, 4)
     num_heads: Sequence[int] = (3, 6, 12, 24)
-    head_dim: int = 32
     window_counts: Sequence[int] = (8, 4, 2, 1)
-    centers: Tuple[int, int] = (10, 10)
-    num_iters: int = 3
-    estep_axis: str = "clusters"
-    query_proj: bool = True
-    mstep: str = "sum"
-    center_ffn: bool = False
-    dispatch: str = "official"
-    partition: str = "raw"
+    mixer: MixerConfig = MixerConfig()
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     layer_scale_init: float = 1e-5
     remat: bool = False
-    em_remat: bool = True
-    em_unroll: Optional[int] = None
-    group_chunk: Optional[int] = None
+    remat_impl: str = "barrier"
     dtype: Dtype = jnp.float32
 
     def _validate(self, images: jax.Array) -> None:
@@ -149,10 +79,7 @@ class ClusterFormerBackbone(nn.Module):
         if size[0] % 4 or size[1] % 4:
             raise ModelConfigError(f"input {size[0]}x{size[1]} must be a multiple of 4 (the stem is conv k4 s4)")
         for stage, count in enumerate(self.window_counts):
-            if stage:
-                size = [(s + 1) // 2 for s in size]
-            else:
-                size = [s // 4 for s in size]
+            size = [(s + 1) // 2 for s in size] if stage else [s // 4 for s in size]
             if count > 1 and (size[0] % count or size[1] % count):
                 raise ModelConfigError(
                     f"input {images.shape[1]}x{images.shape[2]}: stage {stage + 1} map {size[0]}x{size[1]} is "
@@ -166,34 +93,19 @@ class ClusterFormerBackbone(nn.Module):
         x = position_channels(images.astype(self.dtype))
         x = conv(self.dims[0], 5, 4, 4, 0, "patch_embed", self.dtype)(x)
         total = sum(self.depths)
-        block_cls = remat(ClusterBlock, static_argnums=(2,)) if self.remat else ClusterBlock
+        block_cls = remat(ClusterBlock, (2,), self.remat_impl) if self.remat else ClusterBlock
         stages, centers, index = [], None, 0
         for stage, depth in enumerate(self.depths):
             if stage:
                 x = conv(self.dims[stage], self.dims[stage - 1], 3, 2, 1, f"downsample_{stage}", self.dtype)(x)
-            mixer = dict(
-                heads=self.num_heads[stage],
-                head_dim=self.head_dim,
-                windows=self.window_counts[stage],
-                centers=tuple(self.centers),
-                num_iters=self.num_iters,
-                estep_axis=self.estep_axis,
-                query_proj=self.query_proj,
-                mstep=self.mstep,
-                center_ffn=self.center_ffn,
-                dispatch=self.dispatch,
-                partition=self.partition,
-                em_remat=self.em_remat,
-                em_unroll=self.em_unroll,
-                group_chunk=self.group_chunk,
-            )
             for block in range(depth):
-                rate = self.drop_path_rate * index / max(total - 1, 1)
                 x, centers = block_cls(
                     self.dims[stage],
+                    self.num_heads[stage],
+                    self.window_counts[stage],
                     self.mlp_ratios[stage],
-                    mixer,
-                    rate,
+                    self.mixer,
+                    self.drop_path_rate * index / max(total - 1, 1),
                     self.drop_rate,
                     self.layer_scale_init,
                     self.dtype,
@@ -210,7 +122,7 @@ class ClusterFormer(nn.Module):
     ``head='official_neck'``: GroupNorm'd outputs of all four stages, global-average-pooled and
     concatenated (96+192+384+768 = 1440 for tiny) -> Linear, as the released mmcls neck/head.
     ``head='paper_centers'``: the paper's single-layer MLP on the last stage's cluster centers.
-    Every other field is passed to ``ClusterFormerBackbone``.
+    ``backbone``: the ``ClusterFormerBackbone`` fields.
     """
 
     num_classes: int = 1000
@@ -235,3 +147,88 @@ class ClusterFormer(nn.Module):
         pooled = nn.Dropout(self.drop_rate)(pooled, not train)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=init, name="head")(pooled)
         return logits.astype(jnp.float32)
+
+
+def _names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+_TOP_FIELDS = _names(ClusterFormer) - {"backbone"}
+_MIXER_FIELDS = _names(MixerConfig)
+_BACKBONE_FIELDS = _names(ClusterFormerBackbone) - {"mixer", "drop_rate", "dtype"}
+FIELDS = _TOP_FIELDS | _MIXER_FIELDS | _BACKBONE_FIELDS
+
+
+def from_fields(**fields: Any) -> ClusterFormer:
+    """A classifier from flat fields (the registry's and the configs' form): mixer fields go to its
+    ``MixerConfig``, backbone fields to the backbone, the rest to the classifier."""
+    unknown = sorted(set(fields) - FIELDS)
+    if unknown:
+        raise ModelConfigError(f"ClusterFormer has no field {unknown[0]!r}; valid: {sorted(FIELDS)}")
+    mixer = MixerConfig(**{k: v for k, v in fields.items() if k in _MIXER_FIELDS})
+    backbone = {k: v for k, v in fields.items() if k in _BACKBONE_FIELDS}
+    return ClusterFormer(backbone=dict(backbone, mixer=mixer), **{k: v for k, v in fields.items() if k in _TOP_FIELDS})
+
+
+# The released code (github.com/ClusterFormer/ClusterFormer, mmcls configs) with window counts [8,4,2,1]
+# so that 224 inputs work.
+_OFFICIAL = dict(
+    dims=(96, 192, 384, 768),
+    mlp_ratios=(8, 8, 4, 4),
+    num_heads=(3, 6, 12, 24),
+    head_dim=32,
+    window_counts=(8, 4, 2, 1),
+    centers=(10, 10),
+    estep_axis="clusters",
+    query_proj=True,
+    mstep="sum",
+    center_ffn=False,
+    dispatch="official",
+    partition="raw",
+    head="official_neck",
+)
+
+# The paper's design (§3.2-3.3, "the architecture and configuration of Swin Transformer"): Swin widths,
+# depths, heads and MLP ratio 4, 7x7-token spatial windows, Eq. 5 center FFN, Eq. 6 dispatch, and the
+# single-layer head on the cluster centers.
+_PAPER = dict(
+    dims=(96, 192, 384, 768),
+    mlp_ratios=(4, 4, 4, 4),
+    num_heads=(3, 6, 12, 24),
+    head_dim=32,
+    window_counts=(8, 4, 2, 1),
+    centers=(10, 10),
+    num_iters=3,
+    estep_axis="clusters",
+    query_proj=True,
+    mstep="sum",
+    center_ffn=True,
+    dispatch="paper",
+    partition="spatial",
+    head="paper_centers",
+)
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "clusterformer_tiny": dict(_PAPER, depths=(2, 2, 6, 2), drop_path_rate=0.2),
+    "clusterformer_small": dict(_PAPER, depths=(2, 2, 18, 2), drop_path_rate=0.3),
+    "clusterformer_base": dict(
+        _PAPER, depths=(2, 2, 18, 2), dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), drop_path_rate=0.5
+    ),
+    # Released configs: tiny uses T=3, small silently runs with the default T=1; neither sets drop-path.
+    "clusterformer_tiny_official": dict(_OFFICIAL, depths=(2, 2, 6, 2), num_iters=3),
+    "clusterformer_small_official": dict(_OFFICIAL, depths=(2, 2, 18, 2), num_iters=1),
+    # Quickstart: 32x32 digits (stage maps 8/4/2/1), whole-map clustering with 4x4 centers.
+    "clusterformer_nano": dict(
+        _PAPER,
+        depths=(1, 1, 2, 1),
+        dims=(32, 64, 128, 192),
+        num_heads=(1, 2, 4, 6),
+        head_dim=32,
+        mlp_ratios=(4, 4, 4, 4),
+        window_counts=(1, 1, 1, 1),
+        centers=(4, 4),
+        num_iters=3,
+        head="official_neck",
+        num_classes=10,
+    ),
+}

@@ -1,6 +1,6 @@
 """Context Cluster (CoC, "Image as Set of Points", ICLR 2023): backbone and classifier.
 
-Specification: seed_systems.md §3 (upstream ``ma-xu/Context-Cluster``, ``models/context_cluster.py``).
+Upstream: github.com/ma-xu/Context-Cluster, ``models/context_cluster.py``.
 
 The image is a set of points: RGB plus two coordinate channels, embedded by a k4/s4 conv. Four stages of
 pre-norm blocks (GroupNorm(1) -> cluster token mixer -> layer scale -> stochastic depth, then GroupNorm ->
@@ -22,15 +22,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clusterformer_jax.models.clusterformer import DropPath, Mlp, conv, group_norm, position_channels
-from clusterformer_jax.models.clustering import (
-    ModelConfigError,
+from clusterformer_jax.errors import ModelConfigError
+from clusterformer_jax.models.layers import (
+    DropPath,
+    Mlp,
     adaptive_avg_pool,
+    conv,
     first_argmax,
+    group_norm,
     l2_normalize,
     pointwise,
+    position_channels,
 )
-from clusterformer_jax.models.registry import register_model
 from clusterformer_jax.models.remat import remat
 
 Dtype = Any
@@ -167,6 +170,7 @@ class _ContextClusterFields(nn.Module):
     drop_path_rate: float = 0.0
     layer_scale_init: float = 1e-5
     remat: bool = False
+    remat_impl: str = "barrier"
     dtype: Dtype = jnp.float32
 
 
@@ -202,7 +206,7 @@ class ContextClusterBackbone(_ContextClusterFields):
         self._validate(images)
         x = position_channels(images.astype(self.dtype))
         x = conv(self.dims[0], 5, 4, 4, 0, "patch_embed", self.dtype)(x)
-        block_cls = remat(ContextClusterBlock, static_argnums=(2,)) if self.remat else ContextClusterBlock
+        block_cls = remat(ContextClusterBlock, (2,), self.remat_impl) if self.remat else ContextClusterBlock
         total, index, stages = sum(self.depths), 0, []
         for stage, depth in enumerate(self.depths):
             if stage:
@@ -243,18 +247,20 @@ class ContextClusterClassifier(_ContextClusterFields):
         return head(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
 
 
-# Published configurations (seed_systems.md §3.1). Drop-path follows the README's training example (0.1).
+# Published configurations (upstream ``models/context_cluster.py``). Drop-path follows the upstream README's
+# training example (0.1).
 _TINY = dict(depths=(3, 4, 5, 2), dims=(32, 64, 196, 320), num_heads=(4, 4, 8, 8), head_dim=24)
 _DIM64 = dict(dims=(64, 128, 320, 512), head_dim=32)
+_DEFAULTS = dict(mlp_ratios=(8, 8, 4, 4), proposals=(2, 2, 2, 2), folds=(8, 4, 2, 1), drop_path_rate=0.1)
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "coc_tiny": dict(_TINY, proposals=(2, 2, 2, 2), folds=(8, 4, 2, 1)),
-    "coc_tiny2": dict(_TINY, proposals=(4, 2, 7, 4), folds=(7, 7, 1, 1)),
-    "coc_tiny_plain": dict(_TINY, proposals=(4, 4, 2, 2), folds=(1, 1, 1, 1)),
-    "coc_small": dict(_DIM64, depths=(2, 2, 6, 2), num_heads=(4, 4, 8, 8)),
-    "coc_medium": dict(_DIM64, depths=(4, 4, 12, 4), num_heads=(6, 6, 12, 12)),
-    "coc_base_dim64": dict(_DIM64, depths=(6, 6, 24, 6), num_heads=(8, 8, 16, 16)),
-    "coc_base_dim96": dict(depths=(4, 4, 12, 4), dims=(96, 192, 384, 768), num_heads=(8, 8, 16, 16), head_dim=32),
+    name: dict(_DEFAULTS, **preset)
+    for name, preset in {
+        "coc_tiny": dict(_TINY, proposals=(2, 2, 2, 2), folds=(8, 4, 2, 1)),
+        "coc_tiny2": dict(_TINY, proposals=(4, 2, 7, 4), folds=(7, 7, 1, 1)),
+        "coc_tiny_plain": dict(_TINY, proposals=(4, 4, 2, 2), folds=(1, 1, 1, 1)),
+        "coc_small": dict(_DIM64, depths=(2, 2, 6, 2), num_heads=(4, 4, 8, 8)),
+        "coc_medium": dict(_DIM64, depths=(4, 4, 12, 4), num_heads=(6, 6, 12, 12)),
+        "coc_base_dim64": dict(_DIM64, depths=(6, 6, 24, 6), num_heads=(8, 8, 16, 16)),
+        "coc_base_dim96": dict(depths=(4, 4, 12, 4), dims=(96, 192, 384, 768), num_heads=(8, 8, 16, 16), head_dim=32),
+    }.items()
 }
-for _name, _preset in PRESETS.items():
-    _defaults = dict(mlp_ratios=(8, 8, 4, 4), proposals=(2, 2, 2, 2), folds=(8, 4, 2, 1), drop_path_rate=0.1)
-    register_model(_name, ContextClusterClassifier, **dict(_defaults, **_preset))

@@ -1,4 +1,4 @@
-"""GroupMixFormer backbone and classifier (Group-Mix Attention; seed_systems.md §5).
+"""GroupMixFormer backbone and classifier (Group-Mix Attention; upstream github.com/AILab-CVC/GroupMixFormer).
 
 Layout: activations are NHWC maps ``(B, H, W, C)``; a block's tokens are the ``H*W`` positions of the map in
 row-major order, which is the order the PyTorch code gets from ``flatten(2).transpose(1, 2)``.
@@ -27,13 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clusterformer_jax.models.clusterformer import DropPath, Mlp, conv
-from clusterformer_jax.models.clustering import (
-    DepthwiseConv,
-    ModelConfigError,
-    torch_default_kernel_init,
-)
-from clusterformer_jax.models.registry import register_model
+from clusterformer_jax.errors import ModelConfigError
+from clusterformer_jax.models.layers import DepthwiseConv, DropPath, Mlp, conv, torch_default_kernel_init
 from clusterformer_jax.models.remat import remat
 
 Dtype = Any
@@ -71,10 +66,9 @@ def linear(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.
     )
 
 
-def depthwise_conv(channels: int, kernel: int, stride: int, use_bias: bool, name: str, dtype: Dtype) -> nn.Module:
+def depthwise_conv(kernel: int, stride: int, use_bias: bool, name: str, dtype: Dtype, impl: str) -> nn.Module:
     """Depthwise k x k conv with symmetric padding k//2 (PyTorch ``groups=channels``) and default init."""
-    del channels  # taken from the input
-    return DepthwiseConv(kernel, stride, use_bias, dtype, name=name)
+    return DepthwiseConv(kernel, stride, use_bias, dtype, impl=impl, name=name)
 
 
 class SeparableConv(nn.Module):
@@ -84,10 +78,11 @@ class SeparableConv(nn.Module):
     kernel: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = depthwise_conv(x.shape[-1], self.kernel, self.stride, False, "conv1", self.dtype)(x)
+        x = depthwise_conv(self.kernel, self.stride, False, "conv1", self.dtype, self.depthwise_impl)(x)
         return nn.Conv(
             self.features,
             (1, 1),
@@ -119,10 +114,11 @@ class PatchEmbed(nn.Module):
     dim: int
     stride: int
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = SeparableConv(self.dim, 3, self.stride, self.dtype, name="proj")(x)
+        x = SeparableConv(self.dim, 3, self.stride, self.dtype, self.depthwise_impl, name="proj")(x)
         return jax.nn.hard_swish(batch_norm("norm", train, self.dtype)(x))
 
 
@@ -131,10 +127,11 @@ class Agg0(nn.Module):
 
     seg_dim: int
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = SeparableConv(self.seg_dim, 3, 1, self.dtype, name="conv")(x)
+        x = SeparableConv(self.seg_dim, 3, 1, self.dtype, self.depthwise_impl, name="conv")(x)
         return jax.nn.hard_swish(layer_norm("norm", 1e-5, self.dtype)(x))
 
 
@@ -147,6 +144,7 @@ class Aggregator(nn.Module):
 
     dim: int
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> Tuple[jax.Array, jax.Array]:
@@ -154,13 +152,13 @@ class Aggregator(nn.Module):
         segs = [x[..., i * s : (i + 1) * s] for i in range(SEGMENTS)]
         outs = [jax.nn.hard_swish(batch_norm("norm0", train, self.dtype)(segs[0]))]
         for i, kernel in enumerate(PROXY_KERNELS, start=1):
-            y = SeparableConv(s, kernel, 1, self.dtype, name=f"agg{i}")(segs[i])
+            y = SeparableConv(s, kernel, 1, self.dtype, self.depthwise_impl, name=f"agg{i}")(segs[i])
             outs.append(jax.nn.hard_swish(batch_norm(f"norm{i}", train, self.dtype)(y)))
         three_b, h, w, _ = x.shape
         b = three_b // 3
         # (q-seg4 | k-seg4 | v-seg4) side by side on the channel axis of each image
         local = segs[4].reshape(3, b, h, w, s).transpose(1, 2, 3, 0, 4).reshape(b, h, w, 3 * s)
-        local = Agg0(s, self.dtype, name="agg0")(local)
+        local = Agg0(s, self.dtype, self.depthwise_impl, name="agg0")(local)
         return jnp.concatenate(outs, axis=-1), local
 
 
@@ -169,6 +167,7 @@ class ConvRelPosEnc(nn.Module):
 
     head_dim: int
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, v: jax.Array) -> jax.Array:
@@ -176,7 +175,7 @@ class ConvRelPosEnc(nn.Module):
         for n, (kernel, heads) in enumerate(CRPE_SPLIT):
             width = heads * self.head_dim
             part = v[..., start : start + width]
-            outs.append(depthwise_conv(width, kernel, 1, True, f"conv_list_{n}", self.dtype)(part))
+            outs.append(depthwise_conv(kernel, 1, True, f"conv_list_{n}", self.dtype, self.depthwise_impl)(part))
             start += width
         return jnp.concatenate(outs, axis=-1)
 
@@ -195,6 +194,7 @@ class GroupMixAttention(nn.Module):
     qk_scale: Optional[float] = None
     drop: float = 0.0
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -203,12 +203,12 @@ class GroupMixAttention(nn.Module):
         head_dim = inner // NUM_HEADS
         qkv = linear(3 * c, "qkv", self.dtype, self.qkv_bias)(x)
         qkv = qkv.reshape(b, h, w, 3, c).transpose(3, 0, 1, 2, 4).reshape(3 * b, h, w, c)
-        proxies, local = Aggregator(c, self.dtype, name="aggregator")(qkv, train)
+        proxies, local = Aggregator(c, self.dtype, self.depthwise_impl, name="aggregator")(qkv, train)
         q, k, v = proxies.reshape(3, b, h * w, NUM_HEADS, head_dim)
         k = jax.nn.softmax(k.astype(jnp.float32), axis=1).astype(v.dtype)  # over tokens, per channel
         kv = jnp.einsum("bnhk,bnhv->bhkv", k, v)
         att = jnp.einsum("bnhk,bhkv->bnhv", q, kv)
-        conv_v = ConvRelPosEnc(head_dim, self.dtype, name="crpe")(v.reshape(b, h, w, inner))
+        conv_v = ConvRelPosEnc(head_dim, self.dtype, self.depthwise_impl, name="crpe")(v.reshape(b, h, w, inner))
         crpe = q * conv_v.reshape(b, h * w, NUM_HEADS, head_dim)
         scale = self.qk_scale or (c // NUM_HEADS) ** -0.5
         out = (scale * att + crpe).reshape(b, h, w, inner)
@@ -220,10 +220,11 @@ class ConvPosEnc(nn.Module):
     """x + depthwise conv k3 (with bias) of x."""
 
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x + depthwise_conv(x.shape[-1], 3, 1, True, "proj", self.dtype)(x)
+        return x + depthwise_conv(3, 1, True, "proj", self.dtype, self.depthwise_impl)(x)
 
 
 class GMABlock(nn.Module):
@@ -236,12 +237,15 @@ class GMABlock(nn.Module):
     drop: float = 0.0
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = ConvPosEnc(self.dtype, name="cpe")(x)
+        x = ConvPosEnc(self.dtype, self.depthwise_impl, name="cpe")(x)
         y = layer_norm("norm1", 1e-6, self.dtype)(x)
-        y = GroupMixAttention(self.dim, self.qkv_bias, self.qk_scale, self.drop, self.dtype, name="att")(y, train)
+        y = GroupMixAttention(
+            self.dim, self.qkv_bias, self.qk_scale, self.drop, self.dtype, self.depthwise_impl, name="att"
+        )(y, train)
         x = x + DropPath(self.drop_path)(y, not train)
         y = layer_norm("norm2", 1e-6, self.dtype)(x)
         y = Mlp(int(self.dim * self.mlp_ratio), self.drop, self.dtype, name="mlp")(y, not train)
@@ -274,6 +278,8 @@ class GroupMixFormerBackbone(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     remat: bool = False
+    remat_impl: str = "barrier"
+    depthwise_impl: str = "grouped"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -282,11 +288,13 @@ class GroupMixFormerBackbone(nn.Module):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ModelConfigError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
         x = ConvStem(self.dims[0], self.dtype, name="conv_stem")(images.astype(self.dtype), train)
-        block_cls = remat(GMABlock, static_argnums=(2,)) if self.remat else GMABlock
+        block_cls = remat(GMABlock, (2,), self.remat_impl) if self.remat else GMABlock
         total = sum(self.depths)
         stages, index = [], 0
         for stage, (dim, depth) in enumerate(zip(self.dims, self.depths)):
-            x = PatchEmbed(dim, 2 if stage else 1, self.dtype, name=f"patch_embed_{stage}")(x, train)
+            x = PatchEmbed(dim, 2 if stage else 1, self.dtype, self.depthwise_impl, name=f"patch_embed_{stage}")(
+                x, train
+            )
             for block in range(depth):
                 rate = self.drop_path_rate * index / max(total - 1, 1)  # linspace(0, rate, total)
                 x = block_cls(
@@ -297,6 +305,7 @@ class GroupMixFormerBackbone(nn.Module):
                     self.drop_rate,
                     rate,
                     self.dtype,
+                    self.depthwise_impl,
                     name=f"stage_{stage}_block_{block}",
                 )(x, train)
                 index += 1
@@ -319,6 +328,8 @@ class GroupMixFormer(nn.Module):
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     remat: bool = False
+    remat_impl: str = "barrier"
+    depthwise_impl: str = "grouped"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -332,6 +343,8 @@ class GroupMixFormer(nn.Module):
             drop_rate=self.drop_rate,
             drop_path_rate=self.drop_path_rate,
             remat=self.remat,
+            remat_impl=self.remat_impl,
+            depthwise_impl=self.depthwise_impl,
             dtype=self.dtype,
             name="backbone",
         )(images, train)
@@ -340,7 +353,7 @@ class GroupMixFormer(nn.Module):
         return linear(self.num_classes, "head", self.dtype)(x).astype(jnp.float32)
 
 
-# Official configurations (configs/groupmixformer_*.yaml upstream; seed_systems.md §5.1). Heads are 8 and
+# Official configurations (configs/groupmixformer_*.yaml upstream). Heads are 8 and
 # qkv_bias True everywhere. 'large' is the yaml as released ("need to adjust"): 71.8M params, not 70.3M.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "gmf_miny": dict(dims=(40, 80, 160, 160), depths=(3, 3, 12, 4), mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.1),
@@ -349,6 +362,3 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "gmf_base": dict(dims=(200, 240, 320, 480), depths=(8, 8, 12, 8), mlp_ratios=(2, 2, 4, 4), drop_path_rate=0.5),
     "gmf_large": dict(dims=(240, 320, 360, 480), depths=(8, 10, 30, 10), mlp_ratios=(4, 4, 2, 2), drop_path_rate=0.1),
 }
-
-for _name, _preset in PRESETS.items():
-    register_model(_name, GroupMixFormer, **_preset)

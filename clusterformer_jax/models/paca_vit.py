@@ -1,13 +1,13 @@
 """PaCa-ViT ("Learning Patch-to-Cluster Attention in Vision Transformers", CVPR 2023).
 
-Specification: seed_systems.md §4 (upstream ``iVMCL/PaCaViT``, ``models/paca_vit.py``).
+Upstream: github.com/iVMCL/PaCaViT, ``models/paca_vit.py``.
 
 Queries are the patches; keys and values are M cluster tokens, each a softmax-over-patches weighted sum
 of the (normalised) patches, so attention costs O(N*M) instead of O(N^2). A stage computes the
 assignment in its first block ("stage-wise", the default) or in every block ("block-wise") and the other
 blocks reuse the last one. A stage with M = 0 is plain multi-head self-attention.
 
-Also here: ``PaCaSegHead``, the PaCa semantic-segmentation head (§4.6), and ``paca_seg_loss``.
+Also here: ``PaCaSegHead``, the PaCa semantic-segmentation head (upstream ``segmentation/``), and ``paca_seg_loss``.
 
 Activations inside a stage are token sequences (B, N, C), row-major over (H, W); stage outputs are NHWC.
 """
@@ -22,9 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clusterformer_jax.models.clustering import DepthwiseConv, ModelConfigError, gelu
-from clusterformer_jax.models.clusterformer import DropPath
-from clusterformer_jax.models.registry import register_model
+from clusterformer_jax.errors import ModelConfigError
+from clusterformer_jax.models.layers import DepthwiseConv, DropPath, gelu
 from clusterformer_jax.models.remat import remat
 
 Dtype = Any
@@ -42,12 +41,19 @@ def _conv_init(kernel: int, features: int, groups: int = 1) -> Callable:
 
 
 def _conv(
-    features: int, kernel: int, stride: int, name: str, dtype: Dtype, groups: int = 1, use_bias: bool = True
+    features: int,
+    kernel: int,
+    stride: int,
+    name: str,
+    dtype: Dtype,
+    groups: int = 1,
+    use_bias: bool = True,
+    depthwise_impl: str = "grouped",
 ) -> nn.Module:
     """k x k conv with PyTorch's symmetric padding (k-1)/2 (never 'SAME', which pads stride-2 convs 0/1)."""
     if groups == features and groups > 1:  # depthwise
         init = _conv_init(kernel, features, groups)
-        return DepthwiseConv(kernel, stride, use_bias, dtype, init, nn.initializers.zeros, name=name)
+        return DepthwiseConv(kernel, stride, use_bias, dtype, init, nn.initializers.zeros, depthwise_impl, name=name)
     pad = (kernel - 1) // 2
     return nn.Conv(
         features,
@@ -83,11 +89,12 @@ class P2CConv(nn.Module):
     num_clusters: int
     kernel: int = 7
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
-        x = gelu(_conv(c, self.kernel, 1, "dwconv", self.dtype, groups=c)(x))
+        x = gelu(_conv(c, self.kernel, 1, "dwconv", self.dtype, groups=c, depthwise_impl=self.depthwise_impl)(x))
         pw = lambda f, n, bias=True: nn.Dense(  # noqa: E731  1x1 convs with PaCa's conv init
             f, use_bias=bias, dtype=self.dtype, kernel_init=_conv_init(1, f), name=n
         )
@@ -141,6 +148,7 @@ class PaCaAttention(nn.Module):
     attn_drop: float = 0.0
     drop: float = 0.0
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(
@@ -151,7 +159,7 @@ class PaCaAttention(nn.Module):
             if self.compute_clusters:
                 grid = x.reshape(b, *hw, c)
                 if self.clustering == "conv":
-                    module = P2CConv(self.num_clusters, self.kernel, self.dtype, name="clustering")
+                    module = P2CConv(self.num_clusters, self.kernel, self.dtype, self.depthwise_impl, name="clustering")
                 elif self.clustering == "mlp":
                     module = P2CMlp(self.num_clusters, self.mlp_ratio, self.dtype, name="clustering")
                 else:
@@ -180,12 +188,14 @@ class PaCaMlp(nn.Module):
     hidden: int
     drop: float = 0.0
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(self, x: jax.Array, hw: Tuple[int, int], deterministic: bool) -> jax.Array:
         b, n, c = x.shape
         h = _dense(self.hidden, "fc1", self.dtype)(x)
-        dw = _conv(self.hidden, 3, 1, "dwconv", self.dtype, groups=self.hidden)(h.reshape(b, *hw, self.hidden))
+        dwconv = _conv(self.hidden, 3, 1, "dwconv", self.dtype, groups=self.hidden, depthwise_impl=self.depthwise_impl)
+        dw = dwconv(h.reshape(b, *hw, self.hidden))
         h = h + dw.reshape(b, n, self.hidden)
         h = nn.Dropout(self.drop)(gelu(h), deterministic)
         return nn.Dropout(self.drop)(_dense(c, "fc2", self.dtype)(h), deterministic)
@@ -205,6 +215,7 @@ class PaCaBlock(nn.Module):
     attn_drop: float = 0.0
     drop: float = 0.0
     dtype: Dtype = jnp.float32
+    depthwise_impl: str = "grouped"
 
     @nn.compact
     def __call__(
@@ -221,11 +232,12 @@ class PaCaBlock(nn.Module):
             self.attn_drop,
             self.drop,
             self.dtype,
+            self.depthwise_impl,
             name="attn",
         )
         a, z = attn(_layer_norm("norm1", self.dtype)(x), hw, z, deterministic)
         x = x + DropPath(self.drop_path)(a, deterministic)
-        mlp = PaCaMlp(int(self.dim * self.mlp_ratio), self.drop, self.dtype, name="mlp")
+        mlp = PaCaMlp(int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.depthwise_impl, name="mlp")
         x = x + DropPath(self.drop_path)(mlp(_layer_norm("norm2", self.dtype)(x), hw, deterministic), deterministic)
         return x, z
 
@@ -245,6 +257,8 @@ class _PaCaFields(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
     remat: bool = False
+    remat_impl: str = "barrier"
+    depthwise_impl: str = "grouped"
     dtype: Dtype = jnp.float32
 
 
@@ -278,7 +292,7 @@ class PaCaViTBackbone(_PaCaFields):
         x = _conv(self.dims[0] // 2, 3, 2, "patch_embed_conv_0", self.dtype)(x)
         x = _conv(self.dims[0], 3, 2, "patch_embed_conv_1", self.dtype)(x)
         x = _layer_norm("patch_embed_norm", self.dtype)(x)
-        block_cls = remat(PaCaBlock, static_argnums=(3, 4)) if self.remat else PaCaBlock
+        block_cls = remat(PaCaBlock, (3, 4), self.remat_impl) if self.remat else PaCaBlock
         total, index, stages = sum(self.depths), 0, []
         for stage, depth in enumerate(self.depths):
             if stage:
@@ -299,6 +313,7 @@ class PaCaViTBackbone(_PaCaFields):
                     attn_drop=self.attn_drop_rate,
                     drop=self.drop_rate,
                     dtype=self.dtype,
+                    depthwise_impl=self.depthwise_impl,
                     name=f"stage_{stage}_block_{block}",
                 )(tokens, z, (h, w), not train)
                 index += 1
@@ -321,7 +336,7 @@ class PaCaViTClassifier(_PaCaFields):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Segmentation head (§4.6).
+# Segmentation head (upstream ``segmentation/``: multi-scale fusion, then patch-to-cluster attention).
 
 
 class ConvBNReLU(nn.Module):
@@ -425,7 +440,7 @@ def paca_seg_loss(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Published configurations (seed_systems.md §4.1, upstream registered names; short aliases paca_*).
+# Published configurations (upstream registered names; short aliases paca_*).
 
 _SMALL = dict(depths=(3, 3, 10, 3))
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -445,5 +460,4 @@ ALIASES = {
     "paca_small": "pacavit_small_p2cconv_100_0",
     "paca_base": "pacavit_base_p2cconv_100_0",
 }
-for _name, _preset in list(PRESETS.items()) + [(a, PRESETS[n]) for a, n in ALIASES.items()]:
-    register_model(_name, PaCaViTClassifier, **_preset)
+PRESETS.update({alias: PRESETS[name] for alias, name in ALIASES.items()})

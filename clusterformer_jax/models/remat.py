@@ -1,16 +1,14 @@
 """Block rematerialisation that saves memory on every backend, XLA CPU included.
 
-``nn.remat`` (``jax.checkpoint``) keeps a block's inputs and recomputes the rest in the backward pass. It
-keeps XLA from merging the recomputation with the forward pass by an optimization barrier on those inputs,
-and XLA's CPU compiler removes optimization barriers before its common-subexpression pass: the recomputed
-block is merged back into the forward, every intermediate stays alive, and the step's temporaries do not
-shrink (ClusterFormer-T official, batch 8: 2479 MiB without remat, 2436 MiB with it, while the residuals JAX
-saves fell from 2531 to 223 MiB).
+``nn.remat`` (``jax.checkpoint``) keeps a block's inputs and recomputes the rest in the backward pass, and
+stops XLA from merging the recomputation into the forward pass with an optimization barrier on those inputs.
+XLA's CPU compiler removes optimization barriers before its common-subexpression pass, so there the
+recomputed block is merged back, every intermediate stays alive and the step's temporaries do not shrink.
 
-``tied_checkpoint`` recomputes the block from inputs tied to the output cotangent (``x + 0 * g``, one element
-of g): the recomputation then differs from the forward for CSE and cannot run before the backward reaches
-the block. ``remat`` uses it on CPU and ``nn.remat`` elsewhere (GPU and TPU keep the barrier and schedule the
-recomputation late themselves). Same values either way: ``x + 0 * g`` is ``x`` for finite g.
+``tied_checkpoint`` instead recomputes the block from inputs tied to the output cotangent (``x + 0 * g``,
+one element of g): the recomputation then differs from the forward for CSE and cannot run before the
+backward pass reaches the block. Same values: ``x + 0 * g`` is ``x`` for finite g.
+``remat(cls, static_argnums, impl)`` picks one: ``'barrier'`` (``nn.remat``) or ``'tied'``.
 """
 
 from __future__ import annotations
@@ -23,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import lift
 from flax.core.scope import Scope
+
+from clusterformer_jax.errors import ModelConfigError
 
 
 def _tie(tree: Any, anchor: jax.Array) -> Any:
@@ -106,12 +106,17 @@ def _lift_tied_checkpoint(fn, variables=True, rngs=True, static_argnums=()):
     return lift.pack(inner, (variables,), (variables,), (rngs,), name="remat")
 
 
-def remat(module_cls: type, static_argnums: Sequence[int] = ()) -> type:
-    """``nn.remat(module_cls, static_argnums=...)`` that also saves memory on CPU (see the module docstring).
+REMAT_IMPLS = ("barrier", "tied")
+
+
+def remat(module_cls: type, static_argnums: Sequence[int] = (), impl: str = "barrier") -> type:
+    """``module_cls`` rematerialised by ``nn.remat`` (``impl='barrier'``) or ``tied_checkpoint`` (``'tied'``).
 
     ``static_argnums`` count ``self`` as 0, as in ``nn.remat``; ``__call__`` takes positional arguments only.
     """
-    if jax.default_backend() != "cpu":
+    if impl not in REMAT_IMPLS:
+        raise ModelConfigError(f"model field remat_impl={impl!r} is not one of {REMAT_IMPLS}")
+    if impl == "barrier":
         return nn.remat(module_cls, static_argnums=tuple(static_argnums))
     return nn.transforms.lift_transform(
         _lift_tied_checkpoint, module_cls, static_argnums=tuple(i - 1 for i in static_argnums)
