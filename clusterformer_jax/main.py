@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from absl import app
@@ -36,11 +36,8 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
-def _trainers() -> dict[str, Callable[[Any, str], dict[str, Any]]]:
-    """The task table: ``config.task`` -> its trainer (every task so far shares the generic loop)."""
-    from clusterformer_jax.trainers import trainer  # Heavy (JAX, TF); imported after the flags parse.
-
-    return {"classification": trainer.train_and_evaluate}
+# Config keys that no longer exist, with what to use instead.
+_REMOVED_KEYS = {"mesh.tensor": "tensor parallelism is not implemented; use data and fsdp"}
 
 
 def _fail(message: str, code: int) -> None:
@@ -67,7 +64,10 @@ def _describe_flag_error(error: BaseException, argv: Sequence[str]) -> str:
         lines = text.strip("'\"").splitlines()
         missing = lines[0].strip("'\"")
         hint = " " + " ".join(line.strip() for line in lines[1:]) if len(lines) > 1 else ""
-        return f"unknown config key 'config.{_override_key(argv, missing)}'{hint}"
+        key = _override_key(argv, missing)
+        if key in _REMOVED_KEYS:
+            hint = f" ({_REMOVED_KEYS[key]})"
+        return f"unknown config key 'config.{key}'{hint}"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
@@ -140,13 +140,16 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     workdir = _WORKDIR.value
     maybe_initialize_distributed(config)  # Before anything touches a JAX backend.
+    # Heavy imports (JAX, TF) only after the flags parse. One task table, one trainer for every task.
     from clusterformer_jax.errors import ConfigError, NonFiniteError
+    from clusterformer_jax.tasks import registry as task_registry
 
-    trainers = _trainers()
-    if config.task not in trainers:
-        _fail(f"unknown config.task {config.task!r}; available: {', '.join(sorted(trainers))}", EXIT_USAGE)
+    if config.task not in task_registry.TASKS:
+        _fail(f"unknown config.task {config.task!r}; available: {', '.join(sorted(task_registry.TASKS))}", EXIT_USAGE)
+    from clusterformer_jax.trainers import trainer
+
     try:
-        trainers[config.task](config, workdir)
+        trainer.train_and_evaluate(config, workdir)
     except ConfigError as e:
         _fail(f"config: {e}", EXIT_USAGE)
     except NonFiniteError as e:

@@ -1,14 +1,13 @@
-"""Device mesh, batch sharding and rule-based parameter sharding.
+"""Device mesh, batch sharding and rule-based parameter sharding (data parallelism and FSDP).
 
-The mesh always has the axes ('data', 'fsdp', 'tensor'); one device is simply the (1, 1, 1) mesh, so the
-same code path serves a laptop and a pod. Batches are split over ('data', 'fsdp'). Parameters (and any
-optimizer-state leaf of the same name and shape) follow two rules:
+The mesh always has the axes ('data', 'fsdp'); one device is simply the (1, 1) mesh, so the same code path
+serves a laptop and a pod. Batches are split over both axes. A parameter (and every optimizer-state leaf of
+the same name and shape, e.g. AdamW's mu and nu) with at least ``fsdp_min_size`` elements has its largest
+axis that is divisible by the fsdp size split over 'fsdp'; everything else is replicated. XLA inserts the
+all-gathers and reduce-scatters that this layout needs.
 
-* tensor > 1: a Dense/Conv ``kernel`` has its output-feature (last) axis split over 'tensor' when divisible;
-* fsdp > 1: a leaf with at least ``fsdp_min_size`` elements has its largest still-free axis that is
-  divisible by the fsdp size split over 'fsdp'.
-
-Everything else is replicated.
+There is no tensor (model) parallelism: it would need column/row-paired splits of matching layers, which
+these rules do not express, so a config that names a 'tensor' axis is rejected.
 """
 
 from __future__ import annotations
@@ -24,16 +23,19 @@ from jax.sharding import PartitionSpec as P
 
 from clusterformer_jax.errors import ConfigError
 
-MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
+MESH_AXES: tuple[str, str] = ("data", "fsdp")
 BATCH_AXES: tuple[str, str] = ("data", "fsdp")
 DEFAULT_FSDP_MIN_SIZE = 2**14
+NO_TENSOR_PARALLELISM = "tensor parallelism is not implemented; use data and fsdp"
 
 
-def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Resolves ``{'data': -1, 'fsdp': 1, 'tensor': 1}`` to concrete sizes for ``num_devices`` devices.
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int]:
+    """Resolves ``{'data': -1, 'fsdp': 1}`` to concrete sizes for ``num_devices`` devices.
 
-    At most one axis may be -1; it takes the devices the other axes leave over.
+    At most one axis may be -1; it takes the devices the other axis leaves over.
     """
+    if "tensor" in mesh_config:
+        raise ConfigError(f"mesh axis 'tensor': {NO_TENSOR_PARALLELISM} (remove mesh.tensor)")
     unknown = sorted(set(mesh_config) - set(MESH_AXES))
     if unknown:
         raise ConfigError(f"mesh axis {unknown[0]!r} is not one of {MESH_AXES}")
@@ -57,7 +59,7 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
 
 
 def create_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds the ('data', 'fsdp', 'tensor') mesh with Auto axis types.
+    """Builds the ('data', 'fsdp') mesh with Auto axis types.
 
     Without ``devices`` all global devices are used, arranged by ``mesh_utils.create_device_mesh`` so the
     fastest interconnect serves the innermost axes; an explicit device list is used in the given order.
@@ -96,32 +98,13 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def param_partition_spec(
-    names: Sequence[str],
-    shape: Sequence[int],
-    *,
-    fsdp: int,
-    tensor: int,
-    fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE,
-) -> P:
-    """The partition spec of one leaf, from its path names and shape (see the module docstring)."""
+def param_partition_spec(shape: Sequence[int], *, fsdp: int, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> P:
+    """The partition spec of one leaf of this shape (see the module docstring)."""
     spec: list[str | None] = [None] * len(shape)
-    if not shape:
-        return P()
-    leaf = names[-1] if names else ""
-    if tensor > 1 and leaf == "kernel" and len(shape) >= 2 and shape[-1] % tensor == 0:
-        spec[-1] = "tensor"
-    if fsdp > 1 and math.prod(shape) >= fsdp_min_size:
-        free = [i for i, s in enumerate(shape) if spec[i] is None and s % fsdp == 0]
-        if free:
-            axis = max(free, key=lambda i: (shape[i], -i))
+    if fsdp > 1 and shape and math.prod(shape) >= fsdp_min_size:
+        divisible = [i for i, s in enumerate(shape) if s % fsdp == 0]
+        if divisible:
+            axis = max(divisible, key=lambda i: (shape[i], -i))  # the largest; the first of equals
             spec[axis] = "fsdp"
     while spec and spec[-1] is None:
         spec.pop()
@@ -130,18 +113,11 @@ def param_partition_spec(
 
 def tree_partition_specs(tree: Any, mesh_sizes: Mapping[str, int], fsdp_min_size: int) -> Any:
     """Applies ``param_partition_spec`` to every array leaf of ``tree`` (params, optimizer state, ...)."""
-
-    def spec(path, leaf):
-        shape = tuple(getattr(leaf, "shape", ()))
-        return param_partition_spec(
-            [_key_name(k) for k in path],
-            shape,
-            fsdp=int(mesh_sizes.get("fsdp", 1)),
-            tensor=int(mesh_sizes.get("tensor", 1)),
-            fsdp_min_size=fsdp_min_size,
-        )
-
-    return jax.tree_util.tree_map_with_path(spec, tree)
+    fsdp = int(mesh_sizes.get("fsdp", 1))
+    return jax.tree.map(
+        lambda leaf: param_partition_spec(tuple(getattr(leaf, "shape", ())), fsdp=fsdp, fsdp_min_size=fsdp_min_size),
+        tree,
+    )
 
 
 def tree_shardings(tree: Any, mesh: Mesh, fsdp_min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:

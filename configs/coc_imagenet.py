@@ -8,7 +8,7 @@ The argument is MODEL[,quickstart], MODEL one of coc_tiny, coc_tiny2, coc_tiny_p
 coc_base_dim64, coc_base_dim96. Extra model overrides defined here: --config.model.kwargs.folds=8,4,2,1,
 --config.model.kwargs.proposals=2,2,2,2, --config.model.kwargs.denominator=count.
 
-Recipe (seed_systems.md §3.5, upstream train.py defaults + README): AdamW lr 1e-3 per 1024 images (8 x 128),
+Recipe (upstream ma-xu/Context-Cluster, train.py defaults + README): AdamW lr 1e-3 per 1024 images (8 x 128),
 weight decay 0.05 (not on biases / norms / layer scales), eps 1e-8, no gradient clipping; 5 warmup epochs from
 1e-6, cosine to 1e-6. timm runs 300 epochs plus 10 cooldown epochs at the minimum lr; this trainer has no
 flat cooldown, so the cosine spans all 310. RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25,

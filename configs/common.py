@@ -15,7 +15,7 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.task = "classification"  # key of the task table in clusterformer_jax/main.py
+    config.task = "classification"  # a key of TASKS in clusterformer_jax/tasks/registry.py
     config.seed = 0
     # Call jax.distributed.initialize() (also triggered by CLUSTERFORMER_DISTRIBUTED=1 from launch/*).
     config.distributed = False
@@ -31,8 +31,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.kwargs.num_iters = placeholder(int)
     config.model.kwargs.dtype = placeholder(str)  # 'float32' | 'bfloat16' | 'float16'
     config.model.kwargs.remat = placeholder(bool)
+    # Execution settings: same numbers, different speed and memory. None: chosen for this machine at start-up
+    # (clusterformer_jax/runtime.py) for the models that have the field.
     config.model.kwargs.em_unroll = placeholder(int)  # ClusterFormer: EM steps per scan-loop iteration
     config.model.kwargs.group_chunk = placeholder(int)  # ClusterFormer: groups per iteration of the clustering loop
+    config.model.kwargs.group_chunk_bytes = placeholder(int)  # ClusterFormer: clustering chunks of about this size
+    config.model.kwargs.depthwise_impl = placeholder(str)  # 'shifted' (fast on XLA CPU) | 'grouped' (cuDNN, TPU)
+    config.model.kwargs.remat_impl = placeholder(str)  # 'tied' (XLA CPU) | 'barrier' (nn.remat); with remat=True
 
     config.input = ml_collections.ConfigDict()
     config.input.dataset = "digits"  # 'digits' | 'imagenet2012'
@@ -67,8 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.resume = ""  # another run's workdir / checkpoints dir / step dir: full state + data position
     config.init_from = ""  # same forms: parameters (and BatchNorm statistics) only, for fine-tuning
 
-    # Device mesh; -1 takes the remaining devices. Batch over ('data', 'fsdp').
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Device mesh; -1 takes the remaining devices. The batch is split over both axes; parameters and optimizer
+    # state over 'fsdp' (no tensor parallelism).
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     config.sharding = ml_collections.ConfigDict()
     config.sharding.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated under fsdp
 

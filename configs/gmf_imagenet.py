@@ -5,7 +5,7 @@
 
 Arguments: gmf_miny | gmf_tiny | gmf_small (default) | gmf_base | gmf_large (or miny, tiny, ...).
 
-Recipe (upstream config.py / train.py, Swin code base; seed_systems.md §5.4): AdamW lr 5e-4 at global batch 512
+Recipe (upstream AILab-CVC/GroupMixFormer config.py / train.py, Swin code base): AdamW lr 5e-4 at global batch 512
 (scaled linearly with the batch), betas (0.9, 0.999), eps 1e-8, weight decay 0.05 except on biases and 1-D
 parameters, gradient clipping 5.0, 300 epochs with 20 linear warm-up epochs from 5e-7, cosine to 5e-6,
 RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0 (switch 0.5), label smoothing

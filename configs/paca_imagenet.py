@@ -10,7 +10,7 @@ pacavit_small_p2cmlp_100_0, pacavit_small_p2cconv_{2_0,49_0,49_100,100_49,100,10
 model overrides defined here: --config.model.kwargs.clusters=100,100,100,0,
 --config.model.kwargs.onsite=0,0,0,0, --config.model.kwargs.clustering=mlp.
 
-Recipe (seed_systems.md §4.5, classification/configs/imagenet_vit_adamw.yml): batch 1024 (8 x 128), AdamW
+Recipe (upstream iVMCL/PaCaViT, classification/configs/imagenet_vit_adamw.yml): batch 1024 (8 x 128), AdamW
 lr 5e-4 per 512 images (1e-3 at 1024), betas (0.9, 0.999), eps 1e-8, weight decay 0.05 (not on biases /
 norms), no gradient clipping; 5 warmup epochs from 1e-6, cosine to 1e-5 over 300 epochs (no cooldown).
 RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0 (prob 1.0, switch 0.5),

@@ -1,4 +1,4 @@
-"""Released-checkpoint conversion: real key names and shapes in, identical state_dict out."""
+"""Released-checkpoint conversion: real key names and shapes in, identical state_dict out; the shared files API."""
 
 import subprocess
 import sys
@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from clusterformer_jax import convert
+from clusterformer_jax.convert import common
 from clusterformer_jax.convert import mmcls_clusterformer as conv
 from clusterformer_jax.models.registry import create_model
 
@@ -16,7 +18,7 @@ from clusterformer_jax.models.registry import create_model
 def released_state_dict(
     depths, dims=(96, 192, 384, 768), mlp=(8, 8, 4, 4), heads=(3, 6, 12, 24), e=32, classes=1000, seed=0
 ):
-    """Key names and shapes written out from the released mmcls checkpoint layout (seed_systems §2.6)."""
+    """Key names and shapes of a released mmcls checkpoint (upstream ClusterFormer/ClusterFormer)."""
     rng = np.random.RandomState(seed)
     shapes = {"backbone.patch_embed.proj.weight": (dims[0], 5, 4, 4), "backbone.patch_embed.proj.bias": (dims[0],)}
     for i, (depth, d) in enumerate(zip(depths, dims)):
@@ -83,8 +85,8 @@ def test_converted_params_run_and_cli_writes_loadable_file(tmp_path):
     model = create_model("clusterformer_tiny_official", depths=(1, 1, 1, 1), num_classes=10)
     abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 224, 224, 3))))
     params = conv.state_dict_to_flax(sd, abstract["params"])
-    conv.save_flax_params(params, out)
-    reloaded = conv.load_flax_params(out)
+    common.save_flax_params(params, out)
+    reloaded = common.load_flax_params(out)
     logits = jax.jit(model.apply)({"params": reloaded}, jnp.ones((1, 224, 224, 3)))
     assert logits.shape == (1, 10) and bool(jnp.all(jnp.isfinite(logits)))
 
@@ -107,3 +109,29 @@ def test_pth_checkpoint_when_torch_is_installed(tmp_path):
     torch.save({"meta": {}, "state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
     back = conv.flax_to_state_dict(conv.convert(path, "clusterformer_tiny_official"))
     np.testing.assert_array_equal(back["head.fc.weight"], sd["head.fc.weight"])
+
+
+def test_load_variables_reads_params_files_and_variables_files(tmp_path):
+    """Converters write bare params or {'params', 'batch_stats'}; the trainer's one entry point reads both."""
+    params = {"backbone": {"conv": {"kernel": np.ones((3, 3, 2, 4), np.float32)}}, "head": {"bias": np.zeros(4)}}
+    stats = {"backbone": {"bn": {"mean": np.full((4,), 2.0, np.float32)}}}
+    common.save_flax_params(params, str(tmp_path / "params.safetensors"))
+    common.save_flax_params({"params": params, "batch_stats": stats}, str(tmp_path / "variables.safetensors"))
+    bare = convert.load_variables(str(tmp_path / "params.safetensors"))
+    full = convert.load_variables(str(tmp_path / "variables.safetensors"))
+    assert set(bare) == {"params"} and set(full) == {"params", "batch_stats"}
+    for loaded in (bare, full):
+        np.testing.assert_array_equal(
+            loaded["params"]["backbone"]["conv"]["kernel"], params["backbone"]["conv"]["kernel"]
+        )
+    np.testing.assert_array_equal(full["batch_stats"]["backbone"]["bn"]["mean"], stats["backbone"]["bn"]["mean"])
+
+
+def test_converters_share_one_cli_runner_and_reader():
+    """Every converter takes the file helpers and the command line from convert.common, not from a peer."""
+    import importlib
+
+    for name in ("mmcls_clusterformer", "groupmixformer", "timm_context_cluster", "paca_vit"):
+        module = importlib.import_module(f"clusterformer_jax.convert.{name}")
+        assert module.read_checkpoint is common.read_checkpoint
+        assert module.run_converter_cli is common.run_converter_cli

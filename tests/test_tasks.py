@@ -1,6 +1,11 @@
-"""Classification task: loss, Mixup/CutMix and masked top-k metrics against hand-computed values."""
+"""Classification task: loss, Mixup/CutMix and masked top-k metrics against hand-computed values; the one task
+table that the entry point validates ``config.task`` against."""
 
+import ast
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +16,11 @@ from clu import metrics as clu_metrics
 from clusterformer_jax.tasks import classification as cls
 from clusterformer_jax.tasks import registry
 from clusterformer_jax.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+# Modules below the trainer in the import graph (directories or files).
+LEAVES = ["clusterformer_jax/tasks", "clusterformer_jax/convert", "clusterformer_jax/optim.py"]
+LEAVES += ["clusterformer_jax/sharding.py", "clusterformer_jax/checkpointing.py"]
 
 
 def _task_config(**overrides):
@@ -110,3 +120,43 @@ def test_masked_top1_top5_hand_counted():
 def test_unknown_task_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown task"):
         registry.create_task({"task": "segmentation"}, {"num_classes": 3})
+
+
+def test_entry_point_checks_the_task_against_the_task_table(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clusterformer_jax.main",
+            "--config=configs/quickstart.py",
+            "--config.task=segmentation",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: unknown config.task 'segmentation'; available: {', '.join(sorted(registry.TASKS))}"
+    ]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_leaf_modules_do_not_import_the_trainer():
+    """Tasks, converters, the optimizer, sharding and checkpointing sit below the trainer, never above it."""
+    files = [f for leaf in LEAVES for f in ((REPO / leaf).glob("*.py") if (REPO / leaf).is_dir() else [REPO / leaf])]
+    assert len(files) >= 10
+    for path in files:
+        bad = sorted(m for m in _imported_modules(path) if m.startswith("clusterformer_jax.trainers"))
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"

@@ -18,14 +18,20 @@ import flax.linen as nn
 import grain
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import PartitionSpec as P
 
 from clusterformer_jax import checkpointing
 from clusterformer_jax import sharding
+from clusterformer_jax.convert.common import save_flax_params
+from clusterformer_jax.errors import NonFiniteError
 from clusterformer_jax.models import registry
 from clusterformer_jax.trainers import trainer
-from clusterformer_jax.errors import NonFiniteError
+from clusterformer_jax.trainers.progress import StepClock
+from clusterformer_jax.trainers.restore import init_params_from
+from clusterformer_jax.trainers.setup import build
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}
@@ -88,9 +94,10 @@ def _run_config(data_dir: str = ""):
 
 
 MESHES = {
-    "one_device": ({"data": 1, "fsdp": 1, "tensor": 1}, 1),
-    "data4_fsdp2": ({"data": 4, "fsdp": 2, "tensor": 1}, 8),
-    "data8": ({"data": 8, "fsdp": 1, "tensor": 1}, 8),
+    "one_device": ({"data": 1, "fsdp": 1}, 1),
+    "data4_fsdp2": ({"data": 4, "fsdp": 2}, 8),
+    "data2_fsdp4": ({"data": 2, "fsdp": 4}, 8),
+    "data8": ({"data": 8, "fsdp": 1}, 8),
 }
 
 
@@ -107,7 +114,7 @@ def one_step():
     for name, (mesh_config, num_devices) in MESHES.items():
         devices = None if num_devices == jax.device_count() else jax.devices()[:num_devices]
         mesh = sharding.create_mesh(mesh_config, devices=devices)
-        setups[name] = trainer.build(config, mesh, DIGITS_INFO, total_steps=20, steps_per_epoch=1.0)
+        setups[name] = build(config, mesh, DIGITS_INFO, total_steps=20, steps_per_epoch=1.0)
     initial = jax.device_get(setups["data8"].init_state(0))
     results = {}
     for name, setup in setups.items():
@@ -117,7 +124,7 @@ def one_step():
             setup.empty_train_accumulator(),
         )
         lowered = setup.train_step.lower(*args)
-        # 'data8' is the program the whole runs below use (cached for them); the other two exist only here and
+        # 'data8' is the program the whole runs below use (cached for them); the others exist only here and
         # are compiled without LLVM optimisation, which is much faster and leaves the arithmetic unchanged.
         step_fn = (
             lowered.compile()
@@ -130,7 +137,7 @@ def one_step():
     return results
 
 
-@pytest.mark.parametrize("name", ["data4_fsdp2", "data8"])
+@pytest.mark.parametrize("name", ["data4_fsdp2", "data2_fsdp4", "data8"])
 def test_multi_device_step_matches_single_device(one_step, name):
     _, ref_state, ref_metrics = one_step["one_device"]
     setup, state, metrics = one_step[name]
@@ -148,6 +155,50 @@ def test_multi_device_step_matches_single_device(one_step, name):
             s.spec != jax.sharding.PartitionSpec()
             for s in jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.opt_state))
         )
+
+
+def test_fsdp_step_output_is_laid_out_by_the_rules(one_step):
+    """The state that comes out of a step on the 2x4 mesh: big leaves split over 'fsdp' on their largest
+    divisible axis (and replicated over 'data'), small leaves and the step counter replicated, and AdamW's
+    moments laid out exactly like their parameters."""
+    setup, state, _ = one_step["data2_fsdp4"]
+    mesh, min_size = setup.mesh, int(setup.config.sharding.fsdp_min_size)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4} and min_size == 1024
+
+    def fsdp_index(device) -> int:
+        return int(np.argwhere(mesh.devices == device)[0][1])
+
+    kernel = state.params["backbone"]["stage_2_block_0"]["mlp"]["fc1"]["kernel"]
+    assert kernel.shape == (128, 512) and kernel.sharding.spec == P(None, "fsdp")
+    for shard in kernel.addressable_shards:  # columns by fsdp index, the same on both data rows
+        start = 128 * fsdp_index(shard.device)
+        assert shard.data.shape == (128, 128) and shard.index[1] == slice(start, start + 128)
+        np.testing.assert_array_equal(np.asarray(shard.data), np.asarray(kernel)[:, start : start + 128])
+    conv = state.params["backbone"]["downsample_3"]["kernel"]  # (3, 3, 128, 192): the output axis is largest
+    assert conv.sharding.spec == P(None, None, None, "fsdp")
+    assert {s.data.shape for s in conv.addressable_shards} == {(3, 3, 128, 48)}
+    for small in (state.params["backbone"]["norm_3"]["scale"], state.step, state.rng):
+        assert small.size < min_size and small.sharding.is_fully_replicated
+        assert {s.data.shape for s in small.addressable_shards} == {small.shape}
+    assert int(state.step) == 1
+    for leaf in jax.tree.leaves(state.params):
+        assert leaf.sharding.spec == sharding.param_partition_spec(leaf.shape, fsdp=4, fsdp_min_size=min_size)
+    assert sum("fsdp" in tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(state.params)) > 50
+
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    (adam,) = [s for s in jax.tree.leaves(state.opt_state, is_leaf=is_adam) if is_adam(s)]
+    assert adam.count.sharding.is_fully_replicated
+    for moment in (adam.mu, adam.nu):
+        for m, p in _tree_leaves_pairs(moment, state.params):
+            assert m.shape == p.shape and m.sharding == p.sharding
+            assert [s.index for s in m.addressable_shards] == [s.index for s in p.addressable_shards]
+
+
+def _tree_leaves_pairs(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    return list(zip(leaves_a, leaves_b))
 
 
 def test_checkpoint_round_trip_onto_another_mesh(one_step, tmp_path):
@@ -180,7 +231,7 @@ def test_init_from_loads_parameters_only_and_keeps_mismatched_leaves(one_step, t
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(1, source.replace(params=params))
     ckpt.close()
-    loaded = trainer.init_params_from(str(tmp_path), setup, jax.device_put(initial, setup.state_shardings))
+    loaded = init_params_from(str(tmp_path), setup, jax.device_put(initial, setup.state_shardings))
     for got, want in _tree_pairs(loaded.params["backbone"], source.params["backbone"]):
         np.testing.assert_array_equal(got, want)
     for got, want in _tree_pairs(loaded.params["head"], initial.params["head"]):
@@ -196,15 +247,13 @@ def test_init_from_loads_parameters_only_and_keeps_mismatched_leaves(one_step, t
 
 def test_init_from_converted_safetensors(one_step, tmp_path):
     """A file written by the released-checkpoint converter initialises the params; a 7-class head is skipped."""
-    from clusterformer_jax.convert.mmcls_clusterformer import save_flax_params
-
     setup, stepped, _ = one_step["data8"]
     initial = one_step["initial"]
     source = jax.device_get(stepped).params
     width = source["head"]["kernel"].shape[0]
     path = str(tmp_path / "converted.safetensors")
     save_flax_params(dict(source, head={"kernel": np.ones((width, 7), np.float32)}), path)
-    loaded = trainer.init_params_from(path, setup, jax.device_put(initial, setup.state_shardings))
+    loaded = init_params_from(path, setup, jax.device_put(initial, setup.state_shardings))
     for got, want in _tree_pairs(loaded.params["backbone"], source["backbone"]):
         np.testing.assert_array_equal(got, want)
     for got, want in _tree_pairs(loaded.params["head"], initial.params["head"]):
@@ -224,7 +273,7 @@ class _BatchNormNet(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-def test_batch_stats_are_updated_and_sharding_invariant():
+def test_batch_stats_are_updated_and_sharding_invariant(tmp_path):
     registry.register_model("test_batchnorm_net", _BatchNormNet)
     config = _run_config()
     config.model.name = "test_batchnorm_net"
@@ -237,7 +286,7 @@ def test_batch_stats_are_updated_and_sharding_invariant():
     eval_batch = dict(batch, mask=np.asarray([1.0] * 12 + [0.0] * 4, np.float32))
     initial, outcomes = None, []
     for mesh_config, devices in (({"data": 1}, jax.devices()[:1]), ({"data": 4, "fsdp": 2}, None)):
-        setup = trainer.build(
+        setup = build(
             config, sharding.create_mesh(mesh_config, devices), DIGITS_INFO, total_steps=20, steps_per_epoch=1.0
         )
         if initial is None:
@@ -257,6 +306,15 @@ def test_batch_stats_are_updated_and_sharding_invariant():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for key in ("loss", "top1", "top5"):
         assert eval_many[key] == pytest.approx(eval_one[key], rel=1e-5, abs=1e-6)
+    # A converted file with BatchNorm statistics ({'params', 'batch_stats'}, as the GroupMixFormer converter
+    # writes) initialises both collections.
+    path = str(tmp_path / "variables.safetensors")
+    save_flax_params({"params": jax.device_get(state.params), "batch_stats": stats_many}, path)
+    loaded = init_params_from(path, setup, jax.device_put(initial, setup.state_shardings))
+    for got, want in _tree_pairs(loaded.params, state.params):
+        np.testing.assert_array_equal(got, want)
+    for got, want in _tree_pairs(loaded.batch_stats, stats_many):
+        np.testing.assert_array_equal(got, want)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,7 +328,7 @@ def data_dir(tmp_path_factory):
 
 def _restore_final(config, workdir: Path, step: int):
     mesh = sharding.create_mesh({"data": 1}, devices=jax.devices()[:1])
-    setup = trainer.build(config, mesh, DIGITS_INFO, total_steps=config.num_train_steps, steps_per_epoch=1.0)
+    setup = build(config, mesh, DIGITS_INFO, total_steps=config.num_train_steps, steps_per_epoch=1.0)
     ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)))
     assert ckpt.latest_step() == step
     state = ckpt.restore(setup.abstract_with_shardings())
@@ -374,7 +432,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
 # Command line.
 
 
-@pytest.mark.parametrize("override, key", [("--config.optim.lrr=1", "lrr"), ("--config.batch_size=abc", "batch_size")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--config.optim.lrr=1", "lrr"),
+        ("--config.batch_size=abc", "batch_size"),
+        ("--config.mesh.tensor=2", "tensor parallelism is not implemented; use data and fsdp"),
+    ],
+)
 def test_bad_config_override_is_one_line_error(tmp_path, override, key):
     proc = subprocess.run(
         [
@@ -439,7 +504,7 @@ class _GatedOutput:
 
 
 def test_step_clock_counts_only_idle_device_time():
-    clock = trainer.StepClock()
+    clock = StepClock()
     gate = threading.Event()
     start = time.time()
     clock.dispatched(1, _GatedOutput(gate))

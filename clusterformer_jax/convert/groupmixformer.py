@@ -1,6 +1,6 @@
 """Official GroupMixFormer checkpoints (``{'model': state_dict}``) <-> Flax variables (params + batch_stats).
 
-Key layout (seed_systems.md §5.3) and where each key lives in the Flax tree of ``GroupMixFormer``:
+Key layout (upstream AILab-CVC/GroupMixFormer) and where each key lives in the Flax tree of ``GroupMixFormer``:
   conv_stem.{proj1,norm1,proj2,norm2}.*                    -> backbone/conv_stem/...
   patch_embed_layers.{i}.{proj.conv1,proj.pointwise_conv,norm}.*  -> backbone/patch_embed_{i}/...
   groupmixformer_backbone.{i}.gma_stage.{j}.<rest>         -> backbone/stage_{i}_block_{j}/<rest>
@@ -22,17 +22,11 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from clusterformer_jax.convert.mmcls_clusterformer import (
-    load_flax_params,
-    read_checkpoint,
-    run_converter_cli,
-    save_flax_params,
-)
+from clusterformer_jax.convert.common import abstract_variables, read_checkpoint, run_converter_cli
 
 Variables = Dict[str, Any]
 _LEAVES = {
@@ -45,10 +39,7 @@ __all__ = [
     "torch_key",
     "flax_to_state_dict",
     "state_dict_to_flax",
-    "read_checkpoint",
     "convert",
-    "save_flax_params",
-    "load_flax_params",
     "main",
 ]
 
@@ -107,13 +98,13 @@ def flax_to_state_dict(variables: Mapping[str, Any], num_batches_tracked: bool =
     return out
 
 
-def state_dict_to_flax(state_dict: Mapping[str, Any], abstract_variables: Mapping[str, Any]) -> Variables:
-    """Fills the tree of ``abstract_variables`` (``jax.eval_shape`` of ``model.init``) from a state_dict.
+def state_dict_to_flax(state_dict: Mapping[str, Any], abstract: Mapping[str, Any]) -> Variables:
+    """Fills the tree of ``abstract`` (``jax.eval_shape`` of ``model.init``) from a state_dict.
 
     Returns {'params': ..., 'batch_stats': ...}. The first missing key, unexpected key (other than
     ``num_batches_tracked``) or mis-shaped key raises a one-line ValueError naming it.
     """
-    flat = _flat(abstract_variables)
+    flat = _flat(abstract)
     expected = {torch_key(*where): where for where in flat}
     unexpected = sorted(k for k in state_dict if k not in expected and not k.endswith("num_batches_tracked"))
     if unexpected:
@@ -139,13 +130,7 @@ def state_dict_to_flax(state_dict: Mapping[str, Any], abstract_variables: Mappin
 
 def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides: Any) -> Variables:
     """Converts an official checkpoint into the variables of registry preset ``model_name``."""
-    from clusterformer_jax.models import groupmixformer  # noqa: F401  (registers the gmf_* presets)
-    from clusterformer_jax.models.registry import create_model
-
-    model = create_model(model_name, **overrides)
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, images))
-    return state_dict_to_flax(read_checkpoint(checkpoint), abstract)
+    return state_dict_to_flax(read_checkpoint(checkpoint), abstract_variables(model_name, image_size, **overrides))
 
 
 def main(argv: Optional[list[str]] = None) -> None:

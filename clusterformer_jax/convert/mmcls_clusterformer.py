@@ -1,6 +1,6 @@
 """Released ClusterFormer checkpoints (mmcls ``ImageClassifier`` state_dict) <-> Flax params.
 
-Key layout of the released code (seed_systems.md §2.6):
+Key layout of the released code (upstream ClusterFormer/ClusterFormer, mmcls):
   backbone.patch_embed.proj.{weight,bias}                      -> backbone/patch_embed
   backbone.network.{2i}.{j}.{norm1,norm2,layer_scale_*,...}     -> backbone/stage_i_block_j/...
   backbone.network.{2i}.{j}.token_mixer.conv_c.*                -> .../token_mixer/em/conv_c (shared by all T)
@@ -18,23 +18,20 @@ Flax-path keys ('backbone/stage_0_block_0/...') that ``config.init_from`` reads.
 
 from __future__ import annotations
 
-import argparse
 import re
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-Params = Dict[str, Any]
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+from clusterformer_jax.convert.common import Params, abstract_variables, leaf_name, read_checkpoint, run_converter_cli
 
 
 def torch_key(path: Tuple[str, ...]) -> str:
     """Flax param path -> the released state_dict key."""
     *mods, leaf = path
-    leaf = _LEAF.get(leaf, leaf)
+    leaf = leaf_name(leaf)
     if mods[0] == "head":
         return f"head.fc.{leaf}"
     name = mods[1]
@@ -106,78 +103,10 @@ def state_dict_to_flax(state_dict: Mapping[str, np.ndarray], abstract_params: Pa
     return traverse_util.unflatten_dict(out)
 
 
-def read_checkpoint(path: str, entry: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """A flat state_dict from ``.safetensors``, or from a PyTorch file (needs torch).
-
-    PyTorch files may hold the state_dict itself or a dict with it under ``entry`` (default: 'state_dict',
-    then 'model', then the file itself).
-    """
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return load_file(path)
-    if not path.endswith((".pth", ".pt", ".bin", ".tar")):
-        raise ValueError(f"unsupported checkpoint file {path}: expected .pth, .pth.tar or .safetensors")
-    try:
-        import torch
-    except ImportError as err:
-        raise ValueError(f"reading {path} needs PyTorch (pip install torch); or convert it to .safetensors") from err
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if entry is not None:
-        if entry not in ckpt:
-            raise ValueError(f"checkpoint {path} has no entry {entry!r}; it has {sorted(ckpt)}")
-        state = ckpt[entry]
-    else:
-        state = ckpt.get("state_dict", ckpt.get("model", ckpt))
-    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
-
-
-def save_flax_params(params: Params, path: str) -> None:
-    from safetensors.numpy import save_file
-
-    flat = traverse_util.flatten_dict(params, sep="/")
-    save_file({k: np.asarray(v) for k, v in flat.items()}, path)
-
-
-def load_flax_params(path: str) -> Params:
-    from safetensors.numpy import load_file
-
-    return traverse_util.unflatten_dict(load_file(path), sep="/")
-
-
-def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides) -> Params:
+def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides: Any) -> Params:
     """Converts a released checkpoint into params of registry preset ``model_name``."""
-    from clusterformer_jax.models.registry import create_model
-
-    model = create_model(model_name, **overrides)
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, images))["params"]
+    abstract = abstract_variables(model_name, image_size, **overrides)["params"]
     return state_dict_to_flax(read_checkpoint(checkpoint), abstract)
-
-
-def run_converter_cli(
-    description: str,
-    convert_fn: Callable[..., Params],
-    default_model: str,
-    argv: Optional[list[str]] = None,
-    with_ema: bool = False,
-) -> None:
-    """The shared ``--checkpoint/--model/--output`` command line of every converter in this package."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--checkpoint", required=True, help=".pth (needs torch) or .safetensors")
-    parser.add_argument("--model", default=default_model, help="registry preset")
-    parser.add_argument("--output", required=True, help="output .safetensors with '/'-joined Flax keys")
-    if with_ema:
-        parser.add_argument("--ema", action="store_true", help="take the checkpoint's state_dict_ema")
-    args = parser.parse_args(argv)
-    try:
-        tree = convert_fn(args.checkpoint, args.model, **({"ema": args.ema} if with_ema else {}))
-    except ValueError as err:
-        raise SystemExit(f"error: {err}")
-    save_flax_params(tree, args.output)
-    params = tree.get("params", tree)  # variables with BatchNorm statistics, or plain params
-    count = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.output}: {count:,} parameters for {args.model}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,4 +1,4 @@
-"""PaCa-ViT checkpoints (plain state_dict, seed_systems.md §4.3) <-> Flax params of ``paca_vit`` models.
+"""PaCa-ViT checkpoints (plain state_dict, upstream iVMCL/PaCaViT) <-> Flax params of ``paca_vit`` models.
 
 Key layout (classifier; Flax paths under 'backbone/' except head; stage i and block j count from 0 in
 Flax, stages from 1 upstream):
@@ -29,15 +29,15 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from clusterformer_jax.convert.mmcls_clusterformer import run_converter_cli
-from clusterformer_jax.convert.timm_context_cluster import (
+from clusterformer_jax.convert.common import (
     Params,
     Path,
-    abstract_params_of,
+    abstract_variables,
     export_params,
     fill_params,
     leaf_name,
     read_checkpoint,
+    run_converter_cli,
 )
 
 _CLUSTERING = {  # Flax module under attn/clustering -> (nn.Sequential index, layout kind)
@@ -107,9 +107,7 @@ def state_dict_to_flax(state_dict: Mapping[str, Any], abstract_params: Params) -
 
 def convert(checkpoint: str, model_name: str, image_size: int = 224, **overrides: Any) -> Params:
     """Converts a released checkpoint into params of registry preset ``model_name``."""
-    import clusterformer_jax.models.paca_vit  # noqa: F401  (registers the pacavit_* presets)
-
-    abstract = abstract_params_of(model_name, image_size, **overrides)
+    abstract = abstract_variables(model_name, image_size, **overrides)["params"]
     return state_dict_to_flax(read_checkpoint(checkpoint), abstract)
 
 

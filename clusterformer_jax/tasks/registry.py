@@ -1,4 +1,8 @@
-"""Task table: ``config.task`` -> the task class the shared trainer drives."""
+"""The one task table: ``config.task`` -> the task class the shared trainer drives.
+
+``clusterformer_jax.main`` checks ``config.task`` against ``TASKS`` before training; the trainer builds the
+task through ``create_task`` and uses only the ``tasks.base.Task`` protocol, never the task's name.
+"""
 
 from __future__ import annotations
 
