@@ -56,9 +56,7 @@ def execution_settings(
     }
 
 
-def with_execution_settings(
-    model_fields: Collection[str], overrides: dict[str, Any], **machine: Any
-) -> dict[str, Any]:
+def with_execution_settings(model_fields: Collection[str], overrides: dict[str, Any], **machine: Any) -> dict[str, Any]:
     """``overrides`` plus this machine's execution settings for the fields the model has and the user left unset."""
     defaults = execution_settings(**machine)
     resolved = {k: v for k, v in defaults.items() if k in model_fields and overrides.get(k) is None}

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the formatter check, then the whole test suite (slow tests included), in the project venv (created or
-# updated first); extra arguments go to pytest:
-#   launch/test.sh -k trainer          launch/test.sh -m 'not slow'
+# updated first). Test files are spread over TEST_WORKERS pytest-xdist processes (default 2: the suite is
+# dominated by single-threaded XLA compilation; files with costly module fixtures stay on one worker); extra
+# arguments go to pytest:
+#   launch/test.sh -k trainer          launch/test.sh -m 'not slow'          TEST_WORKERS=0 launch/test.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cf_ensure_env
@@ -10,4 +12,4 @@ if ! "$PY" -m black --check --quiet .; then
   echo "[test] files above are not formatted; run: .venv/bin/python -m black ." >&2
   exit 1
 fi
-exec "$PY" -m pytest -q tests "$@"
+exec "$PY" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup --durations=25 tests "$@"

@@ -3,6 +3,7 @@ scan and the clustering run as loops or not, and without the forward that block 
 a failing row is reported without losing the others; bf16 MFU on a listed accelerator is against its datasheet
 peak."""
 
+import functools
 import sys
 import types
 
@@ -16,42 +17,31 @@ from clusterformer_jax.models.registry import create_model
 from tests import load_benchmark
 
 
-def test_flop_count_includes_every_em_iteration(monkeypatch):
+@pytest.mark.slow
+def test_flop_counts_include_every_em_iteration_and_no_recomputed_forward(monkeypatch):
     throughput = load_benchmark("model_throughput.py")
-    rows = {}
-    for allocator in ("glibc", "tcmalloc"):  # on CPU: the EM scan rolled into a loop, then unrolled
-        machine = dict(backend="cpu", num_devices=8, allocator=allocator)  # 8 devices: no group chunks
-        rows[allocator] = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, machine=machine)
-    # nano's groups (batch x heads) fit one chunk; 4 KiB chunks make stage 1 a loop over its groups
+    bench = functools.partial(throughput.bench, "clusterformer_nano", 2, 32, "float32", 1)
+    # an accelerator's execution fields: no loop, the FLOPs counted on the timed model
+    flat = bench(machine=dict(backend="gpu", num_devices=1))
+    # one CPU device with glibc: the EM scan rolled into a loop, and 4 KiB chunks make stage 1 a loop over its
+    # groups; counted on a loop-free copy, the same FLOPs
     monkeypatch.setattr(runtime, "GROUP_CHUNK_BYTES", 4096)
-    machine = dict(backend="cpu", num_devices=1, allocator="tcmalloc")
-    rows["chunked"] = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, machine=machine)
+    loops = bench(machine=dict(backend="cpu", num_devices=1, allocator="glibc"))
+    # block remat: counted on a copy without it, so the train step does not count every block's forward twice
+    remat = bench(remat=True, machine=dict(backend="gpu", num_devices=1))
+    assert remat["model"] == "clusterformer_nano +remat"
     for key in ("fwd_flops", "step_flops"):
-        assert rows["glibc"][key] == rows["tcmalloc"][key] == rows["chunked"][key] > 0
+        assert loops[key] == flat[key] == remat[key] > 0
+    counted = throughput._flop_count_model("clusterformer_nano", "float32", {"remat": True})
+    assert counted is not None and not counted.backbone.get("remat", False)
 
-    # what the count would be without the unrolled copy: XLA counts the loop body once
+    # what the count would be without the loop-free copy: XLA counts the loop body once
     model = create_model("clusterformer_nano", em_unroll=1)
     images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32)
     params = model.init(jax.random.PRNGKey(0), images[:1])
     rolled = jax.jit(model.apply).lower(params, images).compile()
     assert "while" in rolled.as_text()
-    assert rolled.cost_analysis()["flops"] < 0.99 * rows["glibc"]["fwd_flops"]
-
-
-def test_remat_rows_count_the_models_flops_not_the_recomputed_ones(monkeypatch):
-    throughput = load_benchmark("model_throughput.py")
-    # the EM steps unrolled and no chunk loop: plain rows count on the timed model
-    machine = dict(backend="cpu", num_devices=8, allocator="tcmalloc")
-    plain = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, machine=machine)
-    remat = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, remat=True, machine=machine)
-    assert remat["model"] == "clusterformer_nano +remat"
-    assert (remat["fwd_flops"], remat["step_flops"]) == (plain["fwd_flops"], plain["step_flops"])
-
-    # counted on the timed model, the train step would include every block's forward twice
-    monkeypatch.setattr(throughput, "_flop_count_model", lambda *args: None)
-    recounted = throughput.bench("clusterformer_nano", 2, 32, "float32", 1, remat=True, machine=machine)
-    assert recounted["fwd_flops"] == plain["fwd_flops"]
-    assert recounted["step_flops"] > plain["step_flops"] + 0.5 * plain["fwd_flops"]
+    assert rolled.cost_analysis()["flops"] < 0.99 * flat["fwd_flops"]
 
 
 def test_a_failing_row_is_reported_and_the_others_kept(monkeypatch, capsys):

@@ -19,6 +19,9 @@ from clusterformer_jax.data import digits as digits_lib
 from clusterformer_jax.data import pipeline
 from clusterformer_jax.data import transforms as T
 
+# one worker runs this file: its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("data")
+
 MEAN = np.asarray(T.IMAGENET_MEAN, np.float32)
 STD = np.asarray(T.IMAGENET_STD, np.float32)
 

@@ -27,6 +27,9 @@ from clusterformer_jax.data import dense_transforms as DT
 from clusterformer_jax.data import shapes as shapes_lib
 from clusterformer_jax.data import transforms as T
 
+# one worker runs this file: its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("dense_data")
+
 MEAN = np.asarray(T.IMAGENET_MEAN, np.float32)
 STD = np.asarray(T.IMAGENET_STD, np.float32)
 ONE = dict(process_index=0, process_count=1)

@@ -286,29 +286,6 @@ def test_execution_settings_are_resolved_from_the_machine_not_the_model():
     assert resolved == {"em_unroll": 2, "num_iters": None, "remat_impl": "tied"}
 
 
-OFFICIAL_NANO = dict(partition="raw", dispatch="official", center_ffn=False, mlp_ratios=(8, 8, 4, 4))
-
-
-@pytest.mark.parametrize("variant", [{}, OFFICIAL_NANO], ids=["paper", "official"])
-def test_cpu_and_accelerator_execution_fields_give_the_same_numbers(variant):
-    """One preset built with the CPU fields and with the accelerator fields: different programs (a rolled EM
-    loop, group chunks, tied remat), equal logits and gradients."""
-    images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32)
-    results = []
-    for fields in (runtime.execution_settings("cpu", 1, "glibc"), runtime.execution_settings("gpu", 1, "glibc")):
-        del fields["depthwise_impl"]  # ClusterFormer has no depthwise convolution
-        model = create_model("clusterformer_nano", remat=True, **variant, **fields)
-        params = model.init(jax.random.PRNGKey(0), images)
-        loss = lambda p: jnp.sum(jnp.sin(model.apply(p, images)))  # noqa: E731
-        grad = jax.jit(jax.grad(loss))
-        results.append((jax.jit(loss)(params), grad(params), "while" in grad.lower(params).as_text()))
-    (cpu_loss, cpu_grads, cpu_loops), (gpu_loss, gpu_grads, gpu_loops) = results
-    assert cpu_loops and not gpu_loops
-    np.testing.assert_allclose(cpu_loss, gpu_loss, rtol=1e-5)
-    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(gpu_grads))
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * scale), cpu_grads, gpu_grads)
-
-
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 1), (7, 1), (3, 2)])
 def test_depthwise_shifted_sums_equal_grouped_conv(kernel, stride):
     x = jnp.asarray(np.random.RandomState(kernel).randn(2, 9, 9, 6), jnp.float32)

@@ -2,6 +2,8 @@
 masks in the recomputation as in the forward pass, and on CPU (where ``nn.remat``'s optimization barrier is
 removed before CSE merges the recomputation back into the forward) temporaries that actually shrink."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,9 @@ import pytest
 from clusterformer_jax import runtime
 from clusterformer_jax.models.registry import create_model, model_fields
 from clusterformer_jax.models.remat import remat
+
+# one worker runs this file: the plain models' gradients are computed once for both of their cases
+pytestmark = pytest.mark.xdist_group("remat")
 
 SMALL = {  # every backbone family at a few thousand parameters; GroupMixFormer updates BatchNorm statistics
     "clusterformer_nano": {},
@@ -49,8 +54,20 @@ def _grads(name, remat_blocks, images, labels, **overrides):
 
 
 def _execution(name: str, backend: str) -> dict:
-    """The execution fields ``name`` has, as resolved for one device of ``backend``."""
-    return {k: v for k, v in runtime.execution_settings(backend, 1, "glibc").items() if k in model_fields(name)}
+    """The execution fields ``name`` has, as resolved for one device of ``backend``, but always the grouped
+    depthwise convolution: the shifted one compiles several times slower and has its own test (test_models)."""
+    fields = dict(runtime.execution_settings(backend, 1, "glibc"), depthwise_impl="grouped")
+    return {k: v for k, v in fields.items() if k in model_fields(name)}
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_grads(name: str):
+    """The plain model's gradients with the CPU's execution fields (shared by the cases of one model)."""
+    return _grads(name, False, *_inputs(), drop_path_rate=0.0, **_execution(name, "cpu"))
+
+
+def _inputs():
+    return jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32), jnp.array([1, 3])
 
 
 @pytest.mark.parametrize(
@@ -60,10 +77,8 @@ def test_remat_gives_the_gradients_of_the_plain_model(name, backend):
     """'gpu': the rematted model with the accelerator's execution fields (flax's nn.remat, whose static_argnums
     differ for ClusterFormer's and PaCa's blocks; one-pass clustering, unrolled EM, grouped depthwise
     convolutions), against the plain model with the CPU's."""
-    images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32)
-    labels = jnp.array([1, 3])
-    plain = _grads(name, False, images, labels, drop_path_rate=0.0, **_execution(name, "cpu"))
-    rematted = _grads(name, True, images, labels, drop_path_rate=0.0, **_execution(name, backend))
+    plain = _plain_grads(name)
+    rematted = _grads(name, True, *_inputs(), drop_path_rate=0.0, **_execution(name, backend))
     assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(rematted)
     # float32 rounding only (the recomputation is fused apart from the forward pass, and BatchNorm over the
     # 2x1x1 last-stage maps magnifies it): within 1e-5 of the largest gradient

@@ -33,6 +33,9 @@ from clusterformer_jax.trainers.progress import StepClock
 from clusterformer_jax.trainers.restore import init_params_from
 from clusterformer_jax.trainers.setup import build
 
+# one worker runs this file: its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("trainer")
+
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}
 
@@ -95,7 +98,6 @@ def _run_config(data_dir: str = ""):
 
 MESHES = {
     "one_device": ({"data": 1, "fsdp": 1}, 1),
-    "data4_fsdp2": ({"data": 4, "fsdp": 2}, 8),
     "data2_fsdp4": ({"data": 2, "fsdp": 4}, 8),
     "data8": ({"data": 8, "fsdp": 1}, 8),
 }
@@ -137,7 +139,7 @@ def one_step():
     return results
 
 
-@pytest.mark.parametrize("name", ["data4_fsdp2", "data2_fsdp4", "data8"])
+@pytest.mark.parametrize("name", ["data2_fsdp4", "data8"])
 def test_multi_device_step_matches_single_device(one_step, name):
     _, ref_state, ref_metrics = one_step["one_device"]
     setup, state, metrics = one_step[name]
@@ -202,7 +204,7 @@ def _tree_leaves_pairs(a, b):
 
 
 def test_checkpoint_round_trip_onto_another_mesh(one_step, tmp_path):
-    _, state, _ = one_step["data4_fsdp2"]
+    _, state, _ = one_step["data2_fsdp4"]
     dataset = grain.MapDataset.range(64).shuffle(seed=3).repeat().batch(4).to_iter_dataset()
     iterator = iter(dataset)
     next(iterator)
@@ -343,6 +345,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     return config, workdir, trainer.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_quickstart_smoke_run_writes_results(uninterrupted):
     _, workdir, results = uninterrupted
     on_disk = json.loads((workdir / "results.json").read_text())
@@ -356,6 +359,7 @@ def test_quickstart_smoke_run_writes_results(uninterrupted):
     assert list(workdir.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_resume_after_preemption_is_bitwise_identical(uninterrupted, tmp_path, monkeypatch):
     config, reference_dir, reference = uninterrupted
     workdir = tmp_path / "resumed"
@@ -408,6 +412,7 @@ class _PoisonedIterator:
             self._inner.close()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     config = _run_config(data_dir)
     config.log_every_steps = 10  # the failure is caught by the check before the step-6 save
