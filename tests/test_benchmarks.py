@@ -27,11 +27,10 @@ def test_flop_counts_include_every_em_iteration_and_no_recomputed_forward(monkey
     # groups; counted on a loop-free copy, the same FLOPs
     monkeypatch.setattr(runtime, "GROUP_CHUNK_BYTES", 4096)
     loops = bench(machine=dict(backend="cpu", num_devices=1, allocator="glibc"))
-    # block remat: counted on a copy without it, so the train step does not count every block's forward twice
-    remat = bench(remat=True, machine=dict(backend="gpu", num_devices=1))
-    assert remat["model"] == "clusterformer_nano +remat"
     for key in ("fwd_flops", "step_flops"):
-        assert loops[key] == flat[key] == remat[key] > 0
+        assert loops[key] == flat[key] > 0
+    # block remat: counted on the same model without it, so the train step does not count every block's
+    # forward twice
     counted = throughput._flop_count_model("clusterformer_nano", "float32", {"remat": True})
     assert counted is not None and not counted.backbone.get("remat", False)
 

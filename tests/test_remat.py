@@ -30,7 +30,7 @@ SMALL = {  # every backbone family at a few thousand parameters; GroupMixFormer 
         onsite=(0, 1, 2, 0),
         clustering_kernel=3,
     ),
-    "gmf_miny": dict(dims=(20, 30, 40, 40), depths=(1, 1, 2, 1), mlp_ratios=(4, 4, 2, 2)),
+    "gmf_miny": dict(dims=(20, 30, 40, 40), depths=(1, 1, 1, 1), mlp_ratios=(4, 4, 2, 2)),
 }
 
 
@@ -123,7 +123,7 @@ def _nano_grad_temps(images, remat_blocks: bool, remat_impl: str = "tied") -> in
 def test_tied_remat_shrinks_the_train_steps_temporaries_on_cpu():
     if jax.default_backend() != "cpu":
         pytest.skip("checks the CPU path (recomputation tied to the cotangent)")
-    images = jnp.zeros((2, 64, 64, 3), jnp.float32)
+    images = jnp.zeros((2, 32, 32, 3), jnp.float32)  # plain 2.9 MiB; tied 0.37x, barrier 0.99x of it
     plain = _nano_grad_temps(images, False)
     assert _nano_grad_temps(images, True, "tied") < 0.75 * plain
     # why the tie: nn.remat alone saves nothing here, its recomputation merged back into the forward pass
