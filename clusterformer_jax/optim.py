@@ -3,7 +3,8 @@
 Reads ``config.optim``:
   base_lr, lr_base_batch_size (> 0: lr = base_lr * global_batch / lr_base_batch_size),
   warmup_steps (or warmup_epochs when warmup_steps < 0), warmup_start_ratio, min_lr_ratio,
-  b1, b2, eps, amsgrad, weight_decay, weight_decay_mask ('all' | 'no_bias_norm'), grad_clip_norm (<= 0: off).
+  b1, b2, eps, amsgrad, weight_decay, weight_decay_mask ('all' | 'no_bias_norm'), grad_clip_norm (<= 0: off),
+  lr_multipliers ({parameter path prefix: factor}, e.g. {'backbone': 0.1} as dense recipes use; 1.0 = off).
 """
 
 from __future__ import annotations
@@ -141,6 +142,39 @@ def scale_by_amsgrad_torch(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _path_key(path: tuple[Any, ...]) -> str:
+    return "/".join(_path_names(path))
+
+
+def scale_by_param_group(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiplies the final update of every parameter under a path prefix (``'backbone'``, or
+    ``'decoder/queries'``) by its factor: the learning rate *and* the decoupled weight decay of that group,
+    as per-group learning rates in PyTorch optimizers scale both. Stateless, so checkpoints are unchanged.
+    The longest matching prefix wins; a prefix that matches no parameter is a config error."""
+    groups = {str(k).strip("/").lower(): float(v) for k, v in multipliers.items()}
+
+    def factor(path) -> float:
+        key = _path_key(path)
+        hits = [p for p in groups if key == p or key.startswith(p + "/")]
+        return groups[max(hits, key=len)] if hits else 1.0
+
+    def init_fn(params):
+        keys = [_path_key(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        for prefix in groups:
+            if not any(k == prefix or k.startswith(prefix + "/") for k in keys):
+                top = sorted({k.split("/")[0] for k in keys})
+                raise ConfigError(
+                    f"optim.lr_multipliers names {prefix!r}, which matches no parameter; top-level groups: {top}"
+                )
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda path, u: u * factor(path), updates), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def create_optimizer(optim: Mapping[str, Any], learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
     """clip_by_global_norm -> Adam/AMSGrad moments -> decoupled weight decay -> learning rate.
 
@@ -163,6 +197,9 @@ def create_optimizer(optim: Mapping[str, Any], learning_rate: optax.ScalarOrSche
         mask = None if mode == "all" else (lambda params: weight_decay_mask(params, mode))
         parts.append(optax.add_decayed_weights(wd, mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
+    multipliers = {k: float(v) for k, v in dict(optim.get("lr_multipliers", None) or {}).items() if float(v) != 1.0}
+    if multipliers:
+        parts.append(scale_by_param_group(multipliers))
     return optax.chain(*parts)
 
 

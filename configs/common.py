@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.05
     config.optim.weight_decay_mask = "no_bias_norm"  # 'all' | 'no_bias_norm'
     config.optim.grad_clip_norm = 5.0  # <= 0: off
+    # Learning-rate (and weight-decay) factor per parameter group, by path prefix: dense recipes train the
+    # pretrained backbone slower ({'backbone': 0.1}); 1.0 leaves a group alone. Config files may add groups.
+    config.optim.lr_multipliers = ml_collections.ConfigDict({"backbone": 1.0})
 
     # Task 'classification'.
     config.classification = ml_collections.ConfigDict()

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from clu import metrics as clu_metrics
 
 from clusterformer_jax.tasks import classification as cls
 from clusterformer_jax.tasks import registry
@@ -107,8 +106,11 @@ def test_masked_top1_top5_hand_counted():
     )
     batch = {"label": jnp.asarray([0, 4, 6, 0]), "mask": jnp.asarray([1.0, 1.0, 1.0, 0.0])}
     task = registry.create_task(_task_config(), {"num_classes": 7})
-    collection = clu_metrics.Collection.create(**task.eval_metric_fields())
-    metrics = collection.single_from_model_output(**task.eval_outputs(logits, batch)).compute()
+    evaluator = task.create_evaluator()
+    predictions = jax.tree.map(np.asarray, task.predict(logits, batch))
+    evaluator.update(predictions, jax.tree.map(np.asarray, batch))
+    metrics = evaluator.compute()
+    assert metrics["num_examples"] == 3
     assert float(metrics["top1"]) == pytest.approx(1 / 3)
     assert float(metrics["top5"]) == pytest.approx(2 / 3)
     log_probs = jax.nn.log_softmax(logits[0])

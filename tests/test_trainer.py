@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from clusterformer_jax import checkpointing
 from clusterformer_jax import sharding
 from clusterformer_jax.convert.common import save_flax_params
+from clusterformer_jax.data import pipeline
 from clusterformer_jax.errors import NonFiniteError
 from clusterformer_jax.models import registry
 from clusterformer_jax.trainers import trainer
@@ -299,7 +300,7 @@ def test_batch_stats_are_updated_and_sharding_invariant(tmp_path):
             sharding.shard_batch(batch, setup.batch_sharding),
             setup.empty_train_accumulator(),
         )
-        metrics = setup.eval_step(state, sharding.shard_batch(eval_batch, setup.batch_sharding)).compute()
+        metrics = trainer.evaluate(setup, state, [eval_batch])
         outcomes.append((jax.device_get(state.batch_stats), {k: float(v) for k, v in metrics.items()}))
     (stats_one, eval_one), (stats_many, eval_many) = outcomes
     mean = stats_one["BatchNorm_0"]["mean"]
@@ -417,10 +418,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     config = _run_config(data_dir)
     config.log_every_steps = 10  # the failure is caught by the check before the step-6 save
     config.checkpoint.every_steps = 2
-    create = trainer.input_pipeline.create_train_iterator
-    monkeypatch.setattr(
-        trainer.input_pipeline, "create_train_iterator", lambda *a, **k: _PoisonedIterator(create(*a, **k), start=4)
-    )
+    create = pipeline.create_train_iterator
+    monkeypatch.setattr(pipeline, "create_train_iterator", lambda *a, **k: _PoisonedIterator(create(*a, **k), start=4))
     with pytest.raises(NonFiniteError) as error:
         trainer.train_and_evaluate(config, str(tmp_path))
     message = str(error.value)

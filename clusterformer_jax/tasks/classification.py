@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from clu import metrics as clu_metrics
 
 from clusterformer_jax.errors import ConfigError
+from clusterformer_jax.evaluation.classification import ClassificationEvaluator
+from clusterformer_jax.models import registry as model_registry
 
 
 def smooth_targets(labels: jax.Array, num_classes: int, label_smoothing: float) -> jax.Array:
@@ -116,6 +119,7 @@ class ClassificationTask:
     def __init__(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]):
         cfg = config["classification"]
         self.num_classes = int(dataset_info["num_classes"])
+        self.image_size = int(dataset_info.get("image_size", 0))
         self.label_smoothing = float(cfg["label_smoothing"])
         self.mixup_alpha = float(cfg["mixup_alpha"])
         self.cutmix_alpha = float(cfg["cutmix_alpha"])
@@ -126,6 +130,18 @@ class ClassificationTask:
         if not 0.0 <= self.mix_prob <= 1.0 or not 0.0 <= self.switch_prob <= 1.0:
             raise ConfigError("classification.mix_prob and classification.switch_prob must be in [0, 1]")
         self.top_k = min(5, self.num_classes)  # 'top5' is top-min(5, K) for datasets with fewer classes
+
+    def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
+        try:
+            return model_registry.create_model(model_name, num_classes=self.num_classes, **model_kwargs)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
+        return {"images": jnp.zeros((batch_size, self.image_size, self.image_size, 3), jnp.float32)}
+
+    def model_inputs(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return {"images": batch["image"]}
 
     def prepare_train_batch(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
         targets = smooth_targets(batch["label"], self.num_classes, self.label_smoothing)
@@ -140,7 +156,9 @@ class ClassificationTask:
         )
         return {**batch, "image": images, "target": targets}
 
-    def loss_fn(self, logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def loss_fn(
+        self, logits: jax.Array, batch: Mapping[str, jax.Array], rng: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
         per_example = cross_entropy(logits, batch["target"])
         outputs = {"loss": per_example, "logits": logits, "labels": jnp.argmax(batch["target"], axis=-1)}
         return jnp.mean(per_example), outputs
@@ -152,21 +170,17 @@ class ClassificationTask:
             "top5": _topk_metric(self.top_k),
         }
 
-    def eval_outputs(self, logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    def predict(self, logits: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """Per-example loss and top-1/top-k hits (the evaluator averages them over the real rows)."""
         targets = jax.nn.one_hot(batch["label"], self.num_classes, dtype=jnp.float32)
         return {
             "loss": cross_entropy(logits, targets),
-            "logits": logits,
-            "labels": batch["label"],
-            "mask": batch["mask"],
+            "top1": topk_correct(logits, batch["label"], 1),
+            "top5": topk_correct(logits, batch["label"], self.top_k),
         }
 
-    def eval_metric_fields(self) -> dict[str, type[clu_metrics.Metric]]:
-        return {
-            "loss": clu_metrics.Average.from_output("loss"),
-            "top1": _topk_metric(1),
-            "top5": _topk_metric(self.top_k),
-        }
+    def create_evaluator(self) -> ClassificationEvaluator:
+        return ClassificationEvaluator(self.top_k)
 
     def summary(self, eval_metrics: Mapping[str, Any]) -> dict[str, float]:
         return {key: float(eval_metrics[key]) for key in ("top1", "top5", "loss")}

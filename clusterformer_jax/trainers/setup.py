@@ -73,13 +73,6 @@ def execution_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: kwargs[k] for k in runtime.EXECUTION_FIELDS if k in kwargs}
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int, kwargs: Mapping[str, Any]) -> nn.Module:
-    try:
-        return model_registry.create_model(config.model.name, num_classes=num_classes, **kwargs)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 @dataclasses.dataclass
 class Setup:
     """The model, task, optimizer, shardings and step functions of one run on one mesh."""
@@ -91,15 +84,13 @@ class Setup:
     task: Task
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    image_shape: tuple[int, int, int]
     abstract_state: TrainState
     state_shardings: TrainState
     batch_sharding: NamedSharding
     train_metrics_cls: type[clu_metrics.Collection]
-    eval_metrics_cls: type[clu_metrics.Collection]
     init_fn: Callable[[jax.Array], TrainState]
     train_step: Any
-    eval_step: Any
+    predict_step: Any  # (state, batch) -> the task's fixed-shape predictions, sharded like the batch
 
     def init_state(self, seed: int) -> TrainState:
         """Fresh parameters and optimizer state, created directly in their shardings."""
@@ -123,21 +114,17 @@ def build(
     total_steps: int,
     steps_per_epoch: float,
 ) -> Setup:
-    """Creates the model, task, optimizer, state shardings and the jitted init/train/eval functions."""
+    """Creates the model, task, optimizer, state shardings and the jitted init/train/predict functions."""
     task = task_registry.create_task(config, dataset_info)
     kwargs = resolve_model_kwargs(config)
-    model = create_model(config, int(dataset_info["num_classes"]), kwargs)
+    model = task.build_model(config.model.name, kwargs)
     tx, schedule = optim.create_optimizer_and_schedule(
         config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch_size=config.batch_size
     )
-    size = int(dataset_info["image_size"])
-    image_shape = (size, size, 3)
 
     def init_fn(rng: jax.Array) -> TrainState:
         params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
-        variables = model.init(
-            {"params": params_rng, "dropout": dropout_rng}, jnp.zeros((1,) + image_shape, jnp.float32), train=False
-        )
+        variables = model.init({"params": params_rng, "dropout": dropout_rng}, **task.dummy_inputs(1), train=False)
         params = variables["params"]
         return TrainState(
             step=jnp.array(0, jnp.int32),
@@ -166,28 +153,29 @@ def build(
         grad_norm=clu_metrics.Average.from_output("grad_norm"),
         param_norm=clu_metrics.LastValue.from_output("param_norm"),
     )
-    eval_metrics_cls = clu_metrics.Collection.create(**task.eval_metric_fields())
 
-    def apply(params, batch_stats, images, train: bool, rng):
+    def apply(params, batch_stats, inputs: Mapping[str, jax.Array], train: bool, rng):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
         if train and batch_stats:
-            logits, updated = model.apply(variables, images, train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
-            return logits, updated["batch_stats"]
+            outputs, updated = model.apply(
+                variables, **inputs, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
+            )
+            return outputs, updated["batch_stats"]
         rngs = {"dropout": rng} if train else {}
-        return model.apply(variables, images, train=train, rngs=rngs), batch_stats
+        return model.apply(variables, **inputs, train=train, rngs=rngs), batch_stats
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], acc):
         metrics_acc, health = acc
         step_rng = jax.random.fold_in(state.rng, state.step)
-        aug_rng, dropout_rng = jax.random.split(step_rng)
+        aug_rng, dropout_rng, loss_rng = jax.random.split(step_rng, 3)
         batch = task.prepare_train_batch(batch, aug_rng)
 
         def loss_fn(params):
-            logits, new_batch_stats = apply(params, state.batch_stats, batch["image"], True, dropout_rng)
-            loss, outputs = task.loss_fn(logits, batch)
-            return loss, (outputs, new_batch_stats)
+            outputs, new_batch_stats = apply(params, state.batch_stats, task.model_inputs(batch), True, dropout_rng)
+            loss, values = task.loss_fn(outputs, batch, loss_rng)
+            return loss, (values, new_batch_stats)
 
         (loss, (outputs, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
@@ -206,9 +194,9 @@ def build(
         )
         return new_state, (metrics_acc.merge(metrics), health)
 
-    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
-        logits, _ = apply(state.params, state.batch_stats, batch["image"], False, None)
-        return eval_metrics_cls.single_from_model_output(**task.eval_outputs(logits, batch))
+    def predict_step(state: TrainState, batch: dict[str, jax.Array]):
+        outputs, _ = apply(state.params, state.batch_stats, task.model_inputs(batch), False, None)
+        return task.predict(outputs, batch)
 
     batch_sharding = sharding.batch_sharding(mesh)
     return Setup(
@@ -219,12 +207,10 @@ def build(
         task=task,
         tx=tx,
         schedule=schedule,
-        image_shape=image_shape,
         abstract_state=abstract_state,
         state_shardings=state_shardings,
         batch_sharding=batch_sharding,
         train_metrics_cls=train_metrics_cls,
-        eval_metrics_cls=eval_metrics_cls,
         init_fn=jax.jit(init_fn, out_shardings=state_shardings),
         train_step=jax.jit(
             train_step,
@@ -232,5 +218,7 @@ def build(
             out_shardings=(state_shardings, repl),
             donate_argnums=(0, 2),
         ),
-        eval_step=jax.jit(eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=repl),
+        predict_step=jax.jit(
+            predict_step, in_shardings=(state_shardings, batch_sharding), out_shardings=batch_sharding
+        ),
     )

@@ -7,7 +7,6 @@ compiled once ahead of time; the loop only syncs with the host at log, eval and 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,24 +18,24 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
-from clu import metrics as clu_metrics
 from clu import parameter_overview
 from clu import periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from clusterformer_jax import checkpointing
 from clusterformer_jax import runtime
 from clusterformer_jax import sharding
-from clusterformer_jax.data import pipeline as input_pipeline
 from clusterformer_jax.errors import ConfigError
+from clusterformer_jax.tasks import registry as task_registry
 from clusterformer_jax.trainers import progress
 from clusterformer_jax.trainers.progress import StepClock
 from clusterformer_jax.trainers.restore import restore_or_init
 from clusterformer_jax.trainers.setup import Setup, TrainState, build, execution_fields
 
-RESULT_KEYS = ("top1", "top5", "loss", "steps", "seconds")
+RESULT_KEYS = ("steps", "seconds")  # plus the task's headline numbers (Task.summary)
 
 
 def resolve_run_lengths(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, float]:
@@ -71,27 +70,24 @@ def _shard(batch: Mapping[str, np.ndarray], setup: Setup) -> dict[str, jax.Array
     return sharding.shard_batch(batch, setup.batch_sharding)
 
 
-_merge_metrics = jax.jit(lambda a, b: a.merge(b))
-
-
 def evaluate(setup: Setup, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, Any]:
-    """Accumulates eval metrics over one pass; padded rows (mask 0) count for nothing.
+    """One pass of the task's evaluator: the jitted ``predict`` on every batch, then ``update`` with this
+    process's rows (padded rows, mask 0, are the evaluator's to skip) and ``compute`` across processes.
 
-    Adds 'num_examples', the number of unmasked rows seen (the eval split size when nothing failed to load).
+    The result includes 'num_examples', the number of real rows scored (the eval split size when nothing
+    failed to load).
     """
-    acc = None
+    evaluator = setup.task.create_evaluator()
+    spec = sharding.batch_partition_spec()
+    seen = 0
     for batch in batches:
-        metrics = setup.eval_step(state, _shard(batch, setup))
-        acc = metrics if acc is None else _merge_metrics(acc, metrics)
-    if acc is None:
+        predictions = setup.predict_step(state, _shard(batch, setup))
+        local = multihost_utils.global_array_to_host_local_array(predictions, setup.mesh, spec)
+        evaluator.update(jax.tree.map(np.asarray, local), batch)
+        seen += 1
+    if not seen:
         raise ConfigError("the eval split produced no batches")
-    result: dict[str, Any] = {k: float(v) for k, v in acc.compute().items()}
-    for field in dataclasses.fields(acc):
-        metric = getattr(acc, field.name)
-        if isinstance(metric, clu_metrics.Average):
-            result["num_examples"] = int(metric.count)
-            break
-    return result
+    return dict(evaluator.compute())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -112,6 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.default_backend() == "cpu" and runtime.host_allocator() == "glibc":
         logging.info("Host allocator is glibc malloc; %s", runtime.TCMALLOC_HINT)
 
+    input_pipeline = task_registry.input_module(config)
     dataset_info = input_pipeline.get_dataset_info(config.input)
     total_steps, steps_per_epoch = resolve_run_lengths(config, int(dataset_info["num_train"]))
     train_iter = input_pipeline.create_train_iterator(
@@ -174,7 +171,7 @@ def _run(
     eval_batch = _eval_batch_size(config)
 
     def eval_batches():
-        return input_pipeline.create_eval_iterator(config.input, global_batch_size=eval_batch)
+        return task_registry.input_module(config).create_eval_iterator(config.input, global_batch_size=eval_batch)
 
     report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     acc = setup.empty_train_accumulator()

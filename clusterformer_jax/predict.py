@@ -1,0 +1,193 @@
+r"""Runs a trained detection / instance-segmentation run on images and writes what it sees.
+
+  python -m clusterformer_jax.predict --workdir=RUN --out=DIR [--images=a.jpg,b.png] [--num_images=8]
+
+Reads RUN/config.json and the latest checkpoint's parameters. With ``--images`` it predicts those files
+(resized and padded as the eval pipeline does); without, it takes the first ``--num_images`` images of the
+run's eval split and draws the ground truth beside each prediction. Writes one PNG per image (boxes,
+masks, class names and scores above ``--score_threshold``) and ``predictions.json``: COCO-format results
+(image_id, category_id, bbox [x, y, w, h] in source pixels, score, RLE segmentation) for every kept
+detection, with ``images.json`` naming the image behind each image_id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from clusterformer_jax import render, sharding
+from clusterformer_jax.data import dense_pipeline
+from clusterformer_jax.errors import ConfigError
+from clusterformer_jax.evaluation.coco import binary_masks_to_source
+from clusterformer_jax.tasks import registry as task_registry
+from clusterformer_jax.trainers.restore import init_params_from
+from clusterformer_jax.trainers.setup import build
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
+_OUT = flags.DEFINE_string("out", None, "Directory for the PNGs and predictions.json.")
+_IMAGES = flags.DEFINE_list("images", [], "Image files to predict; empty: the run's eval split.")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Eval-split images to draw when --images is empty.")
+_THRESHOLD = flags.DEFINE_float("score_threshold", 0.3, "Detections drawn and written score at least this.")
+
+SUPPORTED_TASKS = ("detection", "instance_segmentation")
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{workdir!r} holds no config.json; pass the workdir of a training run")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if config.task not in SUPPORTED_TASKS:
+        raise ConfigError(f"predict draws {', '.join(SUPPORTED_TASKS)} runs; {workdir!r} is a {config.task!r} run")
+    return config
+
+
+def file_example(path: str, index: int) -> dict[str, Any]:
+    """An image file as an unannotated dense example (the eval transform then resizes and pads it)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"image {path!r} does not exist")
+    with Image.open(path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    return {
+        "image": rgb,
+        "image_id": index + 1,
+        "boxes": np.zeros((0, 4), np.float32),
+        "classes": np.zeros((0,), np.int32),
+        "is_crowd": np.zeros((0,), bool),
+        "is_thing": np.zeros((0,), bool),
+    }
+
+
+def visible_image(batch: Mapping[str, np.ndarray], row: int, input_cfg: Mapping[str, Any]) -> np.ndarray:
+    """The canvas image of ``row`` back in uint8 RGB, cropped to its real pixels."""
+    h, w = np.asarray(batch["image_mask"][row]).nonzero()
+    image = batch["image"][row] * np.asarray(input_cfg["std"]) + np.asarray(input_cfg["mean"])
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)[: h.max() + 1, : w.max() + 1]
+
+
+def _canvas_masks(grid: np.ndarray, shape: tuple[int, int], threshold: float) -> np.ndarray:
+    """uint8 (K, g, g) stride-4 probabilities -> bool (K, H, W) on the visible canvas (nearest upsampling)."""
+    stride = 4
+    up = np.repeat(np.repeat(grid, stride, axis=1), stride, axis=2)
+    return up[:, : shape[0], : shape[1]] >= threshold * 255
+
+
+def coco_results(
+    predictions: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], row: int, category_ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The kept detections of ``row`` in COCO results format (source-image pixels)."""
+    keep = np.flatnonzero(predictions["scores"][row] >= _THRESHOLD.value)
+    sy, sx = (float(v) for v in batch["scale"][row])
+    height, width = (int(v) for v in batch["orig_size"][row])
+    masks = None
+    if "masks" in predictions and keep.size:
+        masks = binary_masks_to_source(predictions["masks"][row][keep], (height, width), (sy, sx), 0.5)
+    out = []
+    for n, k in enumerate(keep):
+        y0, x0, y1, x1 = predictions["boxes"][row][k] / np.array([sy, sx, sy, sx])
+        y0, y1 = np.clip([y0, y1], 0, height)
+        x0, x1 = np.clip([x0, x1], 0, width)
+        entry = {
+            "image_id": int(batch["image_id"][row]),
+            "category_id": int(category_ids[int(predictions["labels"][row][k])]),
+            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+            "score": float(predictions["scores"][row][k]),
+        }
+        if masks is not None:
+            rle = mask_utils.encode(np.asfortranarray(masks[n].astype(np.uint8)))
+            entry["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+        out.append(entry)
+    return out
+
+
+def _batches(config: ml_collections.ConfigDict) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
+    """(batch of one, names) for every requested image."""
+    if _IMAGES.value:
+        transform = dense_pipeline.eval_transform(config.input)
+        for index, path in enumerate(_IMAGES.value):
+            element = transform.map(file_example(path, index))
+            yield {k: np.asarray(v)[None] for k, v in element.items()} | {"mask": np.ones((1,), np.float32)}, [path]
+        return
+    seen = 0
+    for batch in dense_pipeline.create_eval_iterator(config.input, global_batch_size=1):
+        if seen >= _NUM_IMAGES.value:
+            return
+        if batch["mask"][0] > 0:
+            seen += 1
+            yield batch, [f"eval image_id {int(batch['image_id'][0])}"]
+
+
+def predict(workdir: str, out_dir: str) -> list[str]:
+    """Writes the PNGs and json for ``workdir``'s model into ``out_dir``; returns the PNG paths."""
+    config = load_run_config(workdir)
+    mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    info = task_registry.input_module(config).get_dataset_info(config.input)
+    setup = build(config, mesh, info, total_steps=1, steps_per_epoch=1.0)
+    state = init_params_from(workdir, setup, setup.init_state(0))
+    names = tuple(info["class_names"])
+    category_ids = tuple(info["category_ids"])
+    os.makedirs(out_dir, exist_ok=True)
+    written, results, images = [], [], []
+    for batch, (name,) in _batches(config):
+        predictions = jax.device_get(setup.predict_step(state, sharding.shard_batch(batch, setup.batch_sharding)))
+        image = visible_image(batch, 0, config.input)
+        masks = None
+        if "masks" in predictions:
+            masks = _canvas_masks(predictions["masks"][0], image.shape[:2], 0.5)
+        drawn = render.draw_instances(
+            image, predictions["boxes"][0], predictions["labels"][0], predictions["scores"][0], names, masks,
+            score_threshold=_THRESHOLD.value,
+        )  # fmt: skip
+        if not _IMAGES.value:  # the ground truth beside it
+            valid = batch["instance_valid"][0]
+            gt_masks = None
+            if "instance_masks" in batch and masks is not None:
+                grid = batch["instance_masks"][0]
+                stride = batch["image"].shape[1] // grid.shape[-1]
+                full = np.repeat(np.repeat(grid, stride, axis=1), stride, axis=2)
+                gt_masks = full[:, : image.shape[0], : image.shape[1]] > 0
+            truth = render.draw_instances(
+                image, batch["boxes"][0], np.where(valid, batch["classes"][0], -1), valid.astype(np.float32), names,
+                gt_masks, score_threshold=0.5,
+            )  # fmt: skip
+            drawn = render.side_by_side(drawn, truth)
+        image_id = int(batch["image_id"][0])
+        path = os.path.join(out_dir, f"{image_id:06d}.png")
+        Image.fromarray(drawn).save(path)
+        written.append(path)
+        results += coco_results(predictions, batch, 0, category_ids)
+        height, width = (int(v) for v in batch["orig_size"][0])
+        images.append({"id": image_id, "file_name": name, "height": height, "width": width})
+    with open(os.path.join(out_dir, "predictions.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(out_dir, "images.json"), "w") as f:
+        json.dump(images, f, indent=1)
+    return written
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value or not _OUT.value:
+        raise app.UsageError("--workdir and --out are required")
+    try:
+        written = predict(_WORKDIR.value, _OUT.value)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"wrote {len(written)} PNGs and predictions.json to {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

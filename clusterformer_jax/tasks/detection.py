@@ -1,0 +1,169 @@
+"""Object detection and instance segmentation with the cluster decoder (paper §3.3, §4.1.2, §4.1.4).
+
+``config.task``: 'detection' (boxes; evaluated with COCO bbox AP) or 'instance_segmentation' (boxes and
+masks; bbox and segm AP). Both read the dense pipeline (things only), build ``DenseModel`` = any registered
+backbone (``config.model.name``) + the cluster decoder (``config.model.decoder``), train with Hungarian-matched
+set losses on every decoder layer (``config.detection``, tasks/set_losses.py) and keep the ``top_k`` best
+(query, class) pairs per image for COCO evaluation (DETR/DINO-style top-k over sigmoid scores; for instance
+segmentation a pair's score is its class probability times its mask's mean foreground probability, as
+Mask2Former ranks instances).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from clu import metrics as clu_metrics
+
+from clusterformer_jax.errors import ConfigError
+from clusterformer_jax.evaluation.coco import COCOEvaluator
+from clusterformer_jax.models import registry as model_registry
+from clusterformer_jax.models.decoder import DecoderConfig
+from clusterformer_jax.models.dense_model import DenseModel
+from clusterformer_jax.tasks import boxes as box_ops
+from clusterformer_jax.tasks.set_losses import SetLossConfig, set_criterion
+
+_LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(SetLossConfig))
+_PREDICT_FIELDS = ("top_k", "mask_threshold", "eval_backend")
+
+
+def _as_dict(section: Any) -> dict[str, Any]:
+    return section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+
+
+class DetectionTask:
+    """Set prediction of things: boxes (and masks with ``with_masks``) for ``num_thing_classes`` classes."""
+
+    def __init__(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any], *, with_masks: bool):
+        self.with_masks = with_masks
+        self.num_classes = int(dataset_info["num_thing_classes"])
+        if self.num_classes <= 0:
+            raise ConfigError(f"dataset {config['input']['dataset']!r} has no thing classes to detect")
+        self.image_size = int(dataset_info["image_size"])
+        self.category_ids = tuple(dataset_info["category_ids"])[: self.num_classes]
+        self.class_names = tuple(dataset_info["class_names"])[: self.num_classes]
+        self.instances_json = dataset_info.get("instances_json")
+        model = config["model"]
+        self.decoder_fields = _as_dict(model.get("decoder"))
+        det = _as_dict(config.get("detection"))
+        unknown = sorted(set(det) - set(_LOSS_FIELDS) - set(_PREDICT_FIELDS))
+        if unknown:
+            raise ConfigError(f"config.detection has no field {unknown[0]!r}; valid: {sorted(_LOSS_FIELDS)}")
+        loss = {k: v for k, v in det.items() if k in _LOSS_FIELDS}
+        loss["use_masks"] = with_masks
+        try:
+            self.loss_config = SetLossConfig(**loss)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.detection: {e}") from None
+        self.top_k = int(det.get("top_k", 100))
+        self.mask_threshold = float(det.get("mask_threshold", 0.5))
+        self.eval_backend = str(det.get("eval_backend", "pycocotools"))
+        if self.top_k <= 0:
+            raise ConfigError(f"detection.top_k must be positive, got {self.top_k}")
+
+    # ----------------------------------------------------------------------------------------- model
+    def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
+        try:
+            decoder = DecoderConfig(**self.decoder_fields)
+            backbone = model_registry.create_backbone(model_name, **model_kwargs)
+        except TypeError as e:
+            raise ConfigError(f"config.model.decoder: {e}") from None
+        except ValueError as e:  # ModelConfigError: unknown model / field, bad decoder values
+            raise ConfigError(str(e)) from None
+        return DenseModel(backbone=backbone, decoder=decoder, num_classes=self.num_classes)
+
+    def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
+        side = self.image_size
+        return {
+            "images": jnp.zeros((batch_size, side, side, 3), jnp.float32),
+            "pixel_mask": jnp.ones((batch_size, side, side), jnp.bool_),
+        }
+
+    def model_inputs(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return {"images": batch["image"], "pixel_mask": batch["image_mask"]}
+
+    # ----------------------------------------------------------------------------------------- training
+    def prepare_train_batch(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+        return dict(batch)
+
+    def targets(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The criterion's targets: things that are not crowd regions, boxes normalised to the canvas."""
+        classes = batch["classes"].astype(jnp.int32)
+        valid = batch["instance_valid"] & ~batch["is_crowd"] & (classes >= 0) & (classes < self.num_classes)
+        canvas = batch["image"].shape[1:3]
+        return {
+            "classes": jnp.where(valid, classes, -1),
+            "boxes": box_ops.yxyx_pixels_to_cxcywh(batch["boxes"], canvas),
+            "masks": batch["instance_masks"].astype(jnp.float32),
+            "valid": valid,
+        }
+
+    def loss_fn(
+        self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], rng: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        loss, terms = set_criterion(outputs, self.targets(batch), rng, self.loss_config)
+        return loss, {"loss": loss, **{k: v for k, v in terms.items() if k in self._term_names()}}
+
+    def _term_names(self) -> tuple[str, ...]:
+        names = ("loss_class", "loss_bbox", "loss_giou", "loss_aux", "num_targets")
+        return names + (("loss_mask", "loss_dice") if self.with_masks else ())
+
+    def train_metric_fields(self) -> dict[str, type[clu_metrics.Metric]]:
+        return {name: clu_metrics.Average.from_output(name) for name in ("loss",) + self._term_names()}
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def predict(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The ``top_k`` (query, class) pairs of the last decoder layer with canvas-pixel boxes (and masks)."""
+        logits = outputs["class_logits"][-1].astype(jnp.float32)
+        b, q, c = logits.shape
+        k = min(self.top_k, q * c)
+        scores, flat = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, q * c), k)
+        query, labels = flat // c, flat % c
+        boxes = jnp.take_along_axis(outputs["boxes"][-1], query[..., None], axis=1)
+        result = {
+            "boxes": box_ops.cxcywh_to_yxyx_pixels(boxes, batch["image"].shape[1:3]),
+            "scores": scores,
+            "labels": labels.astype(jnp.int32),
+        }
+        if self.with_masks:
+            masks = jax.nn.sigmoid(
+                jnp.take_along_axis(outputs["mask_logits"][-1], query[..., None, None], axis=1).astype(jnp.float32)
+            )
+            inside = masks > self.mask_threshold
+            mask_score = jnp.sum(masks * inside, axis=(2, 3)) / (jnp.sum(inside, axis=(2, 3)) + 1e-6)
+            result["scores"] = scores * mask_score
+            result["masks"] = jnp.round(masks * 255.0).astype(jnp.uint8)
+        return result
+
+    def create_evaluator(self) -> COCOEvaluator:
+        if not self.instances_json:
+            raise ConfigError(
+                "the eval split has no COCO instances json to score against; set config.input.manual_dir to the "
+                "COCO folder holding annotations/instances_val2017.json"
+            )
+        return COCOEvaluator(
+            self.instances_json,
+            self.category_ids,
+            iou_types=("bbox", "segm") if self.with_masks else ("bbox",),
+            backend=self.eval_backend,
+            max_detections=self.top_k,
+            mask_threshold=self.mask_threshold,
+        )
+
+    def summary(self, eval_metrics: Mapping[str, Any]) -> dict[str, float]:
+        types = ("bbox", "segm") if self.with_masks else ("bbox",)
+        stats = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+        return {f"{t}_{s}": float(eval_metrics[f"{t}_{s}"]) for t in types for s in stats}
+
+
+def detection_task(config: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> DetectionTask:
+    return DetectionTask(config, dataset_info, with_masks=False)
+
+
+def instance_segmentation_task(config: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> DetectionTask:
+    return DetectionTask(config, dataset_info, with_masks=True)
