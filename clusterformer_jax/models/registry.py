@@ -74,3 +74,59 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 def register_model(name: str, cls: type, **preset: Any) -> None:
     """Adds a preset of a flax module class (e.g. a user's own model) to the table."""
     _PRESETS[name] = (cls, _dataclass_fields(cls), preset)
+
+
+def _clusterformer_backbone(**fields: Any) -> nn.Module:
+    """``ClusterFormerBackbone`` from flat fields: mixer fields to its ``MixerConfig``, the rest to the module."""
+    mixer_names = {f.name for f in dataclasses.fields(clusterformer.MixerConfig)}
+    mixer = clusterformer.MixerConfig(**{k: v for k, v in fields.items() if k in mixer_names})
+    rest = {k: v for k, v in fields.items() if k not in mixer_names}
+    return clusterformer.ClusterFormerBackbone(mixer=mixer, **rest)
+
+
+# classifier builder -> (backbone builder taking flat fields, the backbone's accepted fields)
+_BACKBONES: Dict[Any, Tuple[Callable[..., nn.Module], frozenset[str]]] = {
+    clusterformer.from_fields: (_clusterformer_backbone, frozenset(clusterformer.FIELDS) - {"num_classes", "head"}),
+    context_cluster.ContextClusterClassifier: (
+        context_cluster.ContextClusterBackbone,
+        _dataclass_fields(context_cluster.ContextClusterBackbone),
+    ),
+    groupmixformer.GroupMixFormer: (
+        groupmixformer.GroupMixFormerBackbone,
+        _dataclass_fields(groupmixformer.GroupMixFormerBackbone),
+    ),
+    paca_vit.PaCaViTClassifier: (paca_vit.PaCaViTBackbone, _dataclass_fields(paca_vit.PaCaViTBackbone)),
+}
+
+
+def _backbone_entry(name: str):
+    builder, classifier_fields, preset = _entry(name)
+    if builder not in _BACKBONES:
+        raise ModelConfigError(
+            f"model {name!r} has no registered backbone; dense tasks need one of the built-in families"
+        )
+    backbone_builder, accepted = _BACKBONES[builder]
+    return backbone_builder, accepted, classifier_fields - accepted, preset
+
+
+def backbone_fields(name: str) -> frozenset[str]:
+    """The override names ``create_backbone(name, **overrides)`` accepts."""
+    return _backbone_entry(name)[1]
+
+
+def create_backbone(name: str, **overrides: Any) -> nn.Module:
+    """The backbone module of preset ``name`` (the one its classifier builds as 'backbone', so the parameter
+    trees match): the preset's fields plus ``overrides``, minus the classifier-only fields (num_classes,
+    head). Used by ``DenseModel(backbone=...)``; name it 'backbone' by passing it as that field."""
+    builder, accepted, classifier_only, preset = _backbone_entry(name)
+    for key in sorted(overrides):
+        if key not in accepted:
+            why = "is a classifier-only field" if key in classifier_only else "is not a field"
+            raise ModelConfigError(f"backbone of {name!r}: {key!r} {why}; valid: {sorted(accepted)}")
+    fields = {k: v for k, v in dict(preset, **overrides).items() if k not in classifier_only}
+    if isinstance(fields.get("dtype"), str):
+        if fields["dtype"] not in _DTYPES:
+            raise ModelConfigError(f"model dtype {fields['dtype']!r} is not one of {sorted(_DTYPES)}")
+        fields["dtype"] = _DTYPES[fields["dtype"]]
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return builder(**fields)
