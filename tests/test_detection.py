@@ -1,0 +1,105 @@
+"""The detection / instance-segmentation task: targets, prediction decoding, config errors, and the whole
+train -> predict -> COCO evaluation path on the synthetic shapes with 1 and 8 devices."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clusterformer_jax.errors import ConfigError
+from clusterformer_jax.tasks import registry
+
+REPO = Path(__file__).resolve().parents[1]
+INFO = {
+    "num_classes": 6,
+    "num_thing_classes": 3,
+    "class_names": ("circle", "square", "triangle", "sky", "grass", "water"),
+    "category_ids": (1, 2, 3, 4, 5, 6),
+    "image_size": 16,
+    "instances_json": None,
+}
+
+
+def load_config(filename: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(f"test_config_{filename[:-3]}", REPO / "configs" / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def _task(task: str = "instance_segmentation", **detection):
+    config = load_config("shapes_instance.py")
+    config.task = task
+    config.detection.update(detection)
+    return registry.create_task(config, INFO)
+
+
+def test_targets_drop_crowd_padding_and_stuff_and_normalise_boxes():
+    task = _task()
+    batch = {
+        "image": jnp.zeros((1, 16, 32, 3)),
+        "classes": jnp.asarray([[0, 2, 4, -1]]),  # class 4 is stuff: not a detection target
+        "instance_valid": jnp.asarray([[True, True, True, False]]),
+        "is_crowd": jnp.asarray([[False, True, False, False]]),
+        "boxes": jnp.asarray([[[0, 0, 16, 32], [4, 8, 12, 16], [0, 0, 1, 1], [0, 0, 0, 0]]], jnp.float32),
+        "instance_masks": jnp.ones((1, 4, 4, 8), jnp.uint8),
+    }
+    targets = task.targets(batch)
+    np.testing.assert_array_equal(targets["valid"], [[True, False, False, False]])
+    np.testing.assert_array_equal(targets["classes"], [[0, -1, -1, -1]])
+    # [ymin, xmin, ymax, xmax] pixels of a 16 x 32 canvas -> (cx, cy, w, h) / (W, H)
+    np.testing.assert_allclose(targets["boxes"][0, 0], [0.5, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(targets["boxes"][0, 1], [12 / 32, 8 / 16, 8 / 32, 8 / 16])
+
+
+def test_predict_keeps_the_top_k_query_class_pairs_with_pixel_boxes_and_mask_scores():
+    task = _task(top_k=2)
+    logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
+    # 2 layers (only the last counts), 1 image, 3 queries, 3 classes.
+    final = np.full((1, 3, 3), logit(0.01), np.float32)
+    final[0, 1, 2] = logit(0.9)  # query 1, class 2: best
+    final[0, 2, 0] = logit(0.6)  # query 2, class 0: second
+    class_logits = np.stack([np.zeros_like(final), final])
+    boxes = np.zeros((2, 1, 3, 4), np.float32)
+    boxes[1, 0, 1] = [0.25, 0.5, 0.5, 0.25]  # cx, cy, w, h
+    boxes[1, 0, 2] = [0.5, 0.5, 1.0, 1.0]
+    masks = np.full((2, 1, 3, 4, 4), -10.0, np.float32)
+    masks[1, 0, 1, :2, :2] = logit(0.8)  # 4 cells at 0.8: mask score 0.8
+    masks[1, 0, 2, :, :] = logit(0.7)
+    outputs = {
+        "class_logits": jnp.asarray(class_logits),
+        "boxes": jnp.asarray(boxes),
+        "mask_logits": jnp.asarray(masks),
+    }
+    pred = jax.device_get(task.predict(outputs, {"image": jnp.zeros((1, 16, 16, 3))}))
+    np.testing.assert_array_equal(pred["labels"], [[2, 0]])
+    np.testing.assert_allclose(pred["scores"], [[0.9 * 0.8, 0.6 * 0.7]], rtol=1e-5)
+    np.testing.assert_allclose(pred["boxes"][0, 0], [6, 0, 10, 8], atol=1e-5)  # x 0.25 +- 0.25 of 16, y 0.5 +- 0.125 of 16
+    np.testing.assert_allclose(pred["boxes"][0, 1], [0, 0, 16, 16], atol=1e-5)
+    assert pred["masks"].dtype == np.uint8 and pred["masks"].shape == (1, 2, 4, 4)
+    assert pred["masks"][0, 0, 0, 0] == round(0.8 * 255) and pred["masks"][0, 0, 3, 3] == 0
+
+    box_only = jax.device_get(_task("detection", top_k=2).predict(outputs, {"image": jnp.zeros((1, 16, 16, 3))}))
+    assert "masks" not in box_only
+    np.testing.assert_allclose(box_only["scores"], [[0.9, 0.6]], rtol=1e-5)
+
+
+def test_config_mistakes_are_one_line_errors():
+    with pytest.raises(ConfigError, match="no field 'top_kk'") as error:
+        _task(top_kk=3)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="class_loss"):
+        _task(class_loss="softmax")
+    config = load_config("shapes_instance.py")
+    task = registry.create_task(config, INFO)
+    with pytest.raises(ConfigError, match="instances json"):
+        task.create_evaluator()
+    config.model.decoder.query_init = "random"
+    with pytest.raises(ConfigError, match="query_init"):
+        registry.create_task(config, INFO).build_model("clusterformer_nano", {})
