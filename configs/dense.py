@@ -72,7 +72,8 @@ def decoder_config() -> ml_collections.ConfigDict:
             # Table 6f: 'encoder_centers' (the paper's) | 'free' | 'feature_embedding' | 'mixed_selection'
             # | 'scene_adaptive'
             query_init="encoder_centers",
-            box_refine=True,
+            box_refine=True,  # Deformable DETR's iterative refinement
+            box_reference="previous",  # 'mask': refine the box of the layer's own mask (set when masks train)
             dropout=0.0,
         )
     )
@@ -143,6 +144,8 @@ def coco_config(task: str, variant: str) -> ml_collections.ConfigDict:
     if task == "detection":
         config.detection.mask_bce_weight = 0.0
         config.detection.dice_weight = 0.0
+    else:
+        config.model.decoder.box_reference = "mask"
     return config
 
 
@@ -189,4 +192,6 @@ def shapes_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
     if task == "detection":
         config.detection.mask_bce_weight = 0.0
         config.detection.dice_weight = 0.0
+    else:
+        config.model.decoder.box_reference = "mask"
     return config

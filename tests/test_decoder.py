@@ -23,6 +23,7 @@ from clusterformer_jax.models.decoder import (
     e_step,
     em_scan,
     m_step,
+    mask_boxes,
 )
 from clusterformer_jax.models.dense_model import DenseModel
 from clusterformer_jax.models.pixel_decoder import PixelDecoder, mask_to_grid
@@ -111,6 +112,7 @@ def test_decoder_config_from_dict():
         "ffn_dim",
         "query_init",
         "box_refine",
+        "box_reference",
         "dropout",
         "em_unroll",
     }
@@ -159,6 +161,30 @@ def test_box_modes_and_detach_between_layers():
     grads = jax.jit(jax.grad(last_box))(params)
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree_util.tree_leaves(grads["box_head_0"]))
     assert float(jnp.abs(grads["box_head_1"]["fc2"]["kernel"]).max()) > 0
+
+
+def test_mask_boxes_hand_example_and_mask_referenced_refinement():
+    logits = np.full((1, 3, 4, 8), -1.0, np.float32)
+    logits[0, 0, 1:3, 2:6] = 2.0  # rows 1..2 of 4, columns 2..5 of 8
+    logits[0, 1, 0, 7] = 0.5  # one corner cell
+    fallback = jnp.full((1, 3, 4), 0.3)
+    got = np.asarray(mask_boxes(jnp.asarray(logits), fallback))
+    np.testing.assert_allclose(got[0, 0], [4 / 8, 2 / 4, 4 / 8, 2 / 4])  # cx, cy, w, h
+    np.testing.assert_allclose(got[0, 1], [7.5 / 8, 0.125, 1 / 8, 0.25])
+    np.testing.assert_allclose(got[0, 2], [0.3] * 4)  # empty mask: the previous reference
+
+    # At init the refinement deltas are zero, so every layer's box is exactly the box of its own mask.
+    feats = fake_feats(batch=1, h=32, w=32)
+    decoder = ClusterDecoder(DecoderConfig(**dict(vars(CFG), num_iters=1, box_reference="mask")), 3)
+    params = random_like(abstract_params(decoder, feats), scale=0.5)
+    for layer in range(2):  # the deltas' last layer as initialised (zeros), the rest random
+        params[f"box_head_{layer}"]["fc2"] = jax.tree.map(jnp.zeros_like, params[f"box_head_{layer}"]["fc2"])
+    out = jax.jit(decoder.apply)({"params": params}, feats)
+    for layer in range(2):
+        has_fg = np.asarray(out["mask_logits"][layer] > 0).any(axis=(-2, -1))
+        assert has_fg.any()
+        want = mask_boxes(out["mask_logits"][layer], jnp.zeros((1, 8, 4)))
+        np.testing.assert_allclose(np.asarray(out["boxes"][layer])[has_fg], np.asarray(want)[has_fg], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- E / M steps

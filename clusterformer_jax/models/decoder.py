@@ -40,6 +40,7 @@ from clusterformer_jax.models.queries import QUERY_INITS, QueryInit
 
 Dtype = Any
 LAYER_STRIDES = (8, 16, 32)
+BOX_REFERENCES = ("previous", "mask")
 FOCAL_PRIOR = -math.log((1 - 0.01) / 0.01)
 
 
@@ -51,6 +52,9 @@ class DecoderConfig:
     num_iters: T EM steps per layer, one set of weights (Table 6b). layer_strides: the pixel-decoder level
     (32, 16 or 8) each layer clusters. num_heads / ffn_dim: E-step and self-attention heads, FFN width.
     query_init: Table 6f's rows (see ``queries.py``). box_refine: Deformable DETR's iterative refinement.
+    box_reference (with box_refine): 'previous' refines the previous layer's box (Deformable DETR); 'mask'
+    refines the box around the layer's own predicted mask (Mask DINO's mask-enhanced boxes: the cluster's
+    extent is the box, the head learns the correction; use it when masks are trained).
     dropout: self-attention and FFN dropout. em_unroll: EM steps per scan-loop iteration (None: all T).
     """
 
@@ -63,6 +67,7 @@ class DecoderConfig:
     ffn_dim: int = 2048
     query_init: str = "encoder_centers"
     box_refine: bool = True
+    box_reference: str = "previous"
     dropout: float = 0.0
     em_unroll: Optional[int] = None
 
@@ -92,6 +97,8 @@ class DecoderConfig:
             )
         if self.query_init not in QUERY_INITS:
             raise ModelConfigError(f"decoder field query_init={self.query_init!r} is not one of {QUERY_INITS}")
+        if self.box_reference not in BOX_REFERENCES:
+            raise ModelConfigError(f"decoder field box_reference={self.box_reference!r} is not one of {BOX_REFERENCES}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"decoder field dropout={self.dropout} must be in [0, 1)")
 
@@ -225,6 +232,25 @@ class MLP(nn.Module):
         )(x)
 
 
+def mask_boxes(mask_logits: jax.Array, fallback: jax.Array) -> jax.Array:
+    """Normalised (cx, cy, w, h) of each mask's foreground (logit > 0) on its grid, clipped to [0.01, 0.99] so
+    the refinement's inverse sigmoid stays unsaturated, no gradient; masks with no foreground keep
+    ``fallback``. mask_logits (B, Q, h, w), fallback (B, Q, 4)."""
+    fg = jax.lax.stop_gradient(mask_logits) > 0
+    h, w = fg.shape[-2:]
+
+    def extent(any_along: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+        index = jnp.arange(size)
+        lo = jnp.min(jnp.where(any_along, index, size), axis=-1)
+        hi = jnp.max(jnp.where(any_along, index + 1, 0), axis=-1)
+        return lo.astype(jnp.float32) / size, hi.astype(jnp.float32) / size
+
+    y0, y1 = extent(jnp.any(fg, axis=-1), h)
+    x0, x1 = extent(jnp.any(fg, axis=-2), w)
+    box = jnp.clip(jnp.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], axis=-1), 0.01, 0.99)
+    return jnp.where(jnp.any(fg, axis=(-2, -1))[..., None], box, jax.lax.stop_gradient(fallback))
+
+
 def inverse_sigmoid(x: jax.Array, eps: float = 1e-5) -> jax.Array:
     """Deformable DETR's clipped logit: log(x / (1 - x)) with both terms clamped at ``eps``."""
     x = jnp.clip(x, 0.0, 1.0)
@@ -276,15 +302,17 @@ class ClusterDecoder(nn.Module):
             )
             out = output_norm(content)
             logits.append(class_head(out).astype(jnp.float32))
+            mask = jnp.einsum("bqd,bhwd->bqhw", mask_embed(out), pixels[4], preferred_element_type=jnp.float32)
+            masks.append(mask)
             if cfg.box_refine:
+                if cfg.box_reference == "mask":
+                    reference = mask_boxes(mask, reference)
                 delta = MLP(cfg.dim, 4, zero_last=True, dtype=self.dtype, name=f"box_head_{index}")(out)
                 box = jax.nn.sigmoid(delta.astype(jnp.float32) + inverse_sigmoid(reference))
                 reference = jax.lax.stop_gradient(box)  # Deformable DETR: detached between layers
             else:
                 box = jax.nn.sigmoid(box_head(out).astype(jnp.float32))
             boxes.append(box)
-            embed = mask_embed(out)
-            masks.append(jnp.einsum("bqd,bhwd->bqhw", embed, pixels[4], preferred_element_type=jnp.float32))
         return {
             "class_logits": jnp.stack(logits),
             "boxes": jnp.stack(boxes),
