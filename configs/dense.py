@@ -74,6 +74,7 @@ def decoder_config() -> ml_collections.ConfigDict:
             query_init="encoder_centers",
             box_refine=True,  # Deformable DETR's iterative refinement
             box_reference="previous",  # 'mask': refine the box of the layer's own mask (set when masks train)
+            mask_pooling=False,  # heads also read the pixel features pooled inside the query's mask
             dropout=0.0,
         )
     )
@@ -146,6 +147,7 @@ def coco_config(task: str, variant: str) -> ml_collections.ConfigDict:
         config.detection.dice_weight = 0.0
     else:
         config.model.decoder.box_reference = "mask"
+        config.model.decoder.mask_pooling = True
     return config
 
 
@@ -194,4 +196,5 @@ def shapes_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         config.detection.dice_weight = 0.0
     else:
         config.model.decoder.box_reference = "mask"
+        config.model.decoder.mask_pooling = True
     return config

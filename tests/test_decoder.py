@@ -113,6 +113,7 @@ def test_decoder_config_from_dict():
         "query_init",
         "box_refine",
         "box_reference",
+        "mask_pooling",
         "dropout",
         "em_unroll",
     }

@@ -103,9 +103,9 @@ def _config(data_dir: str):
     config.checkpoint.every_steps = NUM_STEPS
     config.sharding.fsdp_min_size = 1024  # splits the decoder's 32x32 kernels over fsdp=4
     config.optim.warmup_steps = 0  # the full learning rate from the first step
-    # Adam's step is lr * g / (|g| + eps): for a gradient that is pure roundoff (the conv biases before each
-    # GroupNorm of the pixel decoder have exactly zero gradient) or near eps, summation-order noise of ~1e-8
-    # would move the parameter by ~lr * 1e-8 / eps. eps = 1e-4 keeps that far below the tolerances.
+    # Adam's step is lr * g / (|g| + eps): for a gradient that is pure roundoff or near eps (e.g. a bias
+    # right before a normalisation), summation-order noise of ~1e-8 between meshes would move the parameter
+    # by ~lr * 1e-8 / eps. eps = 1e-4 keeps that far below the tolerances.
     config.optim.eps = 1e-4
     return config
 

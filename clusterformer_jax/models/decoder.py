@@ -55,6 +55,9 @@ class DecoderConfig:
     box_reference (with box_refine): 'previous' refines the previous layer's box (Deformable DETR); 'mask'
     refines the box around the layer's own predicted mask (Mask DINO's mask-enhanced boxes: the cluster's
     extent is the box, the head learns the correction; use it when masks are trained).
+    mask_pooling: the class and box heads also read the stride-4 pixel features averaged inside the query's
+    own predicted mask (no gradient through the mask weights), so a query's class comes from its object's
+    pixels even while its center still mixes in background (RoI-style mask pooling).
     dropout: self-attention and FFN dropout. em_unroll: EM steps per scan-loop iteration (None: all T).
     """
 
@@ -68,6 +71,7 @@ class DecoderConfig:
     query_init: str = "encoder_centers"
     box_refine: bool = True
     box_reference: str = "previous"
+    mask_pooling: bool = False
     dropout: float = 0.0
     em_unroll: Optional[int] = None
 
@@ -290,6 +294,10 @@ class ClusterDecoder(nn.Module):
             self.num_classes, dtype=self.dtype, bias_init=nn.initializers.constant(FOCAL_PRIOR), name="class_head"
         )
         mask_embed = MLP(cfg.dim, cfg.dim, dtype=self.dtype, name="mask_embed")
+        if cfg.mask_pooling:
+            pool_norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="mask_pool_norm")
+            pool_proj = nn.Dense(cfg.dim, dtype=self.dtype, name="mask_pool_proj")
+            valid4 = None if pixel_mask is None else mask_to_grid(pixel_mask, pixels[4].shape[1:3])
         if cfg.box_refine:
             init_box = MLP(cfg.dim, 4, last_bias=_BOX_BIAS, dtype=self.dtype, name="init_box")(content + pos)
             reference = jax.nn.sigmoid(init_box.astype(jnp.float32))
@@ -301,9 +309,16 @@ class ClusterDecoder(nn.Module):
                 content, pos, pixels[stride], valid[stride], not train
             )
             out = output_norm(content)
-            logits.append(class_head(out).astype(jnp.float32))
             mask = jnp.einsum("bqd,bhwd->bqhw", mask_embed(out), pixels[4], preferred_element_type=jnp.float32)
             masks.append(mask)
+            if cfg.mask_pooling:
+                weights = jax.nn.sigmoid(jax.lax.stop_gradient(mask))
+                if pixel_mask is not None:
+                    weights = weights * valid4[:, None]
+                pooled = jnp.einsum("bqhw,bhwd->bqd", weights, pixels[4].astype(jnp.float32))
+                pooled = pooled / (jnp.sum(weights, axis=(2, 3))[..., None] + 1.0)
+                out = out + pool_proj(pool_norm(pooled.astype(self.dtype)))
+            logits.append(class_head(out).astype(jnp.float32))
             if cfg.box_refine:
                 if cfg.box_reference == "mask":
                     reference = mask_boxes(mask, reference)

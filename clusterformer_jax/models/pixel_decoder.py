@@ -85,7 +85,11 @@ class PixelDecoder(nn.Module):
                 shape = (*lateral.shape[:3], self.dim)
                 lateral = lateral + jax.image.resize(top, shape, "nearest").astype(self.dtype)
             top = lateral
-            out = nn.Conv(self.dim, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"output_{stride}")(top)
+            # No bias: the GroupNorm right after removes it (with one channel per group, entirely), and a bias
+            # whose gradient is only rounding noise would wander under Adam.
+            out = nn.Conv(
+                self.dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype, name=f"output_{stride}"
+            )(top)
             out = nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype, name=f"norm_{stride}")(out)
             outputs[stride] = gelu(out)
         return outputs

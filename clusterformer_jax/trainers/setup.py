@@ -94,7 +94,9 @@ class Setup:
 
     def init_state(self, seed: int) -> TrainState:
         """Fresh parameters and optimizer state, created directly in their shardings."""
-        return self.init_fn(jax.random.PRNGKey(seed))
+        rng = jax.random.PRNGKey(seed)
+        options = runtime.one_shot_compiler_options(jax.default_backend())
+        return self.init_fn.lower(rng).compile(options)(rng)
 
     def empty_train_accumulator(self) -> tuple[clu_metrics.Collection, Health]:
         acc = (self.train_metrics_cls.empty(), Health.empty())
