@@ -95,6 +95,7 @@ from clusterformer_jax.data import common
 from clusterformer_jax.data import dense_transforms as DT
 from clusterformer_jax.data import shapes as shapes_lib
 from clusterformer_jax.data import transforms as T
+from clusterformer_jax.errors import ConfigError
 
 DATASETS = ("coco_instances", "coco_panoptic", "ade20k", "shapes")
 _COCO = dict(
@@ -153,7 +154,7 @@ skipped_examples = common.skipped_examples
 def _dataset_name(cfg: Mapping[str, Any]) -> str:
     name = cfg.get("dataset")
     if name not in DATASETS:
-        raise ValueError(
+        raise ConfigError(
             f'Unknown dense dataset {name!r} (data_dir={cfg.get("data_dir")!r}); set'
             f' config.input.dataset to one of {", ".join(DATASETS)}.'
         )
@@ -204,7 +205,7 @@ Decoder = Callable[[Mapping[str, Any]], DT.DenseExample]
 def _prepare_manual(cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder) -> None:
     manual_dir = _manual_dir(cfg)
     if not manual_dir:
-        raise ValueError(
+        raise ConfigError(
             f'Dataset {cfg["dataset"]!r} is not prepared in {builder.data_dir} and'
             f" config.input.manual_dir is unset; run: {prepare_command(cfg)}"
         )
@@ -223,7 +224,7 @@ def _builder(cfg: Mapping[str, Any]) -> tuple[tfds.core.DatasetBuilder, Decoder]
         directory = coco_lib.panoptic_builder_dir(data_dir)
         if directory is None:
             if not _manual_dir(cfg):
-                raise ValueError(
+                raise ConfigError(
                     f"Dataset 'coco_panoptic' is not prepared in"
                     f" {data_dir or tfds.core.constants.DATA_DIR} and config.input.manual_dir is"
                     f" unset; run: {prepare_command(cfg)}"
@@ -250,7 +251,7 @@ def _num_examples(builder: tfds.core.DatasetBuilder, cfg: Mapping[str, Any], spl
     except (KeyError, ValueError, TypeError):
         num = 0
     if not num:
-        raise ValueError(
+        raise ConfigError(
             f'Split {split!r} of dataset {cfg["dataset"]!r} is missing or empty in'
             f' {builder.data_dir} (available: {", ".join(builder.info.splits) or "none"});'
             f" prepare it with: {prepare_command(cfg)}"
@@ -268,7 +269,7 @@ def _open_split(cfg: Mapping[str, Any], split: str) -> common.DecodedSource:
 def _side(value: Any) -> int:
     value = int(value)
     if value <= 0:
-        raise ValueError(f"image sizes must be positive, got {value}")
+        raise ConfigError(f"image sizes must be positive, got {value}")
     return value
 
 
@@ -394,7 +395,7 @@ def _outputs(cfg: Mapping[str, Any], eval_mode: bool) -> tuple[str, ...] | None:
     known = set(DT.empty_output(DT.RenderSpec(1, 1, 1))) | {"mask"}
     unknown = sorted(set(keys) - known)
     if unknown:
-        raise ValueError(f"config.input.outputs has unknown keys {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"config.input.outputs has unknown keys {unknown}; known: {sorted(known)}")
     return keys
 
 

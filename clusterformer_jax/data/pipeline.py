@@ -71,6 +71,7 @@ import tensorflow_datasets as tfds
 from clusterformer_jax.data import common
 from clusterformer_jax.data import digits as digits_lib
 from clusterformer_jax.data import transforms as T
+from clusterformer_jax.errors import ConfigError
 
 DATASETS = ("digits", "imagenet2012")
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -86,7 +87,7 @@ skipped_examples = common.skipped_examples
 def _dataset_name(cfg: Mapping[str, Any]) -> str:
     name = cfg.get("dataset")
     if name not in DATASETS:
-        raise ValueError(
+        raise ConfigError(
             f'Unknown dataset {name!r} (data_dir={cfg.get("data_dir")!r}); set'
             f' config.input.dataset to one of {", ".join(DATASETS)}.'
         )
@@ -124,7 +125,7 @@ def _builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared():
         manual_dir = cfg.get("manual_dir")
         if not manual_dir:
-            raise ValueError(
+            raise ConfigError(
                 f"Dataset {name!r} is not prepared in {builder.data_dir} and"
                 f" config.input.manual_dir is unset; run: {_prepare_command(cfg)}"
             )
@@ -133,7 +134,7 @@ def _builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
             download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir)),
         )
     if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
-        raise ValueError(
+        raise ConfigError(
             f"Dataset {name!r} in {builder.data_dir} is stored as {builder.info.file_format.value},"
             f" not array_record (needed for random access); re-prepare it with:"
             f" {_prepare_command(cfg)}"
@@ -147,7 +148,7 @@ def _num_examples(builder: tfds.core.DatasetBuilder, cfg: Mapping[str, Any], spl
     except (KeyError, ValueError, TypeError):
         num = 0
     if not num:
-        raise ValueError(
+        raise ConfigError(
             f'Split {split!r} of dataset {cfg["dataset"]!r} is missing or empty in'
             f' {builder.data_dir} (available: {", ".join(builder.info.splits)});'
             f" prepare it with: {_prepare_command(cfg)}"
@@ -198,10 +199,10 @@ def _read_options(cfg: Mapping[str, Any], local_batch: int) -> grain.ReadOptions
 
 def _check_config(cfg: Mapping[str, Any]) -> None:
     if _dataset_name(cfg) == "digits" and _field(cfg, "hflip"):
-        raise ValueError("hflip must be False for digits (mirrored digits change meaning).")
+        raise ConfigError("hflip must be False for digits (mirrored digits change meaning).")
     augment = _field(cfg, "train_augment")
     if augment not in ("inception_crop", "resize"):
-        raise ValueError(f"train_augment must be 'inception_crop' or 'resize', got {augment!r}")
+        raise ConfigError(f"train_augment must be 'inception_crop' or 'resize', got {augment!r}")
 
 
 def train_transforms(cfg: Mapping[str, Any]) -> T.Compose:
