@@ -15,7 +15,7 @@ functions are timed, each the median of --repeats calls after a warm-up call, wi
   * step: value_and_grad of ``set_criterion`` through the model (train=True) + AdamW update, donated buffers;
   * matching: on fixed model outputs, the matching work of ``set_criterion`` and nothing else: the matching
     costs (``match_costs`` at uniform points) of all L layers under ``lax.map`` + one vmapped
-    ``hungarian_match`` of the L * B problems (copied from set_criterion; keep the two in step);
+    ``hungarian_match`` of the L * B problems (``set_losses.match_layers``, which set_criterion calls);
   * loss: value_and_grad of ``set_criterion`` w.r.t. those model outputs (matching included).
 The shares are of the separately jitted step, so fusion inside the step can make them slightly off.
 
@@ -60,8 +60,7 @@ from clusterformer_jax.models.decoder import DecoderConfig  # noqa: E402
 from clusterformer_jax.models.dense_model import DenseModel  # noqa: E402
 from clusterformer_jax.models.registry import backbone_fields, create_backbone  # noqa: E402
 from clusterformer_jax.tasks.detection import DetectionTask  # noqa: E402
-from clusterformer_jax.tasks.matching import hungarian_match  # noqa: E402
-from clusterformer_jax.tasks.set_losses import SetLossConfig, match_costs, set_criterion  # noqa: E402
+from clusterformer_jax.tasks.set_losses import SetLossConfig, match_layers, set_criterion  # noqa: E402
 
 FULL = dict(
     backbone="clusterformer_tiny",
@@ -160,24 +159,9 @@ def synthetic_targets(rng: np.random.Generator, batch: int, slots: int, objects:
 
 
 def matching_only(outputs: dict, targets: dict, rng: jax.Array, cfg: SetLossConfig):
-    """The matching part of ``set_losses.set_criterion``, line for line: L layers' costs + Hungarian."""
-    keys = ("class_logits",) + (("boxes",) if cfg.use_boxes else ()) + (("mask_logits",) if cfg.use_masks else ())
-    outputs = {k: outputs[k] for k in keys}
-    num_layers, batch, num_queries = outputs["class_logits"].shape[:3]
-    valid = targets["valid"].astype(bool)
-    tgt = dict(targets)
-    tgt["classes"] = jnp.where(valid, targets["classes"], -1).astype(jnp.int32)
+    """The matching inside ``set_losses.set_criterion``: its ``match_layers`` with the same key split."""
     k_match, _ = jax.random.split(rng)
-
-    def layer_cost(args):
-        layer_outputs, key = args
-        points = jax.random.uniform(key, (batch, cfg.num_points, 2)) if cfg.use_masks else None
-        return match_costs(layer_outputs, tgt, points, cfg)
-
-    costs = jax.lax.map(layer_cost, (outputs, jax.random.split(k_match, num_layers)))
-    m = costs.shape[-1]
-    flat_valid = jnp.broadcast_to(valid, (num_layers,) + valid.shape).reshape(num_layers * batch, m)
-    return hungarian_match(costs.reshape(num_layers * batch, num_queries, m), flat_valid)
+    return match_layers(outputs, targets, k_match, cfg)
 
 
 def bench_train(args, decoder: DecoderConfig, loss_cfg: SetLossConfig, overrides: dict) -> dict:

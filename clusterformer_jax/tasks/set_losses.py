@@ -277,6 +277,36 @@ def _check_inputs(outputs: dict, targets: dict, cfg: SetLossConfig) -> None:
             raise ConfigError(f"set_criterion: {where} lack {key!r} but SetLossConfig.{flag}=True; set it False.")
 
 
+def _selected(outputs: dict, targets: dict, cfg: SetLossConfig) -> tuple[dict, dict]:
+    """The outputs the config uses, and targets whose padded slots carry class -1."""
+    _check_inputs(outputs, targets, cfg)
+    keys = ("class_logits",) + (("boxes",) if cfg.use_boxes else ()) + (("mask_logits",) if cfg.use_masks else ())
+    valid = targets["valid"].astype(bool)
+    tgt = dict(targets, valid=valid, classes=jnp.where(valid, targets["classes"], -1).astype(jnp.int32))
+    return {k: outputs[k] for k in keys}, tgt
+
+
+def match_layers(outputs: dict, targets: dict, rng: jax.Array, cfg: SetLossConfig) -> tuple[jax.Array, jax.Array]:
+    """Hungarian matching of every decoder layer: (query_index, matched), both (L, B, M).
+
+    Each layer's (B, Q, M) cost (``match_costs``, masks compared at ``cfg.num_points`` uniform random points
+    per image) is computed under ``lax.map``; the L * B assignment problems are solved in one vmapped call.
+    """
+    outputs, targets = _selected(outputs, targets, cfg)
+    num_layers, batch, num_queries = outputs["class_logits"].shape[:3]
+
+    def layer_cost(args):
+        layer_outputs, key = args
+        points = jax.random.uniform(key, (batch, cfg.num_points, 2)) if cfg.use_masks else None
+        return match_costs(layer_outputs, targets, points, cfg)
+
+    costs = jax.lax.map(layer_cost, (outputs, jax.random.split(rng, num_layers)))  # (L, B, Q, M)
+    m = costs.shape[-1]
+    flat_valid = jnp.broadcast_to(targets["valid"], (num_layers, batch, m)).reshape(num_layers * batch, m)
+    query_index, matched = hungarian_match(costs.reshape(num_layers * batch, num_queries, m), flat_valid)
+    return query_index.reshape(num_layers, batch, m), matched.reshape(num_layers, batch, m)
+
+
 def set_criterion(
     outputs: dict, targets: dict, rng: jax.Array, cfg: SetLossConfig
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -296,28 +326,12 @@ def set_criterion(
     Cost: layer costs and losses run under ``lax.map`` (one layer's temporaries live at a time, one
     compilation for all layers); the L * B assignment problems are solved in one vmapped call.
     """
-    _check_inputs(outputs, targets, cfg)
-    keys = ("class_logits",) + (("boxes",) if cfg.use_boxes else ()) + (("mask_logits",) if cfg.use_masks else ())
-    outputs = {k: outputs[k] for k in keys}
-    num_layers, batch, num_queries = outputs["class_logits"].shape[:3]
-    valid = targets["valid"].astype(bool)
-    num_targets = jnp.sum(valid.astype(jnp.float32))
+    outputs, tgt = _selected(outputs, targets, cfg)
+    num_layers = outputs["class_logits"].shape[0]
+    num_targets = jnp.sum(tgt["valid"].astype(jnp.float32))
     norm = jnp.maximum(num_targets, 1.0)
-    tgt = dict(targets)
-    tgt["classes"] = jnp.where(valid, targets["classes"], -1).astype(jnp.int32)
     k_match, k_loss = jax.random.split(rng)
-
-    def layer_cost(args):
-        layer_outputs, key = args
-        points = jax.random.uniform(key, (batch, cfg.num_points, 2)) if cfg.use_masks else None
-        return match_costs(layer_outputs, tgt, points, cfg)
-
-    costs = jax.lax.map(layer_cost, (outputs, jax.random.split(k_match, num_layers)))  # (L, B, Q, M)
-    m = costs.shape[-1]
-    flat_valid = jnp.broadcast_to(valid, (num_layers,) + valid.shape).reshape(num_layers * batch, m)
-    query_index, matched = hungarian_match(costs.reshape(num_layers * batch, num_queries, m), flat_valid)
-    query_index = query_index.reshape(num_layers, batch, m)
-    matched = matched.reshape(num_layers, batch, m)
+    query_index, matched = match_layers(outputs, tgt, k_match, cfg)
 
     def layer_loss(args):
         layer_outputs, qi, mt, key = args
