@@ -75,6 +75,7 @@ def decoder_config() -> ml_collections.ConfigDict:
             box_refine=True,  # Deformable DETR's iterative refinement
             box_reference="previous",  # 'mask': refine the box of the layer's own mask (set when masks train)
             mask_pooling=False,  # heads also read the pixel features pooled inside the query's mask
+            mask_prior=False,  # E-step logits + the previous prediction's mask logits (masked-attention-like)
             dropout=0.0,
         )
     )

@@ -114,6 +114,7 @@ def test_decoder_config_from_dict():
         "box_refine",
         "box_reference",
         "mask_pooling",
+        "mask_prior",
         "dropout",
         "em_unroll",
     }
@@ -176,7 +177,8 @@ def test_mask_boxes_hand_example_and_mask_referenced_refinement():
 
     # At init the refinement deltas are zero, so every layer's box is exactly the box of its own mask.
     feats = fake_feats(batch=1, h=32, w=32)
-    decoder = ClusterDecoder(DecoderConfig(**dict(vars(CFG), num_iters=1, box_reference="mask")), 3)
+    options = dict(box_reference="mask", mask_pooling=True, mask_prior=True)  # the instance configs' options
+    decoder = ClusterDecoder(DecoderConfig(**dict(vars(CFG), num_iters=1, **options)), 3)
     params = random_like(abstract_params(decoder, feats), scale=0.5)
     for layer in range(2):  # the deltas' last layer as initialised (zeros), the rest random
         params[f"box_head_{layer}"]["fc2"] = jax.tree.map(jnp.zeros_like, params[f"box_head_{layer}"]["fc2"])
@@ -203,6 +205,13 @@ def test_e_and_m_step_hand_example():
     valid = jnp.asarray([[True, True, False]])
     masked = np.asarray(e_step(q, k, valid))[0, 0]
     np.testing.assert_allclose(masked[:, 2], 0.0)
+
+    # A mask prior adds to the logits: +-1 on pixel 0 makes it softmax([1, -1]); pixel 2 gets [2 - 3, -2 + 3].
+    prior = jnp.asarray([[[1.0, 0.0, -3.0], [-1.0, 0.0, 3.0]]])
+    biased = np.asarray(e_step(q, k, None, prior))[0, 0]
+    np.testing.assert_allclose(biased[:, 0], [s1, 1 - s1], rtol=1e-6)
+    np.testing.assert_allclose(biased[:, 1], assign[:, 1], rtol=1e-6)
+    np.testing.assert_allclose(biased[:, 2], [1 - s1, s1], rtol=1e-6)
     values = jnp.asarray([1.0, 3.0, 100.0]).reshape(1, 1, 3, 1)
     centers = np.asarray(m_step(jnp.asarray(masked)[None, None], values))[0, 0, :, 0]
     expected = [(0.5 * 1 + s1 * 3) / (0.5 + s1), (0.5 * 1 + (1 - s1) * 3) / (0.5 + 1 - s1)]

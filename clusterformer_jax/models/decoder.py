@@ -58,6 +58,9 @@ class DecoderConfig:
     mask_pooling: the class and box heads also read the stride-4 pixel features averaged inside the query's
     own predicted mask (no gradient through the mask weights), so a query's class comes from its object's
     pixels even while its center still mixes in background (RoI-style mask pooling).
+    mask_prior: each layer's E-step adds the previous prediction's mask logits (detached, resized to the
+    layer's grid) to its query-pixel logits, so a pixel joins the cluster whose mask claims it (Mask2Former's
+    masked attention as a soft bias; kMaX's clusters-as-masks); layer 0 uses the masks of the initial queries.
     dropout: self-attention and FFN dropout. em_unroll: EM steps per scan-loop iteration (None: all T).
     """
 
@@ -72,6 +75,7 @@ class DecoderConfig:
     box_refine: bool = True
     box_reference: str = "previous"
     mask_pooling: bool = False
+    mask_prior: bool = False
     dropout: float = 0.0
     em_unroll: Optional[int] = None
 
@@ -127,14 +131,19 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3).reshape(b, n, h * e)
 
 
-def e_step(queries: jax.Array, keys: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
-    """Soft assignment M (B, h, Q, N) float32 = softmax over the Q queries of (q . k) / sqrt(e).
+def e_step(
+    queries: jax.Array, keys: jax.Array, valid: Optional[jax.Array] = None, prior: Optional[jax.Array] = None
+) -> jax.Array:
+    """Soft assignment M (B, h, Q, N) float32 = softmax over the Q queries of (q . k) / sqrt(e) [+ prior].
 
-    queries (B, h, Q, e), keys (B, h, N, e), valid (B, N) bool or None. Every real pixel's column sums to 1
-    over the queries; pixels with ``valid`` False get an all-zero column.
+    queries (B, h, Q, e), keys (B, h, N, e), valid (B, N) bool or None, prior (B, Q, N) logits added for every
+    head or None. Every real pixel's column sums to 1 over the queries; pixels with ``valid`` False get an
+    all-zero column.
     """
     scale = 1.0 / math.sqrt(queries.shape[-1])
     logits = jnp.einsum("bhqe,bhne->bhqn", queries, keys, preferred_element_type=jnp.float32) * scale
+    if prior is not None:
+        logits = logits + prior[:, None].astype(jnp.float32)
     assign = jax.nn.softmax(logits, axis=2)
     if valid is not None:
         assign = jnp.where(valid[:, None, None, :], assign, 0.0)
@@ -150,8 +159,8 @@ def m_step(assign: jax.Array, values: jax.Array, eps: float = 1e-6) -> jax.Array
 class ClusterEMStep(nn.Module):
     """One EM iteration, the body of the layer's ``nn.scan`` (weights shared across the T iterations).
 
-    Carry: the queries (B, Q, D). Broadcast: query positions (B, Q, D), keys/values (B, h, N, e), valid (B, N).
-    C <- C + W_o M-step(E-step(W_q (LN(C) + pos), K), V).
+    Carry: the queries (B, Q, D). Broadcast: query positions (B, Q, D), keys/values (B, h, N, e), valid (B, N),
+    prior (B, Q, N) or None. C <- C + W_o M-step(E-step(W_q (LN(C) + pos), K, prior), V).
     """
 
     dim: int
@@ -159,10 +168,10 @@ class ClusterEMStep(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, queries, pos, keys, values, valid):
+    def __call__(self, queries, pos, keys, values, valid, prior=None):
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(queries) + pos
         q = split_heads(nn.Dense(self.dim, dtype=self.dtype, name="query")(x), self.heads)
-        update = merge_heads(m_step(e_step(q, keys, valid), values))
+        update = merge_heads(m_step(e_step(q, keys, valid, prior), values))
         queries = queries + nn.Dense(self.dim, dtype=self.dtype, name="out")(update.astype(self.dtype))
         return queries, None
 
@@ -173,7 +182,7 @@ def em_scan(num_iters: int, unroll: int, **step_kwargs) -> nn.Module:
         ClusterEMStep,
         variable_broadcast="params",
         split_rngs={"params": False},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=num_iters,
         unroll=unroll,
     )
@@ -192,7 +201,7 @@ class ClusterDecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, queries, pos, feature, valid, deterministic: bool = True):
+    def __call__(self, queries, pos, feature, valid, deterministic: bool = True, prior=None):
         cfg = self.config
         b, h, w, d = feature.shape
         tokens = feature.astype(self.dtype).reshape(b, h * w, d)
@@ -200,7 +209,9 @@ class ClusterDecoderLayer(nn.Module):
         keys = split_heads(nn.Dense(cfg.dim, dtype=self.dtype, name="key")(tokens + sine), cfg.num_heads)
         values = split_heads(nn.Dense(cfg.dim, dtype=self.dtype, name="value")(tokens), cfg.num_heads)
         em = em_scan(cfg.num_iters, cfg.unroll(), dim=cfg.dim, heads=cfg.num_heads, dtype=self.dtype, name="em")
-        queries, _ = em(queries.astype(self.dtype), pos.astype(self.dtype), keys, values, valid.reshape(b, h * w))
+        queries, _ = em(
+            queries.astype(self.dtype), pos.astype(self.dtype), keys, values, valid.reshape(b, h * w), prior
+        )
 
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="self_attn_norm")(queries)
         attn = nn.MultiHeadDotProductAttention(
@@ -303,13 +314,24 @@ class ClusterDecoder(nn.Module):
             reference = jax.nn.sigmoid(init_box.astype(jnp.float32))
         else:
             box_head = MLP(cfg.dim, 4, last_bias=_BOX_BIAS, dtype=self.dtype, name="box_head")
+
+        def predict_mask(queries):
+            embed = mask_embed(output_norm(queries))
+            return jnp.einsum("bqd,bhwd->bqhw", embed, pixels[4], preferred_element_type=jnp.float32)
+
         logits, boxes, masks = [], [], []
+        mask = predict_mask(content) if cfg.mask_prior else None
         for index, stride in enumerate(cfg.layer_strides):
+            prior = None
+            if cfg.mask_prior:
+                grid = pixels[stride].shape[1:3]
+                prior = jax.image.resize(jax.lax.stop_gradient(mask), (*mask.shape[:2], *grid), "linear")
+                prior = prior.reshape(*mask.shape[:2], grid[0] * grid[1])
             content = ClusterDecoderLayer(cfg, self.dtype, name=f"layer_{index}")(
-                content, pos, pixels[stride], valid[stride], not train
+                content, pos, pixels[stride], valid[stride], not train, prior
             )
             out = output_norm(content)
-            mask = jnp.einsum("bqd,bhwd->bqhw", mask_embed(out), pixels[4], preferred_element_type=jnp.float32)
+            mask = predict_mask(content)
             masks.append(mask)
             if cfg.mask_pooling:
                 weights = jax.nn.sigmoid(jax.lax.stop_gradient(mask))
