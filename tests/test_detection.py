@@ -80,7 +80,9 @@ def test_predict_keeps_the_top_k_query_class_pairs_with_pixel_boxes_and_mask_sco
     pred = jax.device_get(task.predict(outputs, {"image": jnp.zeros((1, 16, 16, 3))}))
     np.testing.assert_array_equal(pred["labels"], [[2, 0]])
     np.testing.assert_allclose(pred["scores"], [[0.9 * 0.8, 0.6 * 0.7]], rtol=1e-5)
-    np.testing.assert_allclose(pred["boxes"][0, 0], [6, 0, 10, 8], atol=1e-5)  # x 0.25 +- 0.25 of 16, y 0.5 +- 0.125 of 16
+    np.testing.assert_allclose(
+        pred["boxes"][0, 0], [6, 0, 10, 8], atol=1e-5
+    )  # x 0.25 +- 0.25 of 16, y 0.5 +- 0.125 of 16
     np.testing.assert_allclose(pred["boxes"][0, 1], [0, 0, 16, 16], atol=1e-5)
     assert pred["masks"].dtype == np.uint8 and pred["masks"].shape == (1, 2, 4, 4)
     assert pred["masks"][0, 0, 0, 0] == round(0.8 * 255) and pred["masks"][0, 0, 3, 3] == 0
