@@ -264,7 +264,8 @@ def test_scan_equals_unrolled_loop(layer_setup):
     rng = np.random.RandomState(6)
     keys, values = (jnp.asarray(rng.randn(2, 2, 12, 8), jnp.float32) for _ in range(2))
     valid = jnp.asarray(rng.rand(2, 12) > 0.3)
-    args = (pos, keys, values, valid)
+    prior = jnp.asarray(rng.randn(2, 5, 12), jnp.float32)  # the mask prior, broadcast to every iteration
+    args = (pos, keys, values, valid, prior)
     for unroll in (1, 3):
         scanned = em_scan(3, unroll, dim=16, heads=2)
         params = random_like(abstract_params(scanned, queries, *args), seed=7)

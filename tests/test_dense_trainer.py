@@ -110,6 +110,12 @@ def _config(data_dir: str):
     # right before a normalisation), summation-order noise of ~1e-8 between meshes would move the parameter
     # by ~lr * 1e-8 / eps. eps = 1e-4 keeps that far below the tolerances.
     config.optim.eps = 1e-4
+    # Two discrete choices would turn last-bit differences between meshes into different losses: the most
+    # uncertain mask points (a top-k over |logit|) and the box of each mask (logit > 0). Uniform points and
+    # boxes refined from the previous layer keep every step a continuous function of the parameters, so the
+    # meshes can be compared at 1e-5; both choices have their own value tests.
+    config.detection.importance_ratio = 0.0
+    config.model.decoder.box_reference = "previous"
     return config
 
 
@@ -180,8 +186,10 @@ def test_eight_devices_data_and_fsdp_steps_match_single_device(stepped):
     assert int(state.step) == SHARDED_STEPS
     for got, want in zip(steps, ref_steps):
         assert np.isfinite(got["loss"]) and got["num_targets"] == want["num_targets"] > 0
-        for key in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "grad_norm"):
+        for key in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+        # The gradient norm sums ~10^5 squares in a mesh-dependent order; seen 7e-5 apart (74.0288 / 74.0234).
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-4)
     assert len({round(s["loss"], 3) for s in ref_steps}) > 1  # the steps really trained on different batches
     for path, got, want in _tree_pairs_with_paths(state.params, ref_state.params):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=path)
