@@ -4,7 +4,6 @@ train -> predict -> COCO evaluation path on the synthetic shapes with 1 and 8 de
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import jax

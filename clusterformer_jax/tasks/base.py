@@ -9,7 +9,6 @@ host-side evaluator that scores the predictions over the eval split.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import ModuleType
 from typing import Any, Protocol
 
 import flax.linen as nn
