@@ -23,12 +23,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from clusterformer_jax import render, sharding
 from clusterformer_jax.data import dense_pipeline
 from clusterformer_jax.errors import ConfigError
-from clusterformer_jax.evaluation.coco import binary_masks_to_source
+from clusterformer_jax.evaluation.coco import coco_detections
 from clusterformer_jax.tasks import registry as task_registry
 from clusterformer_jax.trainers.restore import init_params_from
 from clusterformer_jax.trainers.setup import build
@@ -88,27 +87,18 @@ def coco_results(
 ) -> list[dict[str, Any]]:
     """The kept detections of ``row`` in COCO results format (source-image pixels)."""
     keep = np.flatnonzero(predictions["scores"][row] >= _THRESHOLD.value)
-    sy, sx = (float(v) for v in batch["scale"][row])
-    height, width = (int(v) for v in batch["orig_size"][row])
-    masks = None
-    if "masks" in predictions and keep.size:
-        masks = binary_masks_to_source(predictions["masks"][row][keep], (height, width), (sy, sx), 0.5)
-    out = []
-    for n, k in enumerate(keep):
-        y0, x0, y1, x1 = predictions["boxes"][row][k] / np.array([sy, sx, sy, sx])
-        y0, y1 = np.clip([y0, y1], 0, height)
-        x0, x1 = np.clip([x0, x1], 0, width)
-        entry = {
-            "image_id": int(batch["image_id"][row]),
-            "category_id": int(category_ids[int(predictions["labels"][row][k])]),
-            "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-            "score": float(predictions["scores"][row][k]),
-        }
-        if masks is not None:
-            rle = mask_utils.encode(np.asfortranarray(masks[n].astype(np.uint8)))
-            entry["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        out.append(entry)
-    return out
+    masks = predictions["masks"][row][keep] if "masks" in predictions else None
+    return coco_detections(
+        int(batch["image_id"][row]),
+        predictions["boxes"][row][keep],
+        predictions["scores"][row][keep],
+        predictions["labels"][row][keep],
+        masks,
+        batch["orig_size"][row],
+        batch["scale"][row],
+        category_ids,
+        0.5,
+    )
 
 
 def _batches(config: ml_collections.ConfigDict) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:

@@ -119,6 +119,12 @@ def dense_base(task: str, dataset: str, model: str) -> ml_collections.ConfigDict
     config.optim.warmup_start_ratio = 1e-3
     config.optim.min_lr_ratio = 0.01
     config.eval_every_steps = 0
+    if task == "detection":  # boxes only: no mask losses, so boxes cannot be refined from masks
+        config.detection.mask_bce_weight = 0.0
+        config.detection.dice_weight = 0.0
+    else:
+        config.model.decoder.box_reference = "mask"
+        config.model.decoder.mask_pooling = True
     return config
 
 
@@ -143,12 +149,6 @@ def coco_config(task: str, variant: str) -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 2000
     config.eval_every_steps = 5 * COCO_TRAIN_IMAGES // 16  # every 5 epochs
     config.init_from = ""  # an ImageNet workdir or converted .safetensors of clusterformer_{variant}
-    if task == "detection":
-        config.detection.mask_bce_weight = 0.0
-        config.detection.dice_weight = 0.0
-    else:
-        config.model.decoder.box_reference = "mask"
-        config.model.decoder.mask_pooling = True
     return config
 
 
@@ -194,10 +194,4 @@ def shapes_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
     config.num_train_steps = 2000
     config.log_every_steps = 50
     config.checkpoint.every_steps = 500
-    if task == "detection":
-        config.detection.mask_bce_weight = 0.0
-        config.detection.dice_weight = 0.0
-    else:
-        config.model.decoder.box_reference = "mask"
-        config.model.decoder.mask_pooling = True
     return config

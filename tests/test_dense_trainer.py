@@ -10,7 +10,6 @@ reuse them or need no step.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -22,7 +21,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from clusterformer_jax import checkpointing
@@ -34,33 +32,15 @@ from clusterformer_jax.models import registry
 from clusterformer_jax.trainers import trainer
 from clusterformer_jax.trainers.restore import init_params_from, restore_or_init
 from clusterformer_jax.trainers.setup import build
+from tests import load_config
 
 # one worker runs this file: its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("dense_trainer")
+pytestmark = [pytest.mark.xdist_group("dense_trainer"), pytest.mark.usefixtures("persistent_compilation_cache")]
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 6  # the whole run's length; the sharding test takes the first 5 of its batches
 BATCH = 8
 SEGM_KEYS = tuple(f"{t}_{s}" for t in ("bbox", "segm") for s in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
-
-
-def load_config(filename: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"test_config_{filename[:-3]}", REPO / "configs" / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,7 @@
-"""The detection / instance-segmentation task: targets, prediction decoding, config errors, and the whole
-train -> predict -> COCO evaluation path on the synthetic shapes with 1 and 8 devices."""
+"""The detection / instance-segmentation task: targets, prediction decoding, config errors (the whole run on
+1 and 8 devices is in test_dense_trainer.py)."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +10,8 @@ import pytest
 
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.tasks import registry
+from tests import load_config
 
-REPO = Path(__file__).resolve().parents[1]
 INFO = {
     "num_classes": 6,
     "num_thing_classes": 3,
@@ -23,13 +20,6 @@ INFO = {
     "image_size": 16,
     "instances_json": None,
 }
-
-
-def load_config(filename: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"test_config_{filename[:-3]}", REPO / "configs" / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
 
 
 def _task(task: str = "instance_segmentation", **detection):

@@ -6,7 +6,6 @@ compile the nano model once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec as P
 
 from clusterformer_jax import checkpointing
@@ -33,31 +31,13 @@ from clusterformer_jax.trainers import trainer
 from clusterformer_jax.trainers.progress import StepClock
 from clusterformer_jax.trainers.restore import init_params_from
 from clusterformer_jax.trainers.setup import build
+from tests import load_config
 
 # one worker runs this file: its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("trainer")
+pytestmark = [pytest.mark.xdist_group("trainer"), pytest.mark.usefixtures("persistent_compilation_cache")]
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}
-
-
-def load_config(filename: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"test_config_{filename[:-3]}", REPO / "configs" / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config() if arg is None else module.get_config(arg)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-    compilation_cache.reset_cache()
 
 
 def _tree_pairs(a, b):

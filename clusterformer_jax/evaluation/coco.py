@@ -126,6 +126,43 @@ def _quiet(fn, *args):
     return result
 
 
+def coco_detections(
+    image_id: int,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray | None,
+    orig_size: Sequence[int],
+    scale: Sequence[float],
+    category_ids: Sequence[int],
+    mask_threshold: float,
+) -> list[dict[str, Any]]:
+    """One image's detections in COCO results format: canvas boxes [ymin, xmin, ymax, xmax] divided by
+    ``scale`` and clipped to ``orig_size`` as [x, y, w, h]; ``category_ids[label]``; stride-4 mask grids
+    (K, g, g) mapped to the source image, thresholded and RLE-encoded (``masks`` None: boxes only)."""
+    height, width = int(orig_size[0]), int(orig_size[1])
+    sy, sx = float(scale[0]), float(scale[1])
+    src = np.asarray(boxes, np.float64) / np.array([sy, sx, sy, sx])
+    src = np.clip(src, 0.0, np.array([height, width, height, width], np.float64))
+    rles = None
+    if masks is not None and labels.size:
+        binary = binary_masks_to_source(masks, orig_size, scale, mask_threshold)
+        rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
+    results = []
+    for k in range(labels.size):
+        ymin, xmin, ymax, xmax = (float(v) for v in src[k])
+        entry = {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[labels[k]]),
+            "bbox": [xmin, ymin, xmax - xmin, ymax - ymin],
+            "score": float(scores[k]),
+        }
+        if rles is not None:
+            entry["segmentation"] = {"size": [height, width], "counts": rles[k]["counts"].decode("ascii")}
+        results.append(entry)
+    return results
+
+
 class COCOEvaluator:
     """COCO instances AP for detection ('bbox') and instance segmentation ('segm').
 
@@ -195,27 +232,9 @@ class COCOEvaluator:
     def _row_results(self, image_id, boxes, scores, labels, masks, orig_size, scale) -> list[dict[str, Any]]:
         if labels.size and labels.max() >= self.category_ids.size:
             raise ValueError(f"label {labels.max()} has no COCO category id ({self.category_ids.size} given)")
-        height, width = int(orig_size[0]), int(orig_size[1])
-        sy, sx = float(scale[0]), float(scale[1])
-        src = np.asarray(boxes, np.float64) / np.array([sy, sx, sy, sx])
-        src = np.clip(src, 0.0, np.array([height, width, height, width], np.float64))
-        rles = None
-        if masks is not None and labels.size:
-            binary = binary_masks_to_source(masks, orig_size, scale, self.mask_threshold)
-            rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
-        results = []
-        for k in range(labels.size):
-            ymin, xmin, ymax, xmax = (float(v) for v in src[k])
-            entry = {
-                "image_id": image_id,
-                "category_id": int(self.category_ids[labels[k]]),
-                "bbox": [xmin, ymin, xmax - xmin, ymax - ymin],
-                "score": float(scores[k]),
-            }
-            if rles is not None:
-                entry["segmentation"] = {"size": [height, width], "counts": rles[k]["counts"].decode("ascii")}
-            results.append(entry)
-        return results
+        return coco_detections(
+            image_id, boxes, scores, labels, masks, orig_size, scale, self.category_ids, self.mask_threshold
+        )
 
     def results(self) -> list[dict[str, Any]]:
         """This process's detections in COCO results format (source pixels, COCO category ids)."""
