@@ -86,7 +86,7 @@ def test_config_mistakes_are_one_line_errors():
         _task(top_kk=3)
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match="class_loss"):
-        _task(class_loss="softmax")
+        _task(class_loss="hinge")
     config = load_config("shapes_instance.py")
     task = registry.create_task(config, INFO)
     with pytest.raises(ConfigError, match="instances json"):
@@ -94,3 +94,15 @@ def test_config_mistakes_are_one_line_errors():
     config.model.decoder.query_init = "random"
     with pytest.raises(ConfigError, match="query_init"):
         registry.create_task(config, INFO).build_model("clusterformer_nano", {})
+
+
+def test_softmax_predict_scores_object_classes_and_builds_a_void_logit():
+    task = _task("detection", top_k=2, class_loss="softmax")
+    # 1 layer, 1 image, 2 queries, 3 classes + no-object: probabilities after the softmax
+    probs = np.array([[[0.1, 0.7, 0.1, 0.1], [0.05, 0.05, 0.1, 0.8]]], np.float32)
+    outputs = {"class_logits": jnp.log(jnp.asarray(probs))[None], "boxes": jnp.full((1, 1, 2, 4), 0.5)}
+    pred = jax.device_get(task.predict(outputs, {"image": jnp.zeros((1, 8, 8, 3))}))
+    np.testing.assert_array_equal(pred["labels"], [[1, 0]])  # the no-object column is never a label
+    np.testing.assert_allclose(pred["scores"], [[0.7, 0.1]], rtol=1e-5)
+    model = task.build_model("clusterformer_nano", {})
+    assert model.void_class and model.num_classes == 3

@@ -1,6 +1,7 @@
 """Box ops, on-device Hungarian matching and the DETR / Mask2Former set criterion, against hand-computed numbers
 (plain numpy formulas written here) and scipy's linear_sum_assignment."""
 
+import dataclasses
 import math
 
 import jax
@@ -189,7 +190,7 @@ def test_uncertain_points_prefer_logits_near_zero():
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="class_loss"):
-        sl.SetLossConfig(class_loss="softmax")
+        sl.SetLossConfig(class_loss="hinge")
     with pytest.raises(ConfigError, match="importance_ratio"):
         sl.SetLossConfig(importance_ratio=1.5)
     cfg = sl.SetLossConfig(cost_giou_weight=7.0)
@@ -365,3 +366,34 @@ def test_criterion_detection_only_and_masks_only():
     np.testing.assert_allclose(det["loss_class"], 2.0 * bce / 2, rtol=1e-5)
     for name in ("loss_class", "loss_mask", "loss_dice"):
         np.testing.assert_allclose(masks_only[name], final[name], rtol=1e-5, err_msg=name)
+
+
+def test_softmax_class_loss_with_void_class_hand_computed():
+    """Mask2Former's class loss: C + 1 logits, cross-entropy with the no-object class weighted 0.1, averaged over
+    the weights of all queries; the matching (boxes dominate) is the tiny case's q2 -> t0, q0 -> t1."""
+    outputs, targets = _tiny_case()
+    void = np.array([[[-1.0, 0.5, 0.0], [2.0, 1.0, -1.0]], [[0.0, 1.5, -0.5], [0.3, 0.2, 0.1]]], np.float32)
+    logits = np.concatenate([outputs["class_logits"], void[..., None]], axis=-1)  # (L, B, Q, 3)
+    outputs = {"class_logits": logits, "boxes": outputs["boxes"]}
+    targets = {k: v for k, v in targets.items() if k != "masks"}
+    cfg = sl.SetLossConfig(use_masks=False, class_loss="softmax")
+    assert cfg.void_class
+    _, terms = jax.jit(lambda o, t: sl.set_criterion(o, t, jax.random.PRNGKey(0), cfg))(outputs, targets)
+
+    def expected(layer):
+        x = logits[layer].astype(np.float64)
+        log_p = x - np.log(np.exp(x).sum(-1, keepdims=True))
+        labels = np.array([[0, 2, 1], [2, 2, 2]])  # image 0: q0 -> class 0, q2 -> class 1; the rest no-object
+        weights = np.where(labels == 2, 0.1, 1.0)
+        nll = -np.take_along_axis(log_p, labels[..., None], -1)[..., 0]
+        return 2.0 * (weights * nll).sum() / weights.sum()
+
+    np.testing.assert_allclose(terms["loss_class"], expected(1), rtol=1e-5)
+    aux = _numpy_layer_loss(outputs["class_logits"][0][..., :2], outputs["boxes"][0], 8)
+    np.testing.assert_allclose(terms["loss_aux"], expected(0) + aux["loss_bbox"] + aux["loss_giou"], rtol=1e-5)
+    # matching cost: -p(target class) over the 3-way softmax
+    costs = sl.match_costs(
+        {"class_logits": jnp.asarray(logits[1])}, targets, None, dataclasses.replace(cfg, use_boxes=False)
+    )
+    p = np.exp(logits[1]) / np.exp(logits[1]).sum(-1, keepdims=True)
+    np.testing.assert_allclose(costs[0], 2.0 * -p[0][:, [1, 0]], rtol=1e-5)

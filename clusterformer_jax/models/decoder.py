@@ -277,11 +277,12 @@ _BOX_BIAS = (0.0, 0.0, -2.0, -2.0)
 
 
 class ClusterDecoder(nn.Module):
-    """Backbone features -> {'class_logits' (L,B,Q,C), 'boxes' (L,B,Q,4) cxcywh in [0,1], 'mask_logits'
+    """Backbone features -> {'class_logits' (L,B,Q,C) (C+1 with ``void_class``), 'boxes' (L,B,Q,4) cxcywh in [0,1], 'mask_logits'
     (L,B,Q,h4,w4)}, all float32, one prediction after each decoder layer ([-1] is the final one)."""
 
     config: DecoderConfig
     num_classes: int
+    void_class: bool = False  # a last "no object" logit (softmax class loss); else sigmoid logits
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -302,7 +303,10 @@ class ClusterDecoder(nn.Module):
         }
         output_norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="output_norm")
         class_head = nn.Dense(
-            self.num_classes, dtype=self.dtype, bias_init=nn.initializers.constant(FOCAL_PRIOR), name="class_head"
+            self.num_classes + int(self.void_class),
+            dtype=self.dtype,
+            bias_init=nn.initializers.zeros if self.void_class else nn.initializers.constant(FOCAL_PRIOR),
+            name="class_head",
         )
         mask_embed = MLP(cfg.dim, cfg.dim, dtype=self.dtype, name="mask_embed")
         if cfg.mask_pooling:

@@ -26,7 +26,8 @@ Dtype = Any
 class DenseModel(nn.Module):
     """``__call__(images (B,H,W,3), pixel_mask (B,H,W) bool | None, train) -> dict`` of float32 arrays:
 
-    'class_logits' (L,B,Q,C) sigmoid logits (no void class), 'boxes' (L,B,Q,4) normalised (cx, cy, w, h) of
+    'class_logits' (L,B,Q,C) sigmoid logits, or (L,B,Q,C+1) softmax logits whose last entry is "no object"
+    (``void_class``), 'boxes' (L,B,Q,4) normalised (cx, cy, w, h) of
     the input canvas, 'mask_logits' (L,B,Q,H/4,W/4); L = decoder.num_layers, [-1] is the final prediction.
     ``pixel_mask`` (True on real pixels) keeps padded canvas cells out of the decoder's clustering.
     """
@@ -34,6 +35,7 @@ class DenseModel(nn.Module):
     backbone: nn.Module
     decoder: DecoderConfig = DecoderConfig()
     num_classes: int = 80
+    void_class: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -47,5 +49,5 @@ class DenseModel(nn.Module):
                 f"pixel_mask shape {tuple(pixel_mask.shape)} must be the images' (B, H, W) {tuple(images.shape[:3])}"
             )
         feats = self.backbone(images, train)
-        decoder = ClusterDecoder(self.decoder, self.num_classes, self.dtype, name="decoder")
+        decoder = ClusterDecoder(self.decoder, self.num_classes, self.void_class, self.dtype, name="decoder")
         return decoder(feats, None if pixel_mask is None else pixel_mask.astype(bool), train)

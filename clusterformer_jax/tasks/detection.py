@@ -4,7 +4,8 @@
 masks; bbox and segm AP). Both read the dense pipeline (things only), build ``DenseModel`` = any registered
 backbone (``config.model.name``) + the cluster decoder (``config.model.decoder``), train with Hungarian-matched
 set losses on every decoder layer (``config.detection``, tasks/set_losses.py) and keep the ``top_k`` best
-(query, class) pairs per image for COCO evaluation (DETR/DINO-style top-k over sigmoid scores; for instance
+(query, class) pairs per image for COCO evaluation (DETR/DINO-style top-k over sigmoid scores, or over the softmax's object classes with
+``class_loss='softmax'``; for instance
 segmentation a pair's score is its class probability times its mask's mean foreground probability, as
 Mask2Former ranks instances).
 """
@@ -75,7 +76,9 @@ class DetectionTask:
             raise ConfigError(f"config.model.decoder: {e}") from None
         except ValueError as e:  # ModelConfigError: unknown model / field, bad decoder values
             raise ConfigError(str(e)) from None
-        return DenseModel(backbone=backbone, decoder=decoder, num_classes=self.num_classes)
+        return DenseModel(
+            backbone=backbone, decoder=decoder, num_classes=self.num_classes, void_class=self.loss_config.void_class
+        )
 
     def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
         side = self.image_size
@@ -120,9 +123,13 @@ class DetectionTask:
     def predict(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """The ``top_k`` (query, class) pairs of the last decoder layer with canvas-pixel boxes (and masks)."""
         logits = outputs["class_logits"][-1].astype(jnp.float32)
-        b, q, c = logits.shape
+        if self.loss_config.void_class:
+            probs = jax.nn.softmax(logits, axis=-1)[..., :-1]
+        else:
+            probs = jax.nn.sigmoid(logits)
+        b, q, c = probs.shape
         k = min(self.top_k, q * c)
-        scores, flat = jax.lax.top_k(jax.nn.sigmoid(logits).reshape(b, q * c), k)
+        scores, flat = jax.lax.top_k(probs.reshape(b, q * c), k)
         query, labels = flat // c, flat % c
         boxes = jnp.take_along_axis(outputs["boxes"][-1], query[..., None], axis=1)
         result = {

@@ -28,6 +28,7 @@ from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.tasks import boxes as box_ops
 from clusterformer_jax.tasks.matching import hungarian_match
 
+CLASS_LOSSES = ("focal", "bce", "softmax")
 TERMS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
 
 
@@ -35,11 +36,14 @@ TERMS = ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
 class SetLossConfig:
     """Loss and matching-cost weights of the set criterion.
 
-    class_loss: 'focal' (default) or 'bce'. The paper says its detection head is "trained with a binary
-      cross-entropy loss"; its compared detection baselines (Deformable DETR, DINO) use the sigmoid focal
-      loss, which is that binary cross-entropy per class with the (1 - p_t)^gamma and alpha_t factors, and
-      without them hundreds of background queries swamp the few matched ones. 'bce' is the plain variant.
-      Both sum over queries and classes and divide by the number of targets (Deformable DETR).
+    class_loss: 'focal' (default), 'bce' or 'softmax'. The paper says its detection head is "trained with a
+      binary cross-entropy loss"; its compared detection baselines (Deformable DETR, DINO) use the sigmoid
+      focal loss, which is that binary cross-entropy per class with the (1 - p_t)^gamma and alpha_t factors,
+      and without them hundreds of background queries swamp the few matched ones. 'bce' is the plain variant.
+      Both sum over queries and classes and divide by the number of targets (Deformable DETR). 'softmax' is
+      Mask2Former's: C + 1 logits per query (the last one "no object"), cross-entropy with the no-object
+      class weighted ``no_object_weight`` (0.1), averaged over the weights of all queries; matching cost
+      -p(target class).
     class_weight 2.0, box_l1_weight 5.0, giou_weight 2.0: paper §4.1.2 (L1 5, GIoU 2) and DINO's class weight.
     mask_bce_weight 5.0, dice_weight 5.0, num_points 12544 (112^2), oversample_ratio 3.0,
       importance_ratio 0.75: Mask2Former.
@@ -52,6 +56,7 @@ class SetLossConfig:
     class_loss: str = "focal"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    no_object_weight: float = 0.1
     class_weight: float = 2.0
     box_l1_weight: float = 5.0
     giou_weight: float = 2.0
@@ -69,14 +74,19 @@ class SetLossConfig:
     cost_dice_weight: float | None = None
 
     def __post_init__(self):
-        if self.class_loss not in ("focal", "bce"):
-            raise ConfigError(f"SetLossConfig.class_loss={self.class_loss!r}: use 'focal' or 'bce'.")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ConfigError(f"SetLossConfig.class_loss={self.class_loss!r}: use one of {CLASS_LOSSES}.")
         if self.num_points < 1:
             raise ConfigError(f"SetLossConfig.num_points={self.num_points}: use at least 1 point per mask.")
         if self.oversample_ratio < 1.0:
             raise ConfigError(f"SetLossConfig.oversample_ratio={self.oversample_ratio}: use a ratio >= 1.")
         if not 0.0 <= self.importance_ratio <= 1.0:
             raise ConfigError(f"SetLossConfig.importance_ratio={self.importance_ratio}: use a value in [0, 1].")
+
+    @property
+    def void_class(self) -> bool:
+        """True when the class logits carry a last "no object" entry (softmax)."""
+        return self.class_loss == "softmax"
 
     def cost_weight(self, name: str) -> float:
         """Matching-cost weight for 'class' | 'box_l1' | 'giou' | 'mask_bce' | 'dice'."""
@@ -178,7 +188,10 @@ def uncertain_points(
 
 
 def _class_cost_table(logits: jax.Array, cfg: SetLossConfig) -> jax.Array:
-    """(..., C) logits -> (..., C) cost of calling each class: pos - neg of the class-loss terms."""
+    """(..., C) logits -> (..., C) cost of calling each class: pos - neg of the class-loss terms (softmax:
+    -p over the C + 1 logits, the no-object column dropped)."""
+    if cfg.class_loss == "softmax":
+        return -jax.nn.softmax(logits, axis=-1)[..., :-1]
     if cfg.class_loss == "bce":
         return -logits  # -log p + log(1 - p)
     p = jax.nn.sigmoid(logits)
@@ -197,8 +210,8 @@ def match_costs(outputs: dict, targets: dict, points: jax.Array | None, cfg: Set
     """
     outputs = jax.lax.stop_gradient(outputs)
     logits = outputs["class_logits"].astype(jnp.float32)
-    num_classes = logits.shape[-1]
     table = _class_cost_table(logits, cfg)  # (B, Q, C)
+    num_classes = table.shape[-1]
     tgt_cls = jnp.clip(targets["classes"], 0, num_classes - 1)  # (B, M)
     cost = cfg.cost_weight("class") * jnp.take_along_axis(table, tgt_cls[:, None, :], axis=2)
     if cfg.use_boxes:
@@ -235,12 +248,19 @@ def _layer_losses(
     rows = jnp.arange(b)[:, None]
     slot_query = jnp.where(matched, query_index, q)
     query_class = jnp.full((b, q), -1, jnp.int32).at[rows, slot_query].set(targets["classes"], mode="drop")
-    onehot = jax.nn.one_hot(query_class, c, dtype=jnp.float32)  # -1 -> all zeros (background)
-    if cfg.class_loss == "focal":
-        class_loss = sigmoid_focal_loss(logits, onehot, cfg.focal_alpha, cfg.focal_gamma)
+    if cfg.class_loss == "softmax":  # Mask2Former: weighted mean of the cross-entropy over all queries
+        labels = jnp.where(query_class < 0, c - 1, query_class)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[..., None], axis=-1)[..., 0]
+        weights = jnp.where(query_class < 0, cfg.no_object_weight, 1.0)
+        class_loss = jnp.sum(weights * nll) / jnp.sum(weights)
     else:
-        class_loss = sigmoid_bce(logits, onehot)
-    terms = {"loss_class": cfg.class_weight * jnp.sum(class_loss) / norm}
+        onehot = jax.nn.one_hot(query_class, c, dtype=jnp.float32)  # -1 -> all zeros (background)
+        if cfg.class_loss == "focal":
+            elementwise = sigmoid_focal_loss(logits, onehot, cfg.focal_alpha, cfg.focal_gamma)
+        else:
+            elementwise = sigmoid_bce(logits, onehot)
+        class_loss = jnp.sum(elementwise) / norm
+    terms = {"loss_class": cfg.class_weight * class_loss}
     weight = matched.astype(jnp.float32)
     if cfg.use_boxes:
         pred = jnp.take_along_axis(outputs["boxes"].astype(jnp.float32), query_index[..., None], axis=1)
