@@ -11,7 +11,8 @@ ADEChallengeData2016 layout from a manual directory:
 MANUAL_DIR may be that folder itself, its parent, or hold
 ADEChallengeData2016.zip. Splits: 'train' (training, 20,210 images) and
 'validation' (2,000). Images and label PNGs are stored byte for byte; an
-image without a label PNG is skipped with a warning.
+image without a label PNG, or whose label PNG has another size, is skipped at preparation with a
+warning naming the file, and the skipped images are counted.
 
 Labels. The PNGs hold 0 = "other / unlabelled" and 1..150 for the classes.
 The decoder applies mmsegmentation's `reduce_zero_label`: 0 becomes the
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from clusterformer_jax.data import transforms as T
 from clusterformer_jax.data.coco import find_or_extract, manual_dir_of
@@ -254,7 +256,7 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
         return generators
 
     def _generate_examples(self, image_dir: str, label_dir: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        skipped = 0
+        skipped = mismatched = 0
         for name in sorted(os.listdir(image_dir)):
             if not name.lower().endswith(".jpg"):
                 continue
@@ -264,6 +266,17 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
                 skipped += 1
                 _log.warning("ade20k: no label PNG for %s; skipped", os.path.join(image_dir, name))
                 continue
+            sizes = _image_size(os.path.join(image_dir, name)), _image_size(label)
+            if sizes[0] != sizes[1]:
+                mismatched += 1
+                _log.warning(
+                    "ade20k: label %s is %dx%d but its image %s is %dx%d; skipped",
+                    label,
+                    *sizes[1],
+                    os.path.join(image_dir, name),
+                    *sizes[0],
+                )
+                continue
             yield stem, {
                 "image": os.path.join(image_dir, name),
                 "annotation": label,
@@ -272,6 +285,14 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
             }
         if skipped:
             _log.warning("ade20k: %d images in %s had no label and were skipped", skipped, image_dir)
+        if mismatched:
+            _log.warning("ade20k: %d images in %s had a label of another size and were skipped", mismatched, image_dir)
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the file's header (nothing decoded)."""
+    with Image.open(path) as image:
+        return image.height, image.width
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:

@@ -410,16 +410,48 @@ def panoptic_builder_dir(data_dir: str | None) -> str | None:
     return max(found, key=lambda p: tuple(int(v) for v in os.path.basename(p).split(".")))
 
 
+def canonical_panoptic_categories(categories: Sequence[Mapping[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The 133 COCO panoptic categories in ascending id order, for a json listing all of them or a subset
+    (e.g. only the categories its annotations use), in any order; tfds' builder needs exactly 133 names.
+    A category that is not a COCO panoptic one (id and name) is a one-line ValueError naming `source`."""
+    known = {cid: name for cid, name, _ in COCO_PANOPTIC_CATEGORIES}
+    for category in categories:
+        if known.get(category.get("id")) != category.get("name"):
+            raise ValueError(
+                f'{source}: category {category.get("id")} {category.get("name")!r} is not a COCO panoptic'
+                " category; the builder reads the 133 categories of panoptic_{train,val}2017.json"
+            )
+    given = {c["id"]: c for c in categories}
+    return [
+        dict(given.get(cid, {}), id=cid, name=name, isthing=int(thing)) for cid, name, thing in COCO_PANOPTIC_CATEGORIES
+    ]
+
+
+@contextlib.contextmanager
+def _canonical_categories() -> Iterator[None]:
+    """Makes tfds' COCO json reader see the canonical 133 panoptic categories whatever subset the json lists."""
+    from tensorflow_datasets.object_detection import coco as tfds_coco  # pylint: disable=g-import-not-at-top
+
+    original_init = tfds_coco.CocoAnnotation.__init__
+
+    def init(annotation: Any, annotation_path: Any) -> None:
+        original_init(annotation, annotation_path)
+        data = annotation._data  # pylint: disable=protected-access
+        data["categories"] = canonical_panoptic_categories(data["categories"], os.fspath(annotation_path))
+
+    with mock.patch.object(tfds_coco.CocoAnnotation, "__init__", init):
+        yield
+
+
 def prepare_coco_panoptic(data_dir: str | None, manual_dir: str | None) -> tfds.core.DatasetBuilder:
     """Builds tfds' coco/2017_panoptic as array_record (from `manual_dir` when given)."""
     builder = tfds.builder(PANOPTIC_BUILDER, data_dir=data_dir, file_format="array_record")
     if builder.is_prepared():
         return builder
-    if manual_dir:
-        manual_dir = os.path.expanduser(manual_dir)
-        with local_downloads(manual_dir):
-            builder.download_and_prepare(file_format="array_record")
-    else:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_canonical_categories())
+        if manual_dir:
+            stack.enter_context(local_downloads(os.path.expanduser(manual_dir)))
         builder.download_and_prepare(file_format="array_record")
     return builder
 

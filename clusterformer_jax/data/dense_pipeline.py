@@ -259,11 +259,17 @@ def _num_examples(builder: tfds.core.DatasetBuilder, cfg: Mapping[str, Any], spl
     return num
 
 
+# Datasets whose JPEGs come as stored bytes: the decoder converts them with PIL (``to_rgb``), so a CMYK or
+# greyscale JPEG becomes RGB; tfds' own decoding returns CMYK as a 4-channel array indistinguishable from RGBA.
+_IMAGE_BYTES = ("coco_instances", "coco_panoptic", "ade20k")
+
+
 def _open_split(cfg: Mapping[str, Any], split: str) -> common.DecodedSource:
     builder, decoder = _builder(cfg)
     _num_examples(builder, cfg, split)
     description = f'{cfg["dataset"]}:{split} in {builder.data_dir}'
-    return common.DecodedSource(builder.as_data_source(split), description, decoder)
+    decoders = {"image": tfds.decode.SkipDecoding()} if cfg["dataset"] in _IMAGE_BYTES else None
+    return common.DecodedSource(builder.as_data_source(split, decoders=decoders), description, decoder)
 
 
 def _side(value: Any) -> int:
