@@ -208,6 +208,13 @@ def test_evaluator_one_missed_thing(shapes_export, backend):
     iou = np.where(counts > 0, 1.0, np.nan)
     iou[c] = (areas[c] - thing["area"]) / areas[c]  # void predictions are misses, not another class
     assert out["mIoU_pan"] == pytest.approx(np.nanmean(iou))
+    # Thing AP: every detection is exact (score 1), one thing of class c is never detected, so class c's
+    # precision is 1 up to recall (n - 1) / n and 0 beyond: AP_c = share of COCO's 101 recall points <= it.
+    ap = [
+        1.0 if k != c else np.count_nonzero(np.linspace(0, 1, 101) <= (counts[c] - 1) / counts[c]) / 101
+        for k in scored_things
+    ]
+    assert out["mAP_th_pan"] == pytest.approx(np.mean(ap))
     assert out["num_examples"] == num_images
     if backend != "numpy":
         for key in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st"):
@@ -303,16 +310,29 @@ def test_postprocess_softmax_masks_and_void_argmax():
     # Mask2Former's rule: Q1's void probability 0.55 beats its best class 0.45, so it is dropped.
     dropped = _postprocess(probs, masks, stuff_threshold=0.3, drop_void_argmax=True)
     np.testing.assert_array_equal(dropped["panoptic"], np.array([[1, 1, 0, 0]] * 4))
-    # Batched (vmap) equals per image; class probabilities without a void column give the same map.
-    from clusterformer_jax.tasks.panoptic_postprocess import panoptic_postprocess_batch
-
-    batched = panoptic_postprocess_batch(
-        np.stack([probs, probs[[1, 0, 2]]]),
-        np.stack([masks, masks[[1, 0, 2]]]),
-        (True, True, False),
-        stuff_threshold=0.3,
-    )
-    np.testing.assert_array_equal(np.asarray(batched["panoptic"][0]), expected)
-    np.testing.assert_array_equal(np.asarray(batched["panoptic"][1]), 3 - expected)
+    # Class probabilities without a void column give the same map.
     no_void = _postprocess(probs[:, :3], masks, stuff_threshold=0.3)
     np.testing.assert_array_equal(no_void["panoptic"], expected)
+
+
+def test_postprocess_output_feeds_the_evaluator(shapes_export):
+    # Queries = the ground-truth segments of one shapes image (mask logits +-8, class probability 0.95): the
+    # post-processed map, read by the evaluator as it is, scores PQ 1.
+    paths, doc = shapes_export
+    ann = doc["annotations"][0]
+    ids = _gt_ids(paths, ann)
+    segs = ann["segments_info"]
+    masks = np.stack([np.where(ids == s["id"], 8.0, -8.0) for s in segs]).astype(np.float32)
+    probs = np.zeros((len(segs), 7), np.float32)
+    for q, s in enumerate(segs):
+        probs[q, s["category_id"] - 1], probs[q, 6] = 0.95, 0.05
+    from clusterformer_jax.tasks.panoptic_postprocess import panoptic_postprocess_batch
+
+    out = panoptic_postprocess_batch(probs[None], masks[None], [True] * 3 + [False] * 3)
+    predictions = {k: np.asarray(v) for k, v in out.items()}
+    batch = {"mask": np.ones(1), "image_id": np.array([ann["image_id"]]), "orig_size": np.array([[64, 64]])}
+    batch["scale"] = np.ones((1, 2))
+    evaluator = P.PanopticEvaluator(paths["panoptic_json"], paths["panoptic_png_dir"], range(1, 7))
+    evaluator.update(predictions, batch)
+    result = evaluator.compute()
+    assert result["PQ"] == pytest.approx(1.0) and result["mIoU_pan"] == pytest.approx(1.0)
