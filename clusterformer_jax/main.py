@@ -8,6 +8,10 @@ Multi-process jobs call ``jax.distributed.initialize()`` when ``--config.distrib
 environment sets ``CLUSTERFORMER_DISTRIBUTED=1`` (the launch/ scripts do); ``CLUSTERFORMER_NUM_PROCESSES``
 and ``CLUSTERFORMER_PROCESS_ID`` (with JAX's ``JAX_COORDINATOR_ADDRESS``) describe jobs that no cluster
 environment (SLURM, TPU, ...) describes on its own.
+
+SIGTERM or SIGINT stops a run after the step in flight, commits a checkpoint of it (with the data position)
+and exits with code 75 (``preemption.EXIT_PREEMPTED``); rerunning the same command resumes bit for bit. A
+second signal exits at once.
 """
 
 from __future__ import annotations
@@ -141,19 +145,37 @@ def main(argv: Sequence[str]) -> None:
     workdir = _WORKDIR.value
     maybe_initialize_distributed(config)  # Before anything touches a JAX backend.
     # Heavy imports (JAX, TF) only after the flags parse. One task table, one trainer for every task.
-    from clusterformer_jax.errors import ConfigError, NonFiniteError
+    from clusterformer_jax.checkpointing import CheckpointError
+    from clusterformer_jax.errors import ConfigError, NonFiniteError, UsageError
     from clusterformer_jax.tasks import registry as task_registry
 
     if config.task not in task_registry.TASKS:
         _fail(f"unknown config.task {config.task!r}; available: {', '.join(sorted(task_registry.TASKS))}", EXIT_USAGE)
     from clusterformer_jax.trainers import trainer
 
+    from clusterformer_jax.preemption import EXIT_PREEMPTED
+
+    from clusterformer_jax.trainers import preflight
+
     try:
-        trainer.train_and_evaluate(config, workdir)
+        preflight.check(config, workdir)  # Bad input stops here, with the workdir untouched.
+        result = trainer.train_and_evaluate(config, workdir)
+    except CheckpointError as e:
+        _fail(str(e), EXIT_FAILURE)
     except ConfigError as e:
         _fail(f"config: {e}", EXIT_USAGE)
+    except UsageError as e:
+        _fail(str(e), EXIT_USAGE)
     except NonFiniteError as e:
         _fail(str(e), EXIT_FAILURE)
+    if result.get("preempted"):
+        print(
+            f"preempted at step {result['steps']}: checkpoint saved in {workdir}; "
+            f"exit code {EXIT_PREEMPTED}, rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_PREEMPTED)
 
 
 def run() -> None:

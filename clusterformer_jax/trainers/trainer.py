@@ -26,6 +26,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from clusterformer_jax import checkpointing
+from clusterformer_jax import preemption
 from clusterformer_jax import runtime
 from clusterformer_jax import sharding
 from clusterformer_jax.errors import ConfigError
@@ -130,9 +131,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_primary, asynchronous=True)
     clock = StepClock()
     try:
-        return _run(
-            config, workdir_path, setup, ckpt, writer, train_iter, clock, total_steps, steps_per_epoch, start_time
-        )
+        with preemption.PreemptionGuard() as guard:
+            return _run(
+                config,
+                workdir_path,
+                setup,
+                ckpt,
+                writer,
+                train_iter,
+                clock,
+                total_steps,
+                steps_per_epoch,
+                start_time,
+                guard,
+            )
     finally:
         clock.close()
         ckpt.close()
@@ -153,6 +165,7 @@ def _run(
     total_steps: int,
     steps_per_epoch: float,
     start_time: float,
+    guard: preemption.PreemptionGuard,
 ) -> dict[str, Any]:
     is_primary = jax.process_index() == 0
     state, source = restore_or_init(config, setup, ckpt, train_iter)
@@ -200,7 +213,7 @@ def _run(
         clock.dispatched(step, jnp.copy(state.step))  # state itself is donated to the next step
         report_progress(step, time.time())
 
-        preempted = ckpt.reached_preemption(step)
+        preempted = guard.should_stop(step, ckpt.reached_preemption)
         if step % config.log_every_steps == 0 or step == total_steps or preempted:
             progress.check_health(acc[1], last_good, config)
             values = {f"train_{k}": float(v) for k, v in acc[0].compute().items()}
@@ -237,8 +250,12 @@ def _run(
             if ckpt.save(step, state, train_iter, force=True):
                 last_good = step
         if preempted:
-            logging.warning("Preemption signalled at step %d: checkpoint saved, exiting.", step)
             ckpt.wait()
+            logging.warning(
+                "Preempted (%s) at step %d: checkpoint committed; rerun the same command to resume.",
+                guard.signal_name or "SIGTERM",
+                step,
+            )
             return {"preempted": True, "steps": step}
 
         if eval_every > 0 and step % eval_every == 0 and step < total_steps:
