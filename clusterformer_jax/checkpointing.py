@@ -3,6 +3,11 @@
 A checkpoint directory (``<workdir>/checkpoints``) contains numbered steps, each with two items:
 'state' (the sharded train state) and 'data' (every process's grain iterator state). Restoring both makes
 a restarted run continue bit for bit.
+
+Restoring the latest step tolerates damage: a step that cannot be read (a truncated or missing array file,
+missing metadata, a missing data-iterator state) is logged in one line, renamed to ``<step>.corrupt-<n>``
+(kept for inspection, never deleted, and outside Orbax's step names) and the next older step is tried.
+A checkpoint saved on one mesh restores onto any other (the abstract state carries the target shardings).
 """
 
 from __future__ import annotations
@@ -16,8 +21,26 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from clusterformer_jax.errors import ConfigError
+
 STATE = "state"
 DATA = "data"
+CORRUPT_SUFFIX = ".corrupt-"
+
+
+class CheckpointError(ConfigError):
+    """No step of a checkpoint directory could be restored (each unreadable one was moved aside)."""
+
+
+# Errors of the code rather than of the files: never a reason to move a checkpoint aside.
+_PROGRAMMING_ERRORS = (AttributeError, TypeError, NameError, ImportError, AssertionError)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -82,17 +105,72 @@ class Checkpointer:
     def restore(self, abstract_state: Any, data_iterator: Any = None, step: int | None = None) -> Any:
         """Restores the state onto the shardings of ``abstract_state`` (ShapeDtypeStructs with sharding).
 
-        The iterator is restored in place when given and the checkpoint holds one.
+        The iterator is restored in place when given; a step without its iterator state is then unusable.
+        With ``step=None`` the latest readable step is restored: unreadable newer steps are moved aside
+        (``move_aside``) and ``CheckpointError`` says so when none is left.
         """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is not None:
+            return self._restore_step(step, abstract_state, data_iterator)
+        problems = []
+        while (latest := self.latest_step()) is not None:
+            try:
+                self._check_shapes(latest, abstract_state)
+                return self._restore_step(latest, abstract_state, data_iterator)
+            except (CheckpointError, *_PROGRAMMING_ERRORS):
+                raise  # a readable checkpoint of another model, or a bug: nothing to move aside
+            except Exception as e:  # pylint: disable=broad-except  # any read error: try the next older step
+                problem = _one_line(e)
+                moved = self.move_aside(latest)
+                logging.error("Checkpoint step %d is unreadable (%s); moved to %s", latest, problem, moved)
+                problems.append(f"step {latest}: {problem}")
+        if problems:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.directory} ({'; '.join(problems)}); the unreadable steps were "
+                f"renamed to <step>{CORRUPT_SUFFIX}<n> there: restore them or start a new workdir"
+            )
+        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointError when step ``step``'s (readable) metadata lists other arrays than the state."""
+        stored = sorted(map(str, jax.tree.leaves(self.item_shapes(step), is_leaf=lambda x: isinstance(x, tuple))))
+        wanted = sorted(str(tuple(x.shape)) for x in jax.tree.leaves(abstract_state))
+        if stored != wanted:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} holds another model or optimizer ({len(stored)} "
+                f"arrays, this config has {len(wanted)} or other shapes); use a new workdir, or init_from= "
+                "to start from its parameters"
+            )
+
+    def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None and self.has_item(step, DATA):
+        if data_iterator is not None:
+            if not self.has_item(step, DATA):
+                raise FileNotFoundError(f"the data-iterator state ({DATA}/) is missing")
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         logging.info("Restored step %d from %s", step, self.directory)
         return restored[STATE]
+
+    def move_aside(self, step: int) -> str:
+        """Renames step ``step``'s directory to ``<step>.corrupt-<n>`` (the first free n) and forgets the step.
+
+        Under ``jax.distributed`` process 0 renames and every process waits for it.
+        """
+        source = epath.Path(self.directory, str(step))
+        n = 1
+        while epath.Path(self.directory, f"{step}{CORRUPT_SUFFIX}{n}").exists():
+            n += 1
+        target = epath.Path(self.directory, f"{step}{CORRUPT_SUFFIX}{n}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+            if jax.process_index() == 0:
+                source.rename(target)
+            multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+        else:
+            source.rename(target)
+        self._manager.reload()
+        return os.fspath(target)
 
     def restore_subtree(self, abstract_subtree: dict[str, Any], step: int | None = None) -> dict[str, Any]:
         """Restores only the top-level state fields in ``abstract_subtree`` (e.g. {'params': ...})."""

@@ -74,7 +74,9 @@ class PreemptionGuard:
         if self.signal_name is not None:
             _exit_now(signum, None)
         self.signal_name = signal.Signals(signum).name
-        os.write(2, f"{self.signal_name}: saving a checkpoint after this step, then exiting {EXIT_PREEMPTED}\n".encode())
+        os.write(
+            2, f"{self.signal_name}: saving a checkpoint after this step, then exiting {EXIT_PREEMPTED}\n".encode()
+        )
         if self.distributed:  # tell JAX's preemption service, which picks the step every process stops at
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -1,0 +1,137 @@
+"""SIGTERM / SIGINT: the run finishes its step, commits a checkpoint, exits 75 and resumes bit for bit."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from clusterformer_jax import preemption
+from tests import tiny_run
+
+pytestmark = pytest.mark.xdist_group("preemption")
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """(data dir, compilation cache dir) shared by every run of this module."""
+    root = tmp_path_factory.mktemp("preemption")
+    return root / "tfds", root / "xla_cache"
+
+
+@pytest.fixture(scope="module")
+def reference(shared, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    code, out = tiny_run.run(tiny_run.args(workdir, *shared))
+    assert code == 0, out[-3000:]
+    assert tiny_run.steps(workdir) == [10, 20, 30]
+    return workdir
+
+
+def test_exit_code_is_distinct():
+    assert preemption.EXIT_PREEMPTED not in (0, 1, 2) and preemption.EXIT_PREEMPTED < 128
+
+
+def test_guard_stops_after_a_signal_without_distributed():
+    with preemption.PreemptionGuard(distributed=False) as guard:
+        assert not guard.should_stop(1, lambda step: False)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the Python handler runs between bytecodes
+        assert guard.signal_name == "SIGTERM"
+        assert guard.should_stop(2, lambda step: False)
+        assert signal.getsignal(signal.SIGTERM) is preemption._exit_now  # a second signal exits at once
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_guard_follows_the_preemption_service_under_distributed():
+    """Under jax.distributed only the synchronised answer counts (every process stops at the same step)."""
+    with preemption.PreemptionGuard(distributed=True) as guard:
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # left to JAX's notifier
+        assert not guard.should_stop(3, lambda step: False)
+        assert guard.should_stop(4, lambda step: step == 4)
+
+
+def test_second_signal_exits_at_once(shared, tmp_path):
+    proc = tiny_run.start(tiny_run.args(tmp_path, *shared), sleep=0.2)
+    lines: list[str] = []
+    tiny_run.wait_for(proc, f"step 3/{tiny_run.TOTAL_STEPS} ", lines)
+    proc.send_signal(signal.SIGINT)
+    tiny_run.wait_for(proc, "SIGINT: saving a checkpoint after this step", lines)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + out
+    assert "second signal SIGTERM: exiting now without saving" in out
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_at_a_random_step_then_restart_is_bitwise_identical(reference, shared, tmp_path, sig):
+    at_step = random.randint(2, tiny_run.TOTAL_STEPS - 5)
+    code, out = tiny_run.interrupt(tiny_run.start(tiny_run.args(tmp_path, *shared), sleep=0.1), at_step, sig)
+    assert code == preemption.EXIT_PREEMPTED, f"signal at step {at_step}:\n{out[-3000:]}"
+    saved = tiny_run.steps(tmp_path)[-1]
+    assert at_step <= saved < tiny_run.TOTAL_STEPS, (at_step, saved)
+    assert f"preempted at step {saved}: checkpoint saved" in out
+    assert not (tmp_path / "results.json").exists()
+    code, out = tiny_run.run(tiny_run.args(tmp_path, *shared))
+    assert code == 0, out[-3000:]
+    assert f"Train state from workdir checkpoint (step {saved})" in out
+    final = tiny_run.stored_state(tmp_path, tiny_run.TOTAL_STEPS)
+    tiny_run.assert_states_equal(final, tiny_run.stored_state(reference, tiny_run.TOTAL_STEPS))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(workdir, shared, sleep: float = 0.0) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [
+        tiny_run.start(
+            tiny_run.args(workdir, *shared),
+            sleep=sleep,
+            CLUSTERFORMER_DISTRIBUTED="1",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            CLUSTERFORMER_NUM_PROCESSES="2",
+            CLUSTERFORMER_PROCESS_ID=str(i),
+        )
+        for i in range(2)
+    ]
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_one_then_restart_is_bitwise_identical(reference, shared, tmp_path_factory):
+    """jax.distributed on 127.0.0.1: SIGTERM reaches only process 1, both stop at the same step and exit 75."""
+    del reference  # the data dir is prepared
+    uninterrupted = tmp_path_factory.mktemp("mp_reference")
+    procs = _two_processes(uninterrupted, shared)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+
+    workdir = tmp_path_factory.mktemp("mp_interrupted")
+    procs = _two_processes(workdir, shared, sleep=0.1)
+    at_step = random.randint(2, tiny_run.TOTAL_STEPS - 8)
+    lines: list[str] = []
+    tiny_run.wait_for(procs[1], f"step {at_step}/{tiny_run.TOTAL_STEPS} ", lines)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [preemption.EXIT_PREEMPTED] * 2, outs[0][-3000:] + outs[1][-3000:]
+    saved = tiny_run.steps(workdir)[-1]
+    assert at_step <= saved < tiny_run.TOTAL_STEPS
+    for out in outs:
+        assert f"preempted at step {saved}" in out
+
+    procs = _two_processes(workdir, shared)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    final = tiny_run.stored_state(workdir, tiny_run.TOTAL_STEPS)
+    tiny_run.assert_states_equal(final, tiny_run.stored_state(uninterrupted, tiny_run.TOTAL_STEPS))
