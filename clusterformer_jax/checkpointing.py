@@ -134,6 +134,8 @@ class Checkpointer:
         """Raises CheckpointError when step ``step``'s (readable) metadata lists other arrays than the state."""
         stored = sorted(map(str, jax.tree.leaves(self.item_shapes(step), is_leaf=lambda x: isinstance(x, tuple))))
         wanted = sorted(str(tuple(x.shape)) for x in jax.tree.leaves(abstract_state))
+        if not stored:
+            raise FileNotFoundError(f"{STATE}/_METADATA lists no arrays (missing or damaged)")
         if stored != wanted:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} holds another model or optimizer ({len(stored)} "

@@ -63,3 +63,32 @@ cf_preload_tcmalloc() {
   # no stderr line for every allocation over 1 GiB (tcmalloc's default report threshold)
   export TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD="${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-1099511627776}"
 }
+
+# The exit code of a run stopped by SIGTERM/SIGINT after it committed a checkpoint of its last step
+# (clusterformer_jax/preemption.py EXIT_PREEMPTED; tests/test_launch.py checks that both agree). Running the
+# same command again resumes bit for bit; slurm.sbatch requeues the job on it, tpu_pod.sh restarts.
+CF_EXIT_PREEMPTED=75
+
+# CLUSTERFORMER_DRY_RUN=1: the scripts print the commands they would run (one a line) and run nothing.
+cf_dry_run() { [[ "${CLUSTERFORMER_DRY_RUN:-0}" == 1 ]]; }
+
+# Prints "$@" shell-quoted on one line.
+cf_print_command() {
+  local quoted
+  quoted="$(printf '%q ' "$@")"
+  echo "${quoted% }"
+}
+
+# Prints the comment block at the top of script $1 (its usage) without the '#'.
+cf_usage() {
+  sed -n '2,/^[^#]/{/^#SBATCH/d;/^#/!d;s/^# \{0,1\}//;p}' "$1"
+}
+
+# Like cf_ensure_env, but in a dry run only names the venv's python (installs nothing).
+cf_env() {
+  if cf_dry_run; then
+    PY="${CLUSTERFORMER_VENV:-$REPO_ROOT/.venv}/bin/python"
+  else
+    cf_ensure_env
+  fi
+}

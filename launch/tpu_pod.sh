@@ -8,24 +8,50 @@
 #       --workdir=gs://bucket/runs/cf_small
 #
 # Environment: TPU_NAME, ZONE (required), PROJECT, REMOTE_DIR (default clusterformer_jax in the home
-# directory), SYNC=1.
+# directory), SYNC=1, MAX_RESTARTS (default 10), CLUSTERFORMER_DRY_RUN=1 (print the gcloud commands only).
+# Preemption / maintenance: the workers get SIGTERM, stop at one common step, commit the checkpoint and exit
+# 75; the command is then run again (up to MAX_RESTARTS times) and resumes from the workdir. A worker VM
+# that is gone (preemptible slice deleted) ends the script with gcloud's error: recreate the slice and run
+# this script again with the same arguments.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+if [[ "${1:-}" == --help || "${1:-}" == -h ]]; then
+  cf_usage "${BASH_SOURCE[0]}"
+  exit 0
+fi
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
 remote_dir="${REMOTE_DIR:-clusterformer_jax}"
-repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+max_restarts="${MAX_RESTARTS:-10}"
 gcloud_args=(--zone="$ZONE" --worker=all)
 [[ -n "${PROJECT:-}" ]] && gcloud_args+=(--project="$PROJECT")
 
+run() {  # runs "$@", or prints it in a dry run
+  if cf_dry_run; then cf_print_command "$@"; else "$@"; fi
+}
+
 if [[ "${SYNC:-0}" == 1 ]]; then
-  archive="$(mktemp -t clusterformer.XXXXXX.tar.gz)"
-  git -C "$repo_root" archive --format=tar.gz -o "$archive" HEAD
-  gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:clusterformer.tar.gz" "${gcloud_args[@]}"
-  gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_args[@]}" \
+  archive="$(cf_dry_run && echo ARCHIVE.tar.gz || mktemp -t clusterformer.XXXXXX.tar.gz)"
+  run git -C "$REPO_ROOT" archive --format=tar.gz -o "$archive" HEAD
+  run gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME:clusterformer.tar.gz" "${gcloud_args[@]}"
+  run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_args[@]}" \
       --command="mkdir -p $(printf '%q' "$remote_dir") && tar -xzf clusterformer.tar.gz -C $(printf '%q' "$remote_dir")"
-  rm -f "$archive"
+  cf_dry_run || rm -f "$archive"
 fi
 
 args="$(printf '%q ' "$@")"
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_args[@]}" \
-    --command="cd $(printf '%q' "$remote_dir") && CLUSTERFORMER_JAX_EXTRA=tpu CLUSTERFORMER_DISTRIBUTED=1 bash launch/local.sh ${args}"
+train=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${gcloud_args[@]}"
+  --command="cd $(printf '%q' "$remote_dir") && CLUSTERFORMER_JAX_EXTRA=tpu CLUSTERFORMER_DISTRIBUTED=1 bash launch/local.sh ${args% }")
+if cf_dry_run; then
+  cf_print_command "${train[@]}"
+  echo "# repeated while it exits $CF_EXIT_PREEMPTED, at most $max_restarts more times"
+  exit 0
+fi
+for ((attempt = 0; ; attempt++)); do
+  status=0
+  "${train[@]}" || status=$?
+  if [[ $status -ne $CF_EXIT_PREEMPTED || $attempt -ge $max_restarts ]]; then
+    exit "$status"
+  fi
+  echo "[tpu_pod] preempted at a committed checkpoint; restart $((attempt + 1)) of $max_restarts" >&2
+done

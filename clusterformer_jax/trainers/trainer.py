@@ -251,6 +251,8 @@ def _run(
                 last_good = step
         if preempted:
             ckpt.wait()
+            if jax.process_count() > 1:  # nobody exits (and gets its peers killed) before process 0 committed
+                multihost_utils.sync_global_devices("preempted_checkpoint_committed")
             logging.warning(
                 "Preempted (%s) at step %d: checkpoint committed; rerun the same command to resume.",
                 guard.signal_name or "SIGTERM",
