@@ -278,7 +278,8 @@ _BOX_BIAS = (0.0, 0.0, -2.0, -2.0)
 
 class ClusterDecoder(nn.Module):
     """Backbone features -> {'class_logits' (L,B,Q,C) (C+1 with ``void_class``), 'boxes' (L,B,Q,4) cxcywh in [0,1], 'mask_logits'
-    (L,B,Q,h4,w4)}, all float32, one prediction after each decoder layer ([-1] is the final one)."""
+    (L,B,Q,h4,w4)}, all float32, one prediction after each decoder layer ([-1] is the final one); with
+    ``num_classes=0`` only 'mask_logits' (no class or box heads)."""
 
     config: DecoderConfig
     num_classes: int
@@ -302,21 +303,23 @@ class ClusterDecoder(nn.Module):
             for s in set(cfg.layer_strides)
         }
         output_norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="output_norm")
-        class_head = nn.Dense(
-            self.num_classes + int(self.void_class),
-            dtype=self.dtype,
-            bias_init=nn.initializers.zeros if self.void_class else nn.initializers.constant(FOCAL_PRIOR),
-            name="class_head",
-        )
         mask_embed = MLP(cfg.dim, cfg.dim, dtype=self.dtype, name="mask_embed")
-        if cfg.mask_pooling:
+        heads = self.num_classes > 0  # 0: masks only (semantic segmentation: query k is class k)
+        if heads:
+            class_head = nn.Dense(
+                self.num_classes + int(self.void_class),
+                dtype=self.dtype,
+                bias_init=nn.initializers.zeros if self.void_class else nn.initializers.constant(FOCAL_PRIOR),
+                name="class_head",
+            )
+        if heads and cfg.mask_pooling:
             pool_norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="mask_pool_norm")
             pool_proj = nn.Dense(cfg.dim, dtype=self.dtype, name="mask_pool_proj")
             valid4 = None if pixel_mask is None else mask_to_grid(pixel_mask, pixels[4].shape[1:3])
-        if cfg.box_refine:
+        if heads and cfg.box_refine:
             init_box = MLP(cfg.dim, 4, last_bias=_BOX_BIAS, dtype=self.dtype, name="init_box")(content + pos)
             reference = jax.nn.sigmoid(init_box.astype(jnp.float32))
-        else:
+        elif heads:
             box_head = MLP(cfg.dim, 4, last_bias=_BOX_BIAS, dtype=self.dtype, name="box_head")
 
         def predict_mask(queries):
@@ -337,6 +340,8 @@ class ClusterDecoder(nn.Module):
             out = output_norm(content)
             mask = predict_mask(content)
             masks.append(mask)
+            if not heads:
+                continue
             if cfg.mask_pooling:
                 weights = jax.nn.sigmoid(jax.lax.stop_gradient(mask))
                 if pixel_mask is not None:
@@ -354,8 +359,7 @@ class ClusterDecoder(nn.Module):
             else:
                 box = jax.nn.sigmoid(box_head(out).astype(jnp.float32))
             boxes.append(box)
-        return {
-            "class_logits": jnp.stack(logits),
-            "boxes": jnp.stack(boxes),
-            "mask_logits": jnp.stack(masks).astype(jnp.float32),
-        }
+        outputs = {"mask_logits": jnp.stack(masks).astype(jnp.float32)}
+        if heads:
+            outputs.update(class_logits=jnp.stack(logits), boxes=jnp.stack(boxes))
+        return outputs

@@ -29,6 +29,7 @@ class DenseModel(nn.Module):
     'class_logits' (L,B,Q,C) sigmoid logits, or (L,B,Q,C+1) softmax logits whose last entry is "no object"
     (``void_class``), 'boxes' (L,B,Q,4) normalised (cx, cy, w, h) of
     the input canvas, 'mask_logits' (L,B,Q,H/4,W/4); L = decoder.num_layers, [-1] is the final prediction.
+    ``num_classes=0`` builds no class or box heads and returns only 'mask_logits' (semantic segmentation).
     ``pixel_mask`` (True on real pixels) keeps padded canvas cells out of the decoder's clustering.
     """
 
@@ -42,8 +43,8 @@ class DenseModel(nn.Module):
     def __call__(
         self, images: jax.Array, pixel_mask: Optional[jax.Array] = None, train: bool = False
     ) -> Dict[str, jax.Array]:
-        if self.num_classes < 1:
-            raise ModelConfigError(f"DenseModel num_classes={self.num_classes} must be >= 1")
+        if self.num_classes < 0:
+            raise ModelConfigError(f"DenseModel num_classes={self.num_classes} must be >= 0 (0: masks only)")
         if pixel_mask is not None and tuple(pixel_mask.shape) != tuple(images.shape[:3]):
             raise ModelConfigError(
                 f"pixel_mask shape {tuple(pixel_mask.shape)} must be the images' (B, H, W) {tuple(images.shape[:3])}"
@@ -51,3 +52,19 @@ class DenseModel(nn.Module):
         feats = self.backbone(images, train)
         decoder = ClusterDecoder(self.decoder, self.num_classes, self.void_class, self.dtype, name="decoder")
         return decoder(feats, None if pixel_mask is None else pixel_mask.astype(bool), train)
+
+
+class HeadModel(nn.Module):
+    """A backbone and a head module that reads its four stage maps: ``head(feats['stages'], train)``.
+
+    For heads other than the cluster decoder, e.g. PaCa-ViT's segmentation head; ``pixel_mask`` is accepted
+    for the common model signature and unused (padded pixels carry the ignore label in the loss).
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+
+    @nn.compact
+    def __call__(self, images: jax.Array, pixel_mask: Optional[jax.Array] = None, train: bool = False) -> Any:
+        del pixel_mask
+        return self.head(self.backbone(images, train)["stages"], train)

@@ -1,0 +1,173 @@
+"""Semantic segmentation (paper §4.1.3): one cluster center per class, each pixel's class from its
+center-pixel assignment.
+
+``config.task = 'semantic_segmentation'`` reads the dense pipeline's 'semantic' label map (255 = ignore:
+padding, void, and ADE20K's reduce-zero-label). ``config.semantic.head`` picks the head over any registered
+backbone:
+  'cluster'  the cluster decoder with ``num_queries`` = the number of classes and no class/box heads: query k
+             is the center of class k, and a pixel's K logits are its similarities to the K centers (the
+             decoder's mask logits), so its class is the argmax of the center-pixel assignment (a softmax
+             over the K centers, as the E-step's). Loss per decoder layer (deep supervision, summed):
+             ``ce_weight`` (5) x pixel cross-entropy + ``dice_weight`` (1) x dice of each class's softmax map,
+             the paper's weights.
+  'paca'     PaCa-ViT's segmentation head (models/paca_vit.PaCaSegHead) with its published loss: CE on the
+             logits + 0.4 x CE on the cluster logits (``paca_aux_weight``).
+Both compute the loss at the stride-4 feature grid against labels sampled at the grid cells' centres (the
+pipeline's convention for instance masks), which keeps memory independent of the class count x image size
+(mmseg upsamples the logits to the label size instead); prediction returns the stride-4 logits and the
+evaluator resizes them bilinearly to each image's original size before the argmax (mmseg's whole-image
+test). Not built: sliding-window inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from clu import metrics as clu_metrics
+
+from clusterformer_jax.data.dense_transforms import IGNORE_LABEL
+from clusterformer_jax.errors import ConfigError
+from clusterformer_jax.evaluation.semantic import SemanticEvaluator
+from clusterformer_jax.models import registry as model_registry
+from clusterformer_jax.models.decoder import DecoderConfig
+from clusterformer_jax.models.dense_model import DenseModel, HeadModel
+from clusterformer_jax.models.paca_vit import PaCaSegHead
+
+HEADS = ("cluster", "paca")
+_DEFAULTS = dict(
+    head="cluster", ce_weight=5.0, dice_weight=1.0, paca_channels=256, paca_dropout=0.1, paca_aux_weight=0.4
+)
+
+
+def grid_labels(labels: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """(B, S, S') label map -> (B, h, w) labels at the centres of the (S/h x S'/w) cells of an h x w grid."""
+    b, s0, s1 = labels.shape
+    if s0 % grid[0] or s1 % grid[1]:
+        raise ConfigError(f"label map {s0}x{s1} is not a multiple of the {grid[0]}x{grid[1]} logit grid")
+    r0, r1 = s0 // grid[0], s1 // grid[1]
+    return labels[:, r0 // 2 :: r0, r1 // 2 :: r1]
+
+
+def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL) -> jax.Array:
+    """Mean cross-entropy over the non-ignored pixels: logits (..., h, w, K), labels (..., h, w)."""
+    valid = labels != ignore_label
+    safe = jnp.where(valid, labels, 0)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), safe[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def class_dice(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL) -> jax.Array:
+    """Mean over (image, class) of the dice loss between the class's softmax map and its one-hot label map,
+    over the non-ignored pixels: logits (B, h, w, K), labels (B, h, w)."""
+    b, h, w, k = logits.shape
+    valid = (labels != ignore_label)[..., None]
+    probs = jnp.where(valid, jax.nn.softmax(logits, -1), 0.0)
+    onehot = jax.nn.one_hot(jnp.where(valid[..., 0], labels, -1), k, dtype=jnp.float32)
+    inter = jnp.einsum("bhwk,bhwk->bk", probs, onehot)
+    sums = jnp.sum(probs, axis=(1, 2)) + jnp.sum(onehot, axis=(1, 2))
+    return jnp.mean(1.0 - (2.0 * inter + 1.0) / (sums + 1.0))
+
+
+class SemanticTask:
+    """Per-pixel classification over ``num_classes`` classes (ADE20K: 150) with a cluster or PaCa head."""
+
+    def __init__(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]):
+        self.num_classes = int(dataset_info["num_classes"])
+        self.image_size = int(dataset_info["image_size"])
+        self.class_names = tuple(dataset_info["class_names"])
+        section = config.get("semantic")
+        section = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+        unknown = sorted(set(section) - set(_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"config.semantic has no field {unknown[0]!r}; valid: {sorted(_DEFAULTS)}")
+        self.options = {**_DEFAULTS, **section}
+        if self.options["head"] not in HEADS:
+            raise ConfigError(f"config.semantic.head={self.options['head']!r}: use one of {HEADS}")
+        model = config["model"]
+        decoder = model.get("decoder")
+        self.decoder_fields = decoder.to_dict() if hasattr(decoder, "to_dict") else dict(decoder or {})
+        if self.options["head"] == "cluster":
+            queries = self.decoder_fields.get("num_queries")
+            if queries != self.num_classes:
+                raise ConfigError(
+                    f"config.model.decoder.num_queries={queries} but the dataset has {self.num_classes} classes; "
+                    f"semantic segmentation uses one cluster center per class: set it to {self.num_classes}"
+                )
+            if self.decoder_fields.get("query_init") == "encoder_centers":
+                raise ConfigError(
+                    "config.model.decoder.query_init='encoder_centers' gives no fixed center per class; use 'free' "
+                    "(learned class centers) or 'scene_adaptive' for semantic segmentation"
+                )
+
+    # ----------------------------------------------------------------------------------------- model
+    def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
+        try:
+            backbone = model_registry.create_backbone(model_name, **model_kwargs)
+            if self.options["head"] == "paca":
+                head = PaCaSegHead(
+                    self.num_classes, int(self.options["paca_channels"]), float(self.options["paca_dropout"])
+                )
+                return HeadModel(backbone=backbone, head=head)
+            decoder = DecoderConfig(**self.decoder_fields)
+        except TypeError as e:
+            raise ConfigError(f"config.model.decoder: {e}") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return DenseModel(backbone=backbone, decoder=decoder, num_classes=0)
+
+    def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
+        side = self.image_size
+        return {
+            "images": jnp.zeros((batch_size, side, side, 3), jnp.float32),
+            "pixel_mask": jnp.ones((batch_size, side, side), jnp.bool_),
+        }
+
+    def model_inputs(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return {"images": batch["image"], "pixel_mask": batch["image_mask"]}
+
+    def pixel_logits(self, outputs: Mapping[str, jax.Array]) -> jax.Array:
+        """Per-layer (L, B, h, w, K) logits of the cluster head, or (1, B, h, w, K) of the PaCa head."""
+        if self.options["head"] == "paca":
+            return outputs["logits"][None]
+        return jnp.moveaxis(outputs["mask_logits"], 2, -1)
+
+    # ----------------------------------------------------------------------------------------- training
+    def prepare_train_batch(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+        return dict(batch)
+
+    def loss_fn(
+        self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], rng: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logits = self.pixel_logits(outputs).astype(jnp.float32)
+        labels = grid_labels(batch["semantic"], logits.shape[2:4])
+        if self.options["head"] == "paca":
+            ce = pixel_cross_entropy(logits[0], labels)
+            aux = self.options["paca_aux_weight"] * pixel_cross_entropy(outputs["cluster_logits"], labels)
+            loss = ce + aux
+            return loss, {"loss": loss, "loss_ce": ce, "loss_dice": jnp.zeros(()), "loss_aux": aux}
+        ce_w, dice_w = self.options["ce_weight"], self.options["dice_weight"]
+        per_layer = jax.vmap(lambda x: (ce_w * pixel_cross_entropy(x, labels), dice_w * class_dice(x, labels)))(logits)
+        ce, dice = per_layer
+        loss = jnp.sum(ce) + jnp.sum(dice)
+        aux = jnp.sum(ce[:-1]) + jnp.sum(dice[:-1])
+        return loss, {"loss": loss, "loss_ce": ce[-1], "loss_dice": dice[-1], "loss_aux": aux}
+
+    def train_metric_fields(self) -> dict[str, type[clu_metrics.Metric]]:
+        names = ("loss", "loss_ce", "loss_dice", "loss_aux")
+        return {name: clu_metrics.Average.from_output(name) for name in names}
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def predict(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """'semantic_logits' float32 (B, h, w, K): the final logits on the stride-4 grid of the canvas; the
+        evaluator resizes them bilinearly to each image's original size before the argmax (mmseg)."""
+        return {"semantic_logits": self.pixel_logits(outputs)[-1].astype(jnp.float32)}
+
+    def create_evaluator(self) -> SemanticEvaluator:
+        return SemanticEvaluator(self.num_classes, ignore_label=IGNORE_LABEL, class_names=self.class_names)
+
+    def summary(self, eval_metrics: Mapping[str, Any]) -> dict[str, float]:
+        return {name: float(eval_metrics[name]) for name in ("mIoU", "mAcc", "aAcc")}

@@ -1,0 +1,21 @@
+"""ClusterFormer-Tiny on ADE20K semantic segmentation (paper §4.1.3, Table 3): the paper's recipe (configs/dense.py).
+
+  python -m clusterformer_jax.main --config=configs/clusterformer_tiny_ade20k.py \
+      --config.input.data_dir=DATA_DIR --config.input.manual_dir=ADE_DIR \
+      --config.init_from=IMAGENET_WORKDIR_OR_SAFETENSORS --workdir=WORKDIR
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dense.py")
+    spec = importlib.util.spec_from_file_location("clusterformer_configs_dense", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ade20k_config("tiny")
