@@ -7,6 +7,7 @@ compiled once ahead of time; the loop only syncs with the host at log, eval and 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -36,6 +37,7 @@ from clusterformer_jax.trainers.progress import StepClock
 from clusterformer_jax.trainers.restore import restore_or_init
 from clusterformer_jax.trainers.setup import Setup, TrainState, build, execution_fields
 
+DATASET_INFO_FILE = "dataset_info.json"  # the dataset's description, beside config.json
 RESULT_KEYS = ("steps", "seconds")  # plus the task's headline numbers (Task.summary)
 
 
@@ -47,6 +49,10 @@ def resolve_run_lengths(config: ml_collections.ConfigDict, num_train: int) -> tu
     if config.num_epochs <= 0:
         raise ConfigError("set num_train_steps > 0 or num_epochs > 0")
     return max(int(config.num_epochs * steps_per_epoch), 1), steps_per_epoch
+
+
+def _jsonable(value: Any) -> Any:
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def _eval_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -112,6 +118,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     input_pipeline = task_registry.input_module(config)
     dataset_info = input_pipeline.get_dataset_info(config.input)
     total_steps, steps_per_epoch = resolve_run_lengths(config, int(dataset_info["num_train"]))
+    if is_primary:  # what the export needs to rebuild the model without the dataset
+        text = json.dumps(dict(dataset_info), indent=2, sort_keys=True, default=_jsonable)
+        (workdir_path / DATASET_INFO_FILE).write_text(text + "\n")
     train_iter = input_pipeline.create_train_iterator(
         config.input, seed=config.seed, global_batch_size=config.batch_size
     )
