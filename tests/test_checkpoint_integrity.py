@@ -52,9 +52,11 @@ def _peek(iterator):
 
 
 def _truncate_array_file(step_dir: Path) -> None:
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-    largest = max(files, key=lambda p: p.stat().st_size)
-    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    """Halves the largest array data file of each OCDBT data directory of the state (the merged one that
+    reads go through, state/d, and the per-process one it was merged from)."""
+    for data_dir in (step_dir / "state").rglob("d"):
+        largest = max((p for p in data_dir.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
 
 
 def _remove_metadata(step_dir: Path) -> None:
