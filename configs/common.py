@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.kwargs.num_iters = placeholder(int)
     config.model.kwargs.dtype = placeholder(str)  # 'float32' | 'bfloat16' | 'float16'
     config.model.kwargs.remat = placeholder(bool)
+    # ClusterFormer: windows per side in each of the 4 stages, e.g. '(8,4,2,1)' for 224 inputs; each must divide
+    # its stage's feature map (input / 4, / 8, / 16, / 32).
+    config.model.kwargs.window_counts = placeholder(tuple)
     # Execution settings: same numbers, different speed and memory. None: chosen for this machine at start-up
     # (clusterformer_jax/runtime.py) for the models that have the field.
     config.model.kwargs.em_unroll = placeholder(int)  # ClusterFormer: EM steps per scan-loop iteration
@@ -71,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.async_save = True
     config.resume = ""  # another run's workdir / checkpoints dir / step dir: full state + data position
     config.init_from = ""  # same forms: parameters (and BatchNorm statistics) only, for fine-tuning
+    # init_from of another model (backbone parameters missing or shaped differently) stops the run; True loads
+    # the leaves that fit, lists what was loaded and what was not, and trains on.
+    config.init_from_partial = False
 
     # Device mesh; -1 takes the remaining devices. The batch is split over both axes; parameters and optimizer
     # state over 'fsdp' (no tensor parallelism).

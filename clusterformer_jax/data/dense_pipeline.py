@@ -209,6 +209,11 @@ def _prepare_manual(cfg: Mapping[str, Any], builder: tfds.core.DatasetBuilder) -
             f'Dataset {cfg["dataset"]!r} is not prepared in {builder.data_dir} and'
             f" config.input.manual_dir is unset; run: {prepare_command(cfg)}"
         )
+    if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+        raise ConfigError(
+            f'config.input.manual_dir={cfg.get("manual_dir")!r} is missing or empty; dataset {cfg["dataset"]!r}'
+            f" needs the original files there; run: {prepare_command(cfg)}"
+        )
     builder.download_and_prepare(
         file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
     )

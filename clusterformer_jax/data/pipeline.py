@@ -115,6 +115,19 @@ def _data_dir(cfg: Mapping[str, Any]) -> str | None:
     return os.path.expanduser(data_dir) if data_dir else None
 
 
+def _check_manual_dir(cfg: Mapping[str, Any], manual_dir: str, data_dir: str) -> None:
+    """A one-line error for a manual_dir that is missing or empty (tfds would stop with a traceback)."""
+    problem = "does not exist" if not os.path.exists(manual_dir) else "is not a directory"
+    if os.path.isdir(manual_dir):
+        if os.listdir(manual_dir):
+            return
+        problem = "is empty"
+    raise ConfigError(
+        f'config.input.manual_dir={cfg.get("manual_dir")!r} {problem}; dataset {cfg["dataset"]!r} is not prepared'
+        f" in {data_dir}: put the original files there and run: {_prepare_command(cfg)}"
+    )
+
+
 def _builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     """Returns the prepared (array_record) builder for `cfg.dataset`."""
     name = _dataset_name(cfg)
@@ -129,6 +142,7 @@ def _builder(cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
                 f"Dataset {name!r} is not prepared in {builder.data_dir} and"
                 f" config.input.manual_dir is unset; run: {_prepare_command(cfg)}"
             )
+        _check_manual_dir(cfg, os.path.expanduser(manual_dir), builder.data_dir)
         builder.download_and_prepare(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(manual_dir=os.path.expanduser(manual_dir)),

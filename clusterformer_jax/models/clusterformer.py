@@ -83,8 +83,8 @@ class ClusterFormerBackbone(nn.Module):
             if count > 1 and (size[0] % count or size[1] % count):
                 raise ModelConfigError(
                     f"input {images.shape[1]}x{images.shape[2]}: stage {stage + 1} map {size[0]}x{size[1]} is "
-                    f"not divisible by window count {count}; set model.window_counts to divisors of the "
-                    "stage sizes (e.g. [8,4,2,1] for 224, [32,16,8,4] for 512)"
+                    f"not divisible by window count {count}; set --config.model.kwargs.window_counts to divisors of "
+                    "the stage sizes (e.g. '(8,4,2,1)' for 224, '(32,16,8,4)' for 512)"
                 )
 
     @nn.compact
