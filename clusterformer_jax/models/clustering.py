@@ -14,11 +14,19 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clusterformer_jax.errors import ModelConfigError
-from clusterformer_jax.models.dispatch import hard_dispatch, similarity_dispatch
+from clusterformer_jax.models.dispatch import confidence_dispatch, hard_dispatch, similarity_dispatch
 from clusterformer_jax.models.kernels import assignment_logits, soft_assign_sum
-from clusterformer_jax.models.layers import PointwiseParams, adaptive_pool_token_matrix, gelu, l2_normalize, pointwise
+from clusterformer_jax.models.layers import (
+    PointwiseParams,
+    adaptive_pool_token_matrix,
+    first_argmax,
+    gelu,
+    l2_normalize,
+    pointwise,
+)
 from clusterformer_jax.models.layout import (
     flash_regroup,
     flash_ungroup,
@@ -39,7 +47,10 @@ class EMStep(nn.Module):
 
     Carry: the centers (G, K, e). ``keys``/``values``: the group's tokens (G, N, e), already in the E-step
     layout. ``estep_axis='tokens'`` is the flash commit's variant (softmax over tokens, scaled by
-    1/sqrt(e)); ``mstep='mean'`` divides each center by its assignment mass.
+    1/sqrt(e)); ``mstep='mean'`` divides each center by its assignment mass. Table 6c's parameter-free
+    ``update='cosine'`` takes M = softmax_K(cos(C, K)); ``update='kmeans'`` (kMaX) a hard M = one-hot
+    argmax_K(C W_q K^T) and a residual C <- C + M V. With the ``intermediates`` collection mutable, M is sown
+    as ``assignment`` (G, K, N).
     """
 
     head_dim: int
@@ -48,21 +59,44 @@ class EMStep(nn.Module):
     mstep: str = "sum"
     query_proj: bool = True
     raw_layout: bool = False
+    update: str = "recurrent"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, centers, keys, values):
-        q = pointwise(self.head_dim, self.head_dim, "conv_c", self.dtype)(centers) if self.query_proj else centers
+        projected = self.query_proj and self.update != "cosine"
+        q = pointwise(self.head_dim, self.head_dim, "conv_c", self.dtype)(centers) if projected else centers
         q = self._to_estep(q)
         over_clusters = self.estep_axis == "clusters"
         scale = 1.0 if over_clusters else self.head_dim**-0.5
-        if self.mstep == "sum":
+        capture = self.is_mutable_collection("intermediates")
+        if self.update == "recurrent" and self.mstep == "sum":
+            if capture:
+                self.sow("intermediates", "assignment", self._assignment(q, keys, scale, over_clusters))
             new = soft_assign_sum(q, keys, values, over_clusters, scale)  # softmax(scale Q K^T) V, custom VJP
         else:
-            assign = jax.nn.softmax(assignment_logits(q, keys, scale, False), axis=1 if over_clusters else 2)
+            assign = self._assignment(q, keys, scale, over_clusters)
+            if capture:
+                self.sow("intermediates", "assignment", assign)
             new = jnp.einsum("gkn,gne->gke", assign.astype(values.dtype), values)
-            new = new / jnp.maximum(jnp.sum(assign, axis=2, keepdims=True), 1e-6).astype(new.dtype)
+            if self.mstep == "mean":
+                new = new / jnp.maximum(jnp.sum(assign, axis=2, keepdims=True), 1e-6).astype(new.dtype)
+            if self.update == "kmeans":
+                new = self._to_estep(centers) + new
         return self._from_estep(new), None
+
+    def _assignment(self, q, keys, scale, over_clusters) -> jax.Array:
+        """The E-step's (G, K, N) assignment M."""
+        axis = 1 if over_clusters else 2
+        if self.update == "cosine":
+            cos = jnp.einsum(
+                "gke,gne->gkn", l2_normalize(q.astype(jnp.float32)), l2_normalize(keys.astype(jnp.float32))
+            )
+            return jax.nn.softmax(cos, axis=axis)
+        logits = assignment_logits(q, keys, scale, False)
+        if self.update == "kmeans":
+            return jax.nn.one_hot(first_argmax(logits, axis=1), logits.shape[1], axis=1, dtype=logits.dtype)
+        return jax.nn.softmax(logits, axis=axis)
 
     def _to_estep(self, c: jax.Array) -> jax.Array:
         if not self.raw_layout:
@@ -76,9 +110,54 @@ class EMStep(nn.Module):
         return unscramble(flash_ungroup(c, self.heads) if self.estep_axis == "tokens" else c)
 
 
+class AttentionUpdate(nn.Module):
+    """Table 6c's attention baselines for the center update: T steps of standard cross-attention from the
+    centers to the tokens, each step with its own weights (not a recursion) and a residual:
+
+        C <- C + W_o softmax_N((C W_q)(K W_k)^T / sqrt(e)) (V W_v)
+
+    ``mask`` (K, N) restricts each center to some tokens: ``criss_cross_mask`` gives CCNet's criss-cross
+    pattern. The attention is sown as ``assignment`` (G, K, N) when ``intermediates`` is mutable.
+    """
+
+    head_dim: int
+    num_iters: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, centers, keys, values, mask=None):
+        e = self.head_dim
+        for t in range(self.num_iters):
+            q, k, v = (
+                pointwise(e, e, f"{n}_{t}", self.dtype)(a) for n, a in (("q", centers), ("k", keys), ("v", values))
+            )
+            logits = assignment_logits(q, k, e**-0.5, False)
+            if mask is not None:
+                logits = jnp.where(jnp.asarray(mask)[None], logits, -jnp.inf)
+            attention = jax.nn.softmax(logits, axis=2)
+            if self.is_mutable_collection("intermediates"):
+                self.sow("intermediates", "assignment", attention)
+            update = jnp.einsum("gkn,gne->gke", attention.astype(v.dtype), v)
+            centers = centers + pointwise(e, e, f"o_{t}", self.dtype)(update)
+        return centers
+
+
+def criss_cross_mask(grid: Tuple[int, int], centers: Tuple[int, int]) -> np.ndarray:
+    """(K, N) criss-cross pattern: center (i, j) of the kh x kw grid sits at token row floor((i + 1/2) n_h / kh)
+    and column floor((j + 1/2) n_w / kw) of the n_h x n_w window and sees the tokens of that row and column."""
+    (n_h, n_w), (k_h, k_w) = grid, centers
+    rows = ((np.arange(k_h) + 0.5) * n_h / k_h).astype(int)
+    cols = ((np.arange(k_w) + 0.5) * n_w / k_w).astype(int)
+    token_row, token_col = np.divmod(np.arange(n_h * n_w), n_w)
+    center_row, center_col = np.repeat(rows, k_w), np.tile(cols, k_h)
+    return (token_row[None] == center_row[:, None]) | (token_col[None] == center_col[:, None])
+
+
 ESTEP_AXES = ("clusters", "tokens")
 MSTEPS = ("sum", "mean")
-DISPATCHES = ("official", "paper")
+# Table 6c / 6e: every option but the first two of each runs only with partition='spatial'
+CENTER_UPDATES = ("recurrent", "none", "cosine", "kmeans", "vanilla", "criss_cross")
+DISPATCHES = ("official", "paper", "none", "fc", "confidence", "fc_similarity")
 PARTITIONS = ("raw", "spatial")
 
 
@@ -109,6 +188,7 @@ class MixerConfig:
     mstep: str = "sum"
     center_ffn: bool = False
     dispatch: str = "official"
+    center_update: str = "recurrent"
     partition: str = "raw"
     em_remat: bool = True
     em_unroll: Optional[int] = None
@@ -120,10 +200,16 @@ class MixerConfig:
             ("estep_axis", self.estep_axis, ESTEP_AXES),
             ("mstep", self.mstep, MSTEPS),
             ("dispatch", self.dispatch, DISPATCHES),
+            ("center_update", self.center_update, CENTER_UPDATES),
             ("partition", self.partition, PARTITIONS),
         ):
             if value not in allowed:
                 raise ModelConfigError(f"model field {field}={value!r} is not one of {allowed}")
+        ablated = self.dispatch not in DISPATCHES[:2] or self.center_update not in CENTER_UPDATES[:2]
+        if ablated and self.partition != "spatial":
+            raise ModelConfigError(
+                f"center_update={self.center_update!r} / dispatch={self.dispatch!r} need partition='spatial'"
+            )
         for field in ("num_iters", "em_unroll", "group_chunk", "group_chunk_bytes"):
             value = getattr(self, field)
             if value is not None and value < 1:
@@ -154,6 +240,7 @@ def em_scan(num_iters: int, remat: bool = True, unroll: int = 1, **step_kwargs) 
     scanned = nn.scan(
         nn.remat(EMStep, prevent_cse=False) if remat else EMStep,
         variable_broadcast="params",
+        variable_axes={"intermediates": 0},
         split_rngs={"params": False},
         in_axes=(nn.broadcast, nn.broadcast),
         length=num_iters,
@@ -185,31 +272,49 @@ class ClusteringMixer(nn.Module):
                 "choose window_counts that divide every stage's size (e.g. [8,4,2,1] for 224 inputs)"
             )
 
-    def _cluster_groups(self, group_inputs, alpha, beta) -> Tuple[jax.Array, jax.Array]:
-        """EM (Eq. 3) then dispatch for a run of groups: returns (out (G', N, e) float32, centers (G', K, e))."""
+    def _cluster_groups(self, group_inputs, alpha, beta, grid) -> Tuple[jax.Array, jax.Array]:
+        """Center update (Eq. 3) then dispatch for a run of groups: returns (out (G', N, e) float32, centers
+        (G', K, e)). ``grid``: the window's (n_h, n_w) tokens."""
         cfg = self.config
         centers, em_keys, em_values, dispatch_queries, values, center_values = group_inputs
         raw = cfg.partition == "raw"
-        centers, _ = em_scan(
-            cfg.num_iters,
-            remat=cfg.em_remat,
-            unroll=cfg.unroll(),
-            head_dim=cfg.head_dim,
-            heads=self.heads,
-            estep_axis=cfg.estep_axis,
-            mstep=cfg.mstep,
-            query_proj=cfg.query_proj,
-            raw_layout=raw,
-            dtype=self.dtype,
-            name="em",
-        )(centers, em_keys, em_values)
+        if cfg.center_update in ("vanilla", "criss_cross"):
+            mask = criss_cross_mask(grid, tuple(cfg.centers)) if cfg.center_update == "criss_cross" else None
+            centers = AttentionUpdate(cfg.head_dim, cfg.num_iters, self.dtype, name="attention")(
+                centers, em_keys, em_values, mask
+            )
+        elif cfg.center_update != "none":
+            centers, _ = em_scan(
+                cfg.num_iters,
+                remat=cfg.em_remat,
+                unroll=cfg.unroll(),
+                head_dim=cfg.head_dim,
+                heads=self.heads,
+                estep_axis=cfg.estep_axis,
+                mstep=cfg.mstep,
+                query_proj=cfg.query_proj,
+                raw_layout=raw,
+                update=cfg.center_update,
+                dtype=self.dtype,
+                name="em",
+            )(centers, em_keys, em_values)
         center_dirs = l2_normalize(centers.astype(jnp.float32))
         if cfg.dispatch == "official":
             token_dirs = l2_normalize(dispatch_queries.astype(jnp.float32), axis=1)  # channel-first (G, e, N)
             out = hard_dispatch(token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32))
             return (unscramble(out) if raw else out), centers
         token_dirs = l2_normalize(dispatch_queries.astype(jnp.float32))
-        return similarity_dispatch(token_dirs, center_dirs, centers, alpha, beta), centers
+        if cfg.dispatch == "paper":
+            return similarity_dispatch(token_dirs, center_dirs, centers, alpha, beta), centers
+        if cfg.dispatch == "fc_similarity":  # Context Cluster: aggregate values at the most similar center
+            cf_dirs = jnp.swapaxes(token_dirs, 1, 2)
+            return hard_dispatch(cf_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32)), centers
+        if cfg.dispatch == "confidence":
+            return confidence_dispatch(token_dirs, center_dirs, centers.astype(jnp.float32), alpha), centers
+        out = values.astype(jnp.float32)  # 'none': the tokens keep their values
+        if cfg.dispatch == "fc":  # every token receives the plain mean of the centers
+            out = out + jnp.mean(centers.astype(jnp.float32), axis=1, keepdims=True)
+        return out, centers
 
     @nn.compact
     def __call__(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
@@ -261,11 +366,11 @@ class ClusteringMixer(nn.Module):
         group_inputs = (centers, em_keys, em_values, dispatch_queries, values, center_values)
         per_chunk = cfg.groups_per_chunk(g, heads, num_centers * n)
         if per_chunk == g:
-            out, centers = self._cluster_groups(group_inputs, alpha, beta)
+            out, centers = self._cluster_groups(group_inputs, alpha, beta, (n_h, n_w))
         else:
             # every group clusters independently: run them in cache-sized chunks, one loop iteration each
             def body(mdl, carry, chunk):
-                return carry, mdl._cluster_groups(chunk, alpha, beta)
+                return carry, mdl._cluster_groups(chunk, alpha, beta, (n_h, n_w))
 
             chunked = tuple(t.reshape(g // per_chunk, per_chunk, *t.shape[1:]) for t in group_inputs)
             _, (out, centers) = nn.scan(body, variable_broadcast="params", split_rngs={"params": False})(
@@ -274,7 +379,7 @@ class ClusteringMixer(nn.Module):
             out, centers = out.reshape(g, *out.shape[2:]), centers.reshape(g, *centers.shape[2:])
 
         out = window_merge(out.astype(self.dtype).reshape(g, n_h, n_w, e), b, heads, windows, cfg.partition)
-        if cfg.dispatch == "paper":
+        if cfg.dispatch in ("paper", "fc", "fc_similarity"):
             out = gelu(pointwise(inner, inner, "dispatch_fc", self.dtype)(out))
         out = pointwise(self.dim, inner, "conv2", self.dtype)(out)
 

@@ -108,6 +108,8 @@ class ClusterMixer(nn.Module):
             l2_normalize(points.astype(jnp.float32)),
         )
         sim = jax.nn.sigmoid(beta + alpha * cos)  # (G, M, N)
+        if self.is_mutable_collection("intermediates"):  # the visualiser's point-to-center similarity
+            self.sow("intermediates", "assignment", sim)
         mask = jax.nn.one_hot(first_argmax(sim, axis=1), m, axis=1, dtype=sim.dtype)  # each point: one center
         sim = sim * mask
         weight = sim if self.denominator == "similarity" else mask

@@ -54,3 +54,17 @@ def hard_dispatch(
     agg = center_values.at[groups, choice].add(sim * values.astype(jnp.float32))
     count = jnp.zeros((g, k), jnp.float32).at[groups, choice].add(1.0)
     return sim * jnp.take_along_axis(agg / (count[..., None] + 1.0), choice[..., None], axis=1)
+
+
+def confidence_dispatch(
+    token_dirs: jax.Array, center_dirs: jax.Array, centers: jax.Array, alpha: jax.Array
+) -> jax.Array:
+    """Table 6e's confidence-based dispatch: every token receives its most similar center, weighted by the
+    confidence of that choice, p_n' = max_k softmax_k(alpha cos(C_k, p_n)) C_{a(n)}, a(n) = argmax_k cos.
+
+    ``token_dirs`` (G, N, e) and ``center_dirs`` (G, K, e) are unit vectors, ``centers`` (G, K, e). Returns (G, N, e).
+    """
+    prob = jax.nn.softmax(alpha * jnp.einsum("gne,gke->gnk", token_dirs, center_dirs), axis=2)
+    choice = first_argmax(prob, axis=2)  # (G, N)
+    confidence = jnp.take_along_axis(prob, choice[..., None], axis=2)
+    return confidence * jnp.take_along_axis(centers, choice[..., None], axis=1)

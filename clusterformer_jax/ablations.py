@@ -1,0 +1,167 @@
+r"""The paper's Table 6 ablations: our size of every row beside the paper's numbers, and a small-scale rerun.
+
+  python -m clusterformer_jax.ablations [--tables=abcdef] [--flops]
+  python -m clusterformer_jax.ablations --train [--tables=abcde] [--steps=300] [--seeds=3] [--workdir=runs/ablations]
+
+The rows are the configs ``configs/ablations/table6{a..f}.py:ROW``. The table lists, per row, the parameter
+count of our ClusterFormer-Tiny (1000 classes; (f): the COCO instance-segmentation model) and, with
+``--flops``, the forward GFLOPs at 224x224 (XLA's cost analysis), beside the paper's #Params and top-1 /
+mask AP. The paper reports no FLOPs in Table 6. ``--train`` trains every row of (a)-(e) on the quickstart's
+digits with the nano model (``ROW,quickstart``), ``--steps`` steps for each of ``--seeds`` seeds, and prints
+eval top-1 as mean +- half the range: a small-scale Table 6, not the paper's ImageNet numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from clusterformer_jax.models import registry as model_registry
+from clusterformer_jax.tasks import registry as task_registry
+from clusterformer_jax.trainers.setup import model_kwargs
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def table6():
+    """The module ``configs/ablations/table6.py`` (rows and the paper's numbers)."""
+    path = os.path.join(_REPO, "configs", "ablations", "table6.py")
+    spec = importlib.util.spec_from_file_location("clusterformer_ablations_table6", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(tables: str) -> list[tuple[str, str]]:
+    """[(table, row)] of Table 6 in the paper's order, for the sub-tables named in ``tables``."""
+    t6 = table6()
+    listed = [(t, r) for t in "abcde" for r in t6.CLASSIFICATION[t]] + [("f", r) for r in t6.QUERY_INIT_AP]
+    return [(t, r) for t, r in listed if t in tables]
+
+
+def row_config(table: str, row: str, quickstart: bool = False) -> ml_collections.ConfigDict:
+    t6 = table6()
+    if table == "f":
+        return t6.query_init_config(row)
+    return t6.classification_config(table, f"{row},quickstart" if quickstart else row)
+
+
+def build_model(config: ml_collections.ConfigDict):
+    """(model, input shape) of a row's config: the classifier with 1000 classes at 224, or the COCO model."""
+    kwargs = model_kwargs(config)
+    if config.task == "classification":
+        return model_registry.create_model(config.model.name, num_classes=1000, **kwargs), (1, 224, 224, 3)
+    info = {"num_thing_classes": 80, "image_size": 256, "category_ids": range(1, 81), "class_names": ["x"] * 80}
+    task = task_registry.create_task(config, info)
+    return task.build_model(config.model.name, kwargs), (1, 256, 256, 3)
+
+
+def count_params(model, shape) -> int:
+    """Parameters of ``model`` on inputs of ``shape``, from abstract shapes only (nothing is computed)."""
+    images = jax.ShapeDtypeStruct(shape, jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
+
+
+def forward_gflops(model, shape) -> float:
+    """Forward GFLOPs of ``model`` at ``shape`` from XLA's cost analysis of the lowered (uncompiled) program."""
+    images = jax.ShapeDtypeStruct(shape, jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    cost = jax.jit(model.apply).lower(variables, images).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) / 1e9
+
+
+def size_table(tables: str, flops: bool) -> list[str]:
+    t6 = table6()
+    lines = [
+        "Table 6 (paper §4.2): our ClusterFormer-Tiny per row beside the paper's; GFLOPs: ours, forward, 224x224",
+        f"{'row':<22}{'ours #Params':>13}{'paper #Params':>15}{'ours GFLOPs':>13}{'paper top-1 / AP':>18}",
+    ]
+    for table, row in rows(tables):
+        model, shape = build_model(row_config(table, row))
+        ours = f"{count_params(model, shape) / 1e6:.2f}M"
+        if table == "f":
+            paper_params, score, gflops = "-", f"AP {t6.QUERY_INIT_AP[row][0]:.1f}", "-"
+        else:
+            _, params, top1, _ = t6.CLASSIFICATION[table][row]
+            paper_params, score = (f"{params:.2f}M" if params else "-"), f"{top1:.2f}"
+            gflops = f"{forward_gflops(model, shape):.2f}" if flops else "-"
+        lines.append(f"{'(' + table + ') ' + row:<22}{ours:>13}{paper_params:>15}{gflops:>13}{score:>18}")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def final_top1(workdir: str) -> float:
+    """The last eval top-1 a run wrote to its TensorBoard events."""
+    from clusterformer_jax.plot import read_scalars  # the plotter's reader; keeps matplotlib out of --list
+
+    scalars = read_scalars(workdir)
+    tag = next((t for t in ("eval_top1", "top1") if t in scalars), None)
+    if tag is None:
+        raise RuntimeError(f"{workdir}: no eval top-1 in its events (tags: {sorted(scalars)})")
+    return scalars[tag][-1][1]
+
+
+def train_table(tables: str, steps: int, seeds: int, parent: str) -> list[str]:
+    t6 = table6()
+    lines = [
+        f"Small-scale Table 6: nano ClusterFormer on 32x32 digits, {steps} steps, top-1 mean +- half-range "
+        f"over {seeds} seeds (not ImageNet: compare rows, not the paper's values)",
+        f"{'row':<22}{'top-1 (%)':>16}{'paper top-1':>13}",
+    ]
+    for table, row in rows("".join(t for t in tables if t != "f")):
+        scores = []
+        for seed in range(seeds):
+            workdir = os.path.join(parent, f"6{table}_{row}_seed{seed}")
+            command = [
+                sys.executable,
+                "-m",
+                "clusterformer_jax.main",
+                f"--config={os.path.join(_REPO, 'configs', 'ablations', f'table6{table}.py')}:{row},quickstart",
+                f"--workdir={workdir}",
+                f"--config.seed={seed}",
+                f"--config.num_train_steps={steps}",
+                f"--config.eval_every_steps={steps}",
+                f"--config.checkpoint.every_steps={steps}",
+            ]
+            subprocess.run(command, check=True, cwd=_REPO)
+            scores.append(100.0 * final_top1(workdir))
+        spread = (max(scores) - min(scores)) / 2
+        paper = t6.CLASSIFICATION[table][row][2]
+        lines.append(f"{'(' + table + ') ' + row:<22}{np.mean(scores):>9.2f} +-{spread:>5.2f}{paper:>13.2f}")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script: the modules import side by side)."""
+    flags.DEFINE_string("tables", "abcdef", "Which of Table 6's sub-tables (a-f) to list or train.")
+    flags.DEFINE_bool("flops", False, "Also lower every (a)-(e) row at 224x224 for its forward GFLOPs (slow).")
+    flags.DEFINE_bool("train", False, "Train the (a)-(e) rows on the quickstart data and print top-1.")
+    flags.DEFINE_integer("steps", 300, "Training steps per run with --train.")
+    flags.DEFINE_integer("seeds", 3, "Seeds per row with --train.")
+    flags.DEFINE_string("workdir", "runs/ablations", "Parent of the --train workdirs (one per row and seed).")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    if flags.FLAGS.train:
+        lines = train_table(flags.FLAGS.tables, flags.FLAGS.steps, flags.FLAGS.seeds, flags.FLAGS.workdir)
+    else:
+        lines = size_table(flags.FLAGS.tables, flags.FLAGS.flops)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
