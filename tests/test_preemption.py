@@ -38,6 +38,7 @@ def test_exit_code_is_distinct():
 
 
 def test_guard_stops_after_a_signal_without_distributed():
+    before = {signum: signal.getsignal(signum) for signum in preemption.SIGNALS}
     with preemption.PreemptionGuard(distributed=False) as guard:
         assert not guard.should_stop(1, lambda step: False)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -45,8 +46,7 @@ def test_guard_stops_after_a_signal_without_distributed():
         assert guard.signal_name == "SIGTERM"
         assert guard.should_stop(2, lambda step: False)
         assert signal.getsignal(signal.SIGTERM) is preemption._exit_now  # a second signal exits at once
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert {signum: signal.getsignal(signum) for signum in preemption.SIGNALS} == before  # restored
 
 
 def test_guard_follows_the_preemption_service_under_distributed():
