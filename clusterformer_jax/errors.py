@@ -2,6 +2,7 @@
 
 Every ``UsageError`` is the user's to fix (a config value, a path, a checkpoint, a dataset to prepare): its
 message is one line naming the thing and the fix, and ``main`` exits with code 2 without touching the workdir.
+The path, init_from and data errors are ``ConfigError``s too, so every ``except ConfigError`` site catches them.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ class ModelConfigError(ConfigError):
     """A model field or input shape that cannot work (e.g. window counts that do not divide a stage)."""
 
 
-class PathError(UsageError):
+class PathError(ConfigError):
     """A workdir, checkpoint or data path that is missing, of the wrong kind or not writable."""
 
 
-class InitFromError(UsageError):
+class InitFromError(ConfigError):
     """An init_from or resume source that cannot be used for this run (unreadable, or of another model)."""
 
 
-class DataError(UsageError):
+class DataError(ConfigError):
     """A dataset that is not prepared, or whose files cannot be read."""
 
 
