@@ -147,7 +147,12 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands():
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 trap 'echo "process $CLUSTERFORMER_PROCESS_ID saves"; exit 75' TERM
-[[ "$CLUSTERFORMER_PROCESS_ID" == "$FAIL_PROCESS" ]] && { echo "process $CLUSTERFORMER_PROCESS_ID fails"; exit 3; }
+if [[ "$CLUSTERFORMER_PROCESS_ID" == "$FAIL_PROCESS" ]]; then  # fails once the others are up
+  for _ in $(seq 600); do [[ -e "$MARKS/started" ]] && break; sleep 0.05; done
+  echo "process $CLUSTERFORMER_PROCESS_ID fails"
+  exit 3
+fi
+[[ -n "${MARKS:-}" ]] && touch "$MARKS/started"
 echo "process $CLUSTERFORMER_PROCESS_ID of $CLUSTERFORMER_NUM_PROCESSES started"
 while true; do sleep 0.05; done
 """
@@ -195,9 +200,9 @@ def test_multiprocess_passes_sigterm_to_every_process_and_exits_75(fake_venv):
     ]
 
 
-def test_multiprocess_failure_stops_the_others_and_reports_it(fake_venv):
+def test_multiprocess_failure_stops_the_others_and_reports_it(fake_venv, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLUSTERFORMER_", "JAX_"))}
-    env.update(CLUSTERFORMER_VENV=fake_venv, CLUSTERFORMER_TCMALLOC="0", FAIL_PROCESS="0")
+    env.update(CLUSTERFORMER_VENV=fake_venv, CLUSTERFORMER_TCMALLOC="0", FAIL_PROCESS="0", MARKS=str(tmp_path))
     done = subprocess.run(
         ["bash", os.path.join(REPO, "launch", "multiprocess.sh"), "2", *MAIN_ARGS],
         env=env,
