@@ -48,6 +48,7 @@ def test_every_row_loads_with_its_options_and_builds_small():
         for config, name in ((full, "clusterformer_tiny"), (small, "clusterformer_nano")):
             assert config.model.name == name
             assert {k: config.model.kwargs[k] for k in overrides} == overrides
+        assert small.model.kwargs.head == "paper_centers"  # rows without dispatch still reach the output
         model, _ = ablations.build_model(small)
         sizes[table, row] = ablations.count_params(model, (1, 32, 32, 3))
     assert sizes["a", "baseline"] < sizes["a", "dispatch"] < sizes["a", "both"]  # the dispatch FC

@@ -2,9 +2,9 @@
 
 ``table6a.py`` ... ``table6f.py`` are the configs: ``--config=configs/ablations/table6c.py:kmeans`` is
 ClusterFormer-Tiny on ImageNet-1k (the paper recipe) with Table 6c's k-means center update;
-``:kmeans,quickstart`` puts the same option on the quickstart's nano model and digits (the small-scale
-Table 6 of ``python -m clusterformer_jax.ablations --train``). Table 6f varies the dense decoder's query
-initialisation on the COCO instance-segmentation recipe (``configs/dense.py``).
+``:kmeans,quickstart`` puts the same option on the quickstart's nano model (with the paper's head on the
+centers) and digits: the small-scale Table 6 of ``python -m clusterformer_jax.ablations --train``. Table 6f
+varies the dense decoder's query initialisation on the COCO instance-segmentation recipe (configs/dense.py).
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ def classification_config(table: str, arg: str | None) -> ml_collections.ConfigD
     row, base = _parse(table, arg, rows)
     if base == "quickstart":
         config = _load("quickstart.py", "ablation_quickstart").get_config()
+        # the paper's head on the last block's centers: without it, rows that drop the dispatch would leave
+        # the centers out of the output (the quickstart's neck pools the tokens only)
+        config.model.kwargs.head = "paper_centers"
     elif base == "":
         config = _load("imagenet.py", "ablation_imagenet").imagenet_config("tiny", "paper")
     else:
