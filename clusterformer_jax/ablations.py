@@ -60,9 +60,7 @@ def build_model(config: ml_collections.ConfigDict):
     kwargs = model_kwargs(config)
     if config.task == "classification":
         return model_registry.create_model(config.model.name, num_classes=1000, **kwargs), (1, 224, 224, 3)
-    info = dict(
-        num_thing_classes=80, num_classes=80, image_size=256, category_ids=range(1, 81), class_names=["x"] * 80
-    )
+    info = dict(num_thing_classes=80, num_classes=80, image_size=256, category_ids=range(1, 81), class_names=["x"] * 80)
     task = task_registry.create_task(config, info)
     return task.build_model(config.model.name, kwargs), (1, 256, 256, 3)
 
