@@ -67,3 +67,15 @@ def side_by_side(a: np.ndarray, b: np.ndarray, gap: int = 4) -> np.ndarray:
     out[: a.shape[0], : a.shape[1]] = a
     out[: b.shape[0], a.shape[1] + gap :] = b
     return out
+
+
+def draw_label_map(image: np.ndarray, labels: np.ndarray, colours: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """The image with each pixel blended with ``colours[label]``; labels < 0 (void / ignore) stay unblended.
+
+    image uint8 (H, W, 3); labels int (H, W); colours uint8 (K, 3)."""
+    labels = np.asarray(labels)
+    known = (labels >= 0) & (labels < len(colours))
+    tint = np.asarray(colours, np.float32)[np.where(known, labels, 0)]
+    out = image.astype(np.float32)
+    out[known] = (1 - alpha) * out[known] + alpha * tint[known]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)

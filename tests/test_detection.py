@@ -48,7 +48,7 @@ def test_targets_drop_crowd_padding_and_stuff_and_normalise_boxes():
 
 
 def test_predict_keeps_the_top_k_query_class_pairs_with_pixel_boxes_and_mask_scores():
-    task = _task(top_k=2)
+    task = _task(top_k=2, class_loss="focal")
     logit = lambda p: float(np.log(p / (1 - p)))  # noqa: E731
     # 2 layers (only the last counts), 1 image, 3 queries, 3 classes.
     final = np.full((1, 3, 3), logit(0.01), np.float32)
@@ -76,7 +76,9 @@ def test_predict_keeps_the_top_k_query_class_pairs_with_pixel_boxes_and_mask_sco
     assert pred["masks"].dtype == np.uint8 and pred["masks"].shape == (1, 2, 4, 4)
     assert pred["masks"][0, 0, 0, 0] == round(0.8 * 255) and pred["masks"][0, 0, 3, 3] == 0
 
-    box_only = jax.device_get(_task("detection", top_k=2).predict(outputs, {"image": jnp.zeros((1, 16, 16, 3))}))
+    box_only = jax.device_get(
+        _task("detection", top_k=2, class_loss="focal").predict(outputs, {"image": jnp.zeros((1, 16, 16, 3))})
+    )
     assert "masks" not in box_only
     np.testing.assert_allclose(box_only["scores"], [[0.9, 0.6]], rtol=1e-5)
 
@@ -106,3 +108,39 @@ def test_softmax_predict_scores_object_classes_and_builds_a_void_logit():
     np.testing.assert_allclose(pred["scores"], [[0.7, 0.1]], rtol=1e-5)
     model = task.build_model("clusterformer_nano", {})
     assert model.void_class and model.num_classes == 3
+
+
+def test_auxiliary_semantic_loss_adds_weighted_pixel_cross_entropy():
+    rng = np.random.default_rng(0)
+    b, q, m, side = 2, 4, 3, 16
+    outputs = {
+        "class_logits": jnp.asarray(rng.normal(size=(2, b, q, 4)), jnp.float32),
+        "boxes": jnp.full((2, b, q, 4), 0.5),
+        "mask_logits": jnp.asarray(rng.normal(size=(2, b, q, 4, 4)), jnp.float32),
+        "semantic_logits": jnp.asarray(rng.normal(size=(b, 4, 4, 6)), jnp.float32),
+    }
+    semantic = rng.integers(0, 6, size=(b, side, side)).astype(np.int32)
+    semantic[0, :8] = 255
+    batch = {
+        "image": jnp.zeros((b, side, side, 3)),
+        "classes": jnp.asarray([[0, 1, -1], [2, -1, -1]]),
+        "instance_valid": jnp.asarray([[True, True, False], [True, False, False]]),
+        "is_crowd": jnp.zeros((b, m), bool),
+        "boxes": jnp.asarray(np.tile([0, 0, 8, 8], (b, m, 1)), jnp.float32),
+        "instance_masks": jnp.ones((b, m, side, side), jnp.uint8),
+        "semantic": jnp.asarray(semantic),
+    }
+    with_aux, without = _task(aux_semantic_weight=2.0), _task(aux_semantic_weight=0.0)
+    assert with_aux.build_model("clusterformer_nano", {}).semantic_classes == 6
+    assert without.build_model("clusterformer_nano", {}).semantic_classes == 0
+    loss_aux, terms = with_aux.loss_fn(outputs, batch, jax.random.PRNGKey(0))
+    loss_plain, _ = without.loss_fn(outputs, batch, jax.random.PRNGKey(0))
+    # the 4x4 grid reads pixels (4r + 2, 4c + 2); rows 0..7 of image 0 are ignored
+    labels = semantic[:, 2::4, 2::4]
+    logits = np.asarray(outputs["semantic_logits"], np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    valid = labels != 255
+    nll = -np.take_along_axis(log_p, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    expected = 2.0 * nll[valid].mean()
+    np.testing.assert_allclose(terms["loss_semantic"], expected, rtol=1e-5)
+    np.testing.assert_allclose(loss_aux - loss_plain, expected, rtol=1e-4)

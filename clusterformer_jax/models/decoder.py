@@ -279,11 +279,16 @@ _BOX_BIAS = (0.0, 0.0, -2.0, -2.0)
 class ClusterDecoder(nn.Module):
     """Backbone features -> {'class_logits' (L,B,Q,C) (C+1 with ``void_class``), 'boxes' (L,B,Q,4) cxcywh in [0,1], 'mask_logits'
     (L,B,Q,h4,w4)}, all float32, one prediction after each decoder layer ([-1] is the final one); with
-    ``num_classes=0`` only 'mask_logits' (no class or box heads)."""
+    ``num_classes=0`` only 'mask_logits' (no class or box heads); without ``with_boxes`` no 'boxes'; with
+    ``semantic_classes`` = S > 0 also the stride-4 'pixel_embeddings' (B,h4,w4,D) and an auxiliary per-pixel
+    'semantic_logits' (B,h4,w4,S) from a 1x1 head on them (kMaX's instance-discrimination and auxiliary
+    semantic losses)."""
 
     config: DecoderConfig
     num_classes: int
     void_class: bool = False  # a last "no object" logit (softmax class loss); else sigmoid logits
+    with_boxes: bool = True  # False: no box heads (panoptic segmentation)
+    semantic_classes: int = 0  # > 0: also 'pixel_embeddings' and an auxiliary 'semantic_logits' head
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -316,10 +321,11 @@ class ClusterDecoder(nn.Module):
             pool_norm = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="mask_pool_norm")
             pool_proj = nn.Dense(cfg.dim, dtype=self.dtype, name="mask_pool_proj")
             valid4 = None if pixel_mask is None else mask_to_grid(pixel_mask, pixels[4].shape[1:3])
-        if heads and cfg.box_refine:
+        boxes_on = heads and self.with_boxes
+        if boxes_on and cfg.box_refine:
             init_box = MLP(cfg.dim, 4, last_bias=_BOX_BIAS, dtype=self.dtype, name="init_box")(content + pos)
             reference = jax.nn.sigmoid(init_box.astype(jnp.float32))
-        elif heads:
+        elif boxes_on:
             box_head = MLP(cfg.dim, 4, last_bias=_BOX_BIAS, dtype=self.dtype, name="box_head")
 
         def predict_mask(queries):
@@ -350,6 +356,8 @@ class ClusterDecoder(nn.Module):
                 pooled = pooled / (jnp.sum(weights, axis=(2, 3))[..., None] + 1.0)
                 out = out + pool_proj(pool_norm(pooled.astype(self.dtype)))
             logits.append(class_head(out).astype(jnp.float32))
+            if not boxes_on:
+                continue
             if cfg.box_refine:
                 if cfg.box_reference == "mask":
                     reference = mask_boxes(mask, reference)
@@ -361,5 +369,11 @@ class ClusterDecoder(nn.Module):
             boxes.append(box)
         outputs = {"mask_logits": jnp.stack(masks).astype(jnp.float32)}
         if heads:
-            outputs.update(class_logits=jnp.stack(logits), boxes=jnp.stack(boxes))
+            outputs["class_logits"] = jnp.stack(logits)
+        if boxes_on:
+            outputs["boxes"] = jnp.stack(boxes)
+        if self.semantic_classes > 0:
+            outputs["pixel_embeddings"] = pixels[4].astype(jnp.float32)
+            semantic = nn.Dense(self.semantic_classes, dtype=self.dtype, name="aux_semantic_head")(pixels[4])
+            outputs["semantic_logits"] = semantic.astype(jnp.float32)
         return outputs

@@ -29,7 +29,9 @@ class DenseModel(nn.Module):
     'class_logits' (L,B,Q,C) sigmoid logits, or (L,B,Q,C+1) softmax logits whose last entry is "no object"
     (``void_class``), 'boxes' (L,B,Q,4) normalised (cx, cy, w, h) of
     the input canvas, 'mask_logits' (L,B,Q,H/4,W/4); L = decoder.num_layers, [-1] is the final prediction.
-    ``num_classes=0`` builds no class or box heads and returns only 'mask_logits' (semantic segmentation).
+    ``num_classes=0`` builds no class or box heads and returns only 'mask_logits' (semantic segmentation);
+    ``with_boxes=False`` drops the box heads; ``semantic_classes`` > 0 adds the decoder's pixel embeddings and an
+    auxiliary semantic head (panoptic; optional for instance segmentation).
     ``pixel_mask`` (True on real pixels) keeps padded canvas cells out of the decoder's clustering.
     """
 
@@ -37,6 +39,8 @@ class DenseModel(nn.Module):
     decoder: DecoderConfig = DecoderConfig()
     num_classes: int = 80
     void_class: bool = False
+    with_boxes: bool = True
+    semantic_classes: int = 0
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -50,7 +54,15 @@ class DenseModel(nn.Module):
                 f"pixel_mask shape {tuple(pixel_mask.shape)} must be the images' (B, H, W) {tuple(images.shape[:3])}"
             )
         feats = self.backbone(images, train)
-        decoder = ClusterDecoder(self.decoder, self.num_classes, self.void_class, self.dtype, name="decoder")
+        decoder = ClusterDecoder(
+            self.decoder,
+            self.num_classes,
+            self.void_class,
+            self.with_boxes,
+            self.semantic_classes,
+            self.dtype,
+            name="decoder",
+        )
         return decoder(feats, None if pixel_mask is None else pixel_mask.astype(bool), train)
 
 

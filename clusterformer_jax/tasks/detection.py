@@ -7,7 +7,11 @@ set losses on every decoder layer (``config.detection``, tasks/set_losses.py) an
 (query, class) pairs per image for COCO evaluation (DETR/DINO-style top-k over sigmoid scores, or over the softmax's object classes with
 ``class_loss='softmax'``; for instance
 segmentation a pair's score is its class probability times its mask's mean foreground probability, as
-Mask2Former ranks instances).
+Mask2Former ranks instances). ``detection.aux_semantic_weight`` > 0 adds kMaX's auxiliary semantic loss: a
+1x1 head on the decoder's stride-4 pixel features trained with pixel cross-entropy on the dataset's semantic
+labels (all classes, things and stuff; datasets without semantic labels, such as COCO instances, mark every
+pixel ignored and the term is 0), which gives the pixel features the class evidence the mask-pooled class
+head reads.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from clusterformer_jax.models import registry as model_registry
 from clusterformer_jax.models.decoder import DecoderConfig
 from clusterformer_jax.models.dense_model import DenseModel
 from clusterformer_jax.tasks import boxes as box_ops
+from clusterformer_jax.tasks.semantic import grid_labels, pixel_cross_entropy
 from clusterformer_jax.tasks.set_losses import SetLossConfig, set_criterion
 
 _LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(SetLossConfig))
 _PREDICT_FIELDS = ("top_k", "mask_threshold", "eval_backend")
+_TASK_FIELDS = ("aux_semantic_weight",)
 
 
 def _as_dict(section: Any) -> dict[str, Any]:
@@ -52,7 +58,7 @@ class DetectionTask:
         model = config["model"]
         self.decoder_fields = _as_dict(model.get("decoder"))
         det = _as_dict(config.get("detection"))
-        unknown = sorted(set(det) - set(_LOSS_FIELDS) - set(_PREDICT_FIELDS))
+        unknown = sorted(set(det) - set(_LOSS_FIELDS) - set(_PREDICT_FIELDS) - set(_TASK_FIELDS))
         if unknown:
             raise ConfigError(f"config.detection has no field {unknown[0]!r}; valid: {sorted(_LOSS_FIELDS)}")
         loss = {k: v for k, v in det.items() if k in _LOSS_FIELDS}
@@ -61,6 +67,10 @@ class DetectionTask:
             self.loss_config = SetLossConfig(**loss)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.detection: {e}") from None
+        self.num_semantic_classes = int(dataset_info["num_classes"])
+        self.aux_semantic_weight = float(det.get("aux_semantic_weight", 0.0))
+        if self.aux_semantic_weight < 0:
+            raise ConfigError(f"detection.aux_semantic_weight must be >= 0, got {self.aux_semantic_weight}")
         self.top_k = int(det.get("top_k", 100))
         self.mask_threshold = float(det.get("mask_threshold", 0.5))
         self.eval_backend = str(det.get("eval_backend", "pycocotools"))
@@ -77,7 +87,11 @@ class DetectionTask:
         except ValueError as e:  # ModelConfigError: unknown model / field, bad decoder values
             raise ConfigError(str(e)) from None
         return DenseModel(
-            backbone=backbone, decoder=decoder, num_classes=self.num_classes, void_class=self.loss_config.void_class
+            backbone=backbone,
+            decoder=decoder,
+            num_classes=self.num_classes,
+            void_class=self.loss_config.void_class,
+            semantic_classes=self.num_semantic_classes if self.aux_semantic_weight > 0 else 0,
         )
 
     def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
@@ -110,10 +124,16 @@ class DetectionTask:
         self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], rng: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         loss, terms = set_criterion(outputs, self.targets(batch), rng, self.loss_config)
+        if self.aux_semantic_weight > 0:
+            logits = outputs["semantic_logits"]
+            labels = grid_labels(batch["semantic"], logits.shape[1:3])
+            terms["loss_semantic"] = self.aux_semantic_weight * pixel_cross_entropy(logits, labels)
+            loss = loss + terms["loss_semantic"]
         return loss, {"loss": loss, **{k: v for k, v in terms.items() if k in self._term_names()}}
 
     def _term_names(self) -> tuple[str, ...]:
         names = ("loss_class", "loss_bbox", "loss_giou", "loss_aux", "num_targets")
+        names += ("loss_semantic",) if self.aux_semantic_weight > 0 else ()
         return names + (("loss_mask", "loss_dice") if self.with_masks else ())
 
     def train_metric_fields(self) -> dict[str, type[clu_metrics.Metric]]:

@@ -16,6 +16,7 @@ from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.tasks.base import Task
 from clusterformer_jax.tasks.classification import ClassificationTask
 from clusterformer_jax.tasks.detection import detection_task, instance_segmentation_task
+from clusterformer_jax.tasks.panoptic import PanopticTask
 from clusterformer_jax.tasks.semantic import SemanticTask
 
 TaskFactory = Callable[[Mapping[str, Any], Mapping[str, Any]], Task]
@@ -25,6 +26,7 @@ TASKS: dict[str, tuple[TaskFactory, ModuleType]] = {
     "detection": (detection_task, dense_pipeline),
     "instance_segmentation": (instance_segmentation_task, dense_pipeline),
     "semantic_segmentation": (SemanticTask, dense_pipeline),
+    "panoptic_segmentation": (PanopticTask, dense_pipeline),
 }
 
 

@@ -1,0 +1,170 @@
+"""Panoptic segmentation (paper §4.1.5): things and stuff as clusters of the cluster decoder.
+
+``config.task = 'panoptic_segmentation'`` reads the dense pipeline with every segment as a target (things and
+stuff, ``instance_targets='all'``). The model is ``DenseModel`` with C + 1 softmax class logits (the last is
+"no object"), mask logits, no boxes, and the decoder's stride-4 pixel embeddings plus an auxiliary semantic
+head for kMaX's instance-discrimination and semantic losses. Loss: Eq. 7, λth L_th + λst L_st + λaux L_aux
+with (5, 3, 1) (``tasks/panoptic_losses.py``; ``config.panoptic`` sets its fields). Targets are sampled at the
+centres of the mask-logit grid's cells. Prediction: kMaX's post-processing (``panoptic_postprocess.py``,
+thresholds from ``config.panoptic``) on the final layer, after upsampling the mask logits by
+``upsample`` (1: the stride-4 grid; 4: the canvas), into segment-id maps + per-segment classes and scores that
+the evaluator scores with PQ / SQ / RQ, mAP^Th_pan and mIoU_pan against the COCO panoptic ground truth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from clu import metrics as clu_metrics
+
+from clusterformer_jax.errors import ConfigError
+from clusterformer_jax.evaluation.panoptic import PanopticEvaluator
+from clusterformer_jax.models import registry as model_registry
+from clusterformer_jax.models.decoder import DecoderConfig
+from clusterformer_jax.models.dense_model import DenseModel
+from clusterformer_jax.tasks.panoptic_losses import TERMS, PanopticLossConfig, panoptic_criterion
+from clusterformer_jax.tasks.panoptic_postprocess import panoptic_postprocess_batch
+from clusterformer_jax.tasks.semantic import grid_labels
+
+_LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(PanopticLossConfig))
+_POST_DEFAULTS = dict(
+    thing_threshold=0.7,
+    stuff_threshold=0.5,
+    pixel_threshold=0.4,
+    overlap_threshold=0.8,
+    min_thing_area=0,
+    min_stuff_area=0,
+)
+_OTHER_DEFAULTS = dict(upsample=1, eval_backend="numpy", compute_ap=True)
+
+
+class PanopticTask:
+    """Things and stuff of ``num_classes`` classes (COCO panoptic: 80 + 53) as decoder clusters."""
+
+    def __init__(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]):
+        self.num_classes = int(dataset_info["num_classes"])
+        self.is_thing = tuple(bool(t) for t in dataset_info["is_thing"])
+        self.image_size = int(dataset_info["image_size"])
+        self.category_ids = tuple(dataset_info["category_ids"])
+        self.panoptic_json = dataset_info.get("panoptic_json")
+        self.panoptic_png_dir = dataset_info.get("panoptic_png_dir")
+        self.instances_json = dataset_info.get("instances_json")
+        decoder = config["model"].get("decoder")
+        self.decoder_fields = decoder.to_dict() if hasattr(decoder, "to_dict") else dict(decoder or {})
+        section = config.get("panoptic")
+        section = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+        known = set(_LOSS_FIELDS) | set(_POST_DEFAULTS) | set(_OTHER_DEFAULTS)
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ConfigError(f"config.panoptic has no field {unknown[0]!r}; valid: {sorted(known)}")
+        try:
+            self.loss_config = PanopticLossConfig(**{k: v for k, v in section.items() if k in _LOSS_FIELDS})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.panoptic: {e}") from None
+        self.post = {k: section.get(k, v) for k, v in _POST_DEFAULTS.items()}
+        other = {k: section.get(k, v) for k, v in _OTHER_DEFAULTS.items()}
+        self.upsample = int(other["upsample"])
+        if self.upsample not in (1, 2, 4):
+            raise ConfigError(f"config.panoptic.upsample={self.upsample}: use 1 (stride-4 grid), 2 or 4 (canvas)")
+        self.eval_backend = str(other["eval_backend"])
+        self.compute_ap = bool(other["compute_ap"])
+
+    # ----------------------------------------------------------------------------------------- model
+    def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
+        try:
+            decoder = DecoderConfig(**self.decoder_fields)
+            backbone = model_registry.create_backbone(model_name, **model_kwargs)
+        except TypeError as e:
+            raise ConfigError(f"config.model.decoder: {e}") from None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return DenseModel(
+            backbone=backbone,
+            decoder=decoder,
+            num_classes=self.num_classes,
+            void_class=True,
+            with_boxes=False,
+            semantic_classes=self.num_classes,
+        )
+
+    def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
+        side = self.image_size
+        return {
+            "images": jnp.zeros((batch_size, side, side, 3), jnp.float32),
+            "pixel_mask": jnp.ones((batch_size, side, side), jnp.bool_),
+        }
+
+    def model_inputs(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return {"images": batch["image"], "pixel_mask": batch["image_mask"]}
+
+    # ----------------------------------------------------------------------------------------- training
+    def prepare_train_batch(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+        return dict(batch)
+
+    def targets(self, batch: Mapping[str, jax.Array], grid: tuple[int, int]) -> dict[str, jax.Array]:
+        """Segments (crowd regions excluded: their pixels are void) at the centres of the h x w grid's cells."""
+        classes = batch["classes"].astype(jnp.int32)
+        valid = batch["instance_valid"] & ~batch["is_crowd"] & (classes >= 0) & (classes < self.num_classes)
+        b, m = classes.shape
+        masks = batch["instance_masks"]
+        masks = grid_labels(masks.reshape(b * m, *masks.shape[2:]), grid).reshape(b, m, *grid)
+        masks = masks.astype(jnp.float32) * valid[:, :, None, None]
+        return {
+            "classes": jnp.where(valid, classes, -1),
+            "masks": masks,
+            "valid": valid,
+            "is_thing": batch["is_thing"] & valid,
+            "semantic": grid_labels(batch["semantic"], grid),
+            "pixel_valid": grid_labels(batch["image_mask"], grid),
+        }
+
+    def loss_fn(
+        self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], rng: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        grid = outputs["mask_logits"].shape[-2:]
+        loss, terms = panoptic_criterion(outputs, self.targets(batch, grid), rng, self.loss_config)
+        return loss, {"loss": loss, **terms}
+
+    def train_metric_fields(self) -> dict[str, type[clu_metrics.Metric]]:
+        names = ("loss",) + TERMS + ("loss_aux_layers", "num_targets")
+        return {name: clu_metrics.Average.from_output(name) for name in names}
+
+    # ----------------------------------------------------------------------------------------- evaluation
+    def predict(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """'panoptic' int32 (B, h, w) segment ids (query index + 1, 0 void) on the grid upsampled by
+        ``upsample``, 'segment_classes' int32 (B, Q) (-1 none) and 'segment_scores' float32 (B, Q)."""
+        probs = jax.nn.softmax(outputs["class_logits"][-1].astype(jnp.float32), axis=-1)
+        masks = outputs["mask_logits"][-1].astype(jnp.float32)
+        if self.upsample > 1:
+            b, q, h, w = masks.shape
+            masks = jax.image.resize(masks, (b, q, h * self.upsample, w * self.upsample), "bilinear")
+        result = panoptic_postprocess_batch(probs, masks, self.is_thing, **self.post)
+        return {
+            "panoptic": result["panoptic"].astype(jnp.int32),
+            "segment_classes": result["segment_classes"].astype(jnp.int32),
+            "segment_scores": result["segment_scores"].astype(jnp.float32),
+        }
+
+    def create_evaluator(self) -> PanopticEvaluator:
+        if not (self.panoptic_json and self.panoptic_png_dir):
+            raise ConfigError(
+                "the eval split has no COCO panoptic json/PNGs to score against; set config.input.manual_dir to "
+                "the COCO folder holding annotations/panoptic_val2017.json and annotations/panoptic_val2017/"
+            )
+        return PanopticEvaluator(
+            self.panoptic_json,
+            self.panoptic_png_dir,
+            self.category_ids,
+            backend=self.eval_backend,
+            instances_json=self.instances_json,
+            compute_ap=self.compute_ap,
+        )
+
+    def summary(self, eval_metrics: Mapping[str, Any]) -> dict[str, float]:
+        names = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU_pan", "mAP_th_pan")
+        return {name: float(eval_metrics[name]) for name in names if name in eval_metrics}
