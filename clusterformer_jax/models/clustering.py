@@ -269,7 +269,8 @@ class ClusteringMixer(nn.Module):
         if h % self.windows or w % self.windows:
             raise ModelConfigError(
                 f"a {h}x{w} feature map is not divisible by window count {self.windows}; "
-                "choose window_counts that divide every stage's size (e.g. [8,4,2,1] for 224 inputs)"
+                "set --config.model.kwargs.window_counts to counts that divide every stage's size (e.g. '(8,4,2,1)' for 224 "
+                "inputs)"
             )
 
     def _cluster_groups(self, group_inputs, alpha, beta, grid) -> Tuple[jax.Array, jax.Array]:
