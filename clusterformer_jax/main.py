@@ -151,11 +151,8 @@ def main(argv: Sequence[str]) -> None:
 
     if config.task not in task_registry.TASKS:
         _fail(f"unknown config.task {config.task!r}; available: {', '.join(sorted(task_registry.TASKS))}", EXIT_USAGE)
-    from clusterformer_jax.trainers import trainer
-
     from clusterformer_jax.preemption import EXIT_PREEMPTED
-
-    from clusterformer_jax.trainers import preflight
+    from clusterformer_jax.trainers import preflight, trainer
 
     try:
         preflight.check(config, workdir)  # Bad input stops here, with the workdir untouched.
