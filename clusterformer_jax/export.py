@@ -27,11 +27,15 @@ from typing import Any
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
-_OUT = flags.DEFINE_string("out", None, "Directory to write the export into (created; must be empty).")
-_EMA = flags.DEFINE_bool("ema", False, "Export the EMA parameters (when the run's state keeps them).")
-_BF16 = flags.DEFINE_bool("bf16", False, "Store floating parameters as bfloat16 (halves the size).")
-_PLATFORMS = flags.DEFINE_list("platforms", [], "Platforms the function is lowered for (default: this one).")
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so the module imports beside main and predict)."""
+    flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
+    flags.DEFINE_string("out", None, "Directory to write the export into (created; must be empty).")
+    flags.DEFINE_bool("ema", False, "Export the EMA parameters (when the run's state keeps them).")
+    flags.DEFINE_bool("bf16", False, "Store floating parameters as bfloat16 (halves the size).")
+    flags.DEFINE_list("platforms", [], "Platforms the function is lowered for (default: this one).")
+
 
 EXPORTED_FILE = "model.jax_exported"
 SIGNATURE_FILE = "signature.json"
@@ -217,16 +221,23 @@ def export(
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIR.value or not _OUT.value:
+    if not flags.FLAGS.workdir or not flags.FLAGS.out:
         _fail("--workdir and --out are required, e.g. --workdir=runs/quickstart --out=exports/quickstart")
     from clusterformer_jax.errors import ConfigError
 
     try:
-        signature = export(_WORKDIR.value, _OUT.value, ema=_EMA.value, bf16=_BF16.value, platforms=_PLATFORMS.value)
+        signature = export(
+            flags.FLAGS.workdir,
+            flags.FLAGS.out,
+            ema=flags.FLAGS.ema,
+            bf16=flags.FLAGS.bf16,
+            platforms=flags.FLAGS.platforms,
+        )
     except ConfigError as e:
         _fail(str(e))
-    print(f"exported step {signature['step']} of {signature['model']} to {_OUT.value}", flush=True)
+    print(f"exported step {signature['step']} of {signature['model']} to {flags.FLAGS.out}", flush=True)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

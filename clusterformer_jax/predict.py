@@ -38,11 +38,15 @@ from clusterformer_jax.tasks import registry as task_registry
 from clusterformer_jax.trainers.restore import init_params_from
 from clusterformer_jax.trainers.setup import build
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
-_OUT = flags.DEFINE_string("out", None, "Directory for the PNGs and predictions.json.")
-_IMAGES = flags.DEFINE_list("images", [], "Image files to predict; empty: the run's eval split.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Eval-split images to draw when --images is empty.")
-_THRESHOLD = flags.DEFINE_float("score_threshold", 0.3, "Detections drawn and written score at least this.")
+
+def define_flags() -> None:
+    """The command line (defined only when run as a script, so the module imports beside main and export)."""
+    flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
+    flags.DEFINE_string("out", None, "Directory for the PNGs and predictions.json.")
+    flags.DEFINE_list("images", [], "Image files to predict; empty: the run's eval split.")
+    flags.DEFINE_integer("num_images", 8, "Eval-split images to draw when --images is empty.")
+    flags.DEFINE_float("score_threshold", 0.3, "Detections drawn and written score at least this.")
+
 
 SUPPORTED_TASKS = ("detection", "instance_segmentation", "semantic_segmentation", "panoptic_segmentation")
 
@@ -92,7 +96,7 @@ def coco_results(
     predictions: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], row: int, category_ids: Sequence[int]
 ) -> list[dict[str, Any]]:
     """The kept detections of ``row`` in COCO results format (source-image pixels)."""
-    keep = np.flatnonzero(predictions["scores"][row] >= _THRESHOLD.value)
+    keep = np.flatnonzero(predictions["scores"][row] >= flags.FLAGS.score_threshold)
     masks = predictions["masks"][row][keep] if "masks" in predictions else None
     return coco_detections(
         int(batch["image_id"][row]),
@@ -109,15 +113,15 @@ def coco_results(
 
 def _batches(config: ml_collections.ConfigDict) -> Iterator[tuple[dict[str, np.ndarray], list[str]]]:
     """(batch of one, names) for every requested image."""
-    if _IMAGES.value:
+    if flags.FLAGS.images:
         transform = dense_pipeline.eval_transform(config.input)
-        for index, path in enumerate(_IMAGES.value):
+        for index, path in enumerate(flags.FLAGS.images):
             element = transform.map(file_example(path, index))
             yield {k: np.asarray(v)[None] for k, v in element.items()} | {"mask": np.ones((1,), np.float32)}, [path]
         return
     seen = 0
     for batch in dense_pipeline.create_eval_iterator(config.input, global_batch_size=1):
-        if seen >= _NUM_IMAGES.value:
+        if seen >= _NUMflags.FLAGS.images:
             return
         if batch["mask"][0] > 0:
             seen += 1
@@ -177,7 +181,7 @@ def predict(workdir: str, out_dir: str) -> list[str]:
         if config.task == "semantic_segmentation":
             labels, truth = _semantic_maps(predictions, batch, image.shape[:2])
             drawn = render.draw_label_map(image, labels, colours)
-            if not _IMAGES.value:
+            if not flags.FLAGS.images:
                 drawn = render.side_by_side(drawn, render.draw_label_map(image, truth, colours))
             source = map_prediction(predictions["semantic_logits"][0], batch, 0, (height, width), True, bilinear=True)
             Image.fromarray(np.argmax(source, -1).astype(np.uint8)).save(
@@ -186,7 +190,7 @@ def predict(workdir: str, out_dir: str) -> list[str]:
         elif config.task == "panoptic_segmentation":
             ids, colour, gt_colour, classes = _panoptic_maps(predictions, batch, image.shape[:2])
             drawn = _outline(render.draw_label_map(image, colour, colours), ids)
-            if not _IMAGES.value:
+            if not flags.FLAGS.images:
                 gt_ids = np.asarray(batch["panoptic_ids"][0])[: image.shape[0], : image.shape[1]]
                 drawn = render.side_by_side(drawn, _outline(render.draw_label_map(image, gt_colour, colours), gt_ids))
             source_ids = map_prediction(predictions["panoptic"][0], batch, 0, (height, width), True)
@@ -226,9 +230,9 @@ def _draw_detections(predictions, batch, image, names) -> np.ndarray:
         masks = _canvas_masks(predictions["masks"][0], image.shape[:2], 0.5)
     drawn = render.draw_instances(
         image, predictions["boxes"][0], predictions["labels"][0], predictions["scores"][0], names, masks,
-        score_threshold=_THRESHOLD.value,
+        score_threshold=flags.FLAGS.score_threshold,
     )  # fmt: skip
-    if _IMAGES.value:
+    if flags.FLAGS.images:
         return drawn
     valid = batch["instance_valid"][0]
     gt_masks = None
@@ -247,15 +251,16 @@ def _draw_detections(predictions, batch, image, names) -> np.ndarray:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIR.value or not _OUT.value:
+    if not flags.FLAGS.workdir or not flags.FLAGS.out:
         raise app.UsageError("--workdir and --out are required")
     try:
-        written = predict(_WORKDIR.value, _OUT.value)
+        written = predict(flags.FLAGS.workdir, flags.FLAGS.out)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    print(f"wrote {len(written)} PNGs and their json to {_OUT.value}")
+    print(f"wrote {len(written)} PNGs and their json to {flags.FLAGS.out}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
