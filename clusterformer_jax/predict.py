@@ -121,7 +121,7 @@ def _batches(config: ml_collections.ConfigDict) -> Iterator[tuple[dict[str, np.n
         return
     seen = 0
     for batch in dense_pipeline.create_eval_iterator(config.input, global_batch_size=1):
-        if seen >= _NUMflags.FLAGS.images:
+        if seen >= flags.FLAGS.num_images:
             return
         if batch["mask"][0] > 0:
             seen += 1
