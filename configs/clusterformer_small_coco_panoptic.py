@@ -18,4 +18,4 @@ def get_config() -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location("clusterformer_configs_dense", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.coco_panoptic_config("small")
+    return module.coco_config("panoptic_segmentation", "small")

@@ -175,11 +175,29 @@ def dense_base(task: str, dataset: str, model: str) -> ml_collections.ConfigDict
     return config
 
 
+def _paper_schedule(config: ml_collections.ConfigDict, train_images: int) -> None:
+    """What the paper's dense recipes share: batch 16, 50 epochs, AdamW lr 1e-5 as printed (Mask2Former uses
+    1e-4: --config.optim.base_lr=1e-4), an eval every 5 epochs, the backbone from an ImageNet run."""
+    config.input.num_threads = 16
+    config.batch_size = 16
+    config.num_epochs = 50.0
+    config.optim.base_lr = 1e-5
+    config.log_every_steps = 100
+    config.checkpoint.every_steps = 2000
+    config.eval_every_steps = 5 * train_images // 16
+    config.init_from = ""  # an ImageNet workdir or converted .safetensors of the backbone preset
+
+
 def coco_config(task: str, variant: str) -> ml_collections.ConfigDict:
-    """The paper's COCO recipe for ClusterFormer-``variant`` (tiny or small), initialised from ImageNet."""
+    """The paper's COCO recipe for ClusterFormer-``variant`` (tiny or small), initialised from ImageNet: crop
+    1024 with scale jitter [0.1, 2.0], test shorter side 800. Panoptic segmentation (§4.1.5) reads COCO
+    panoptic with 128 queries (kMaX's, whose losses the paper adopts; kMaX's lr is 5e-4 at batch 64)."""
     if variant not in ("tiny", "small"):
         raise ValueError(f"variant must be 'tiny' or 'small', got {variant!r}")
-    config = dense_base(task, "coco_instances", f"clusterformer_{variant}")
+    panoptic = task == "panoptic_segmentation"
+    config = dense_base(task, "coco_panoptic" if panoptic else "coco_instances", f"clusterformer_{variant}")
+    if panoptic:
+        config.model.decoder.num_queries = 128
     # Window counts must divide the stage maps of both the 1024 train crop (256/128/64/32) and the 1344 eval
     # canvas (336/168/84/42): 16x16-token windows in training, 21x21 at eval (the classifier's 7x7 at 224).
     config.model.kwargs.window_counts = (16, 8, 4, 2)
@@ -188,46 +206,15 @@ def coco_config(task: str, variant: str) -> ml_collections.ConfigDict:
     config.input.eval_short_side = 800
     config.input.eval_max_size = 1333
     config.input.eval_pad_size = 1344
-    config.input.num_threads = 16
-    config.batch_size = 16
-    config.num_epochs = 50.0
-    config.optim.base_lr = 1e-5  # as the paper states; Mask2Former uses 1e-4 (--config.optim.base_lr=1e-4)
-    config.log_every_steps = 100
-    config.checkpoint.every_steps = 2000
-    config.eval_every_steps = 5 * COCO_TRAIN_IMAGES // 16  # every 5 epochs
-    config.init_from = ""  # an ImageNet workdir or converted .safetensors of clusterformer_{variant}
-    return config
-
-
-def coco_panoptic_config(variant: str) -> ml_collections.ConfigDict:
-    """The paper's COCO panoptic recipe (§4.1.5) for ClusterFormer-``variant``: Eq. 7 with (5, 3, 1), AdamW lr
-    1e-5 (one flag), 50 epochs at batch 16, crop 1024 with scale jitter [0.1, 2.0], test shorter side 800;
-    128 queries (kMaX's, whose losses the paper adopts)."""
-    if variant not in ("tiny", "small"):
-        raise ValueError(f"variant must be 'tiny' or 'small', got {variant!r}")
-    config = dense_base("panoptic_segmentation", "coco_panoptic", f"clusterformer_{variant}")
-    config.model.decoder.num_queries = 128
-    config.model.kwargs.window_counts = (16, 8, 4, 2)  # as the COCO detection recipe (1024 crop, 1344 canvas)
-    config.input.train_crop_size = 1024
-    config.input.train_scale_range = (0.1, 2.0)
-    config.input.eval_short_side = 800
-    config.input.eval_max_size = 1333
-    config.input.eval_pad_size = 1344
-    config.input.num_threads = 16
-    config.batch_size = 16
-    config.num_epochs = 50.0
-    config.optim.base_lr = 1e-5  # as the paper states; kMaX uses 5e-4 at batch 64 (--config.optim.base_lr)
-    config.log_every_steps = 100
-    config.checkpoint.every_steps = 2000
-    config.eval_every_steps = 5 * COCO_PANOPTIC_TRAIN_IMAGES // 16
-    config.init_from = ""
+    _paper_schedule(config, COCO_PANOPTIC_TRAIN_IMAGES if panoptic else COCO_TRAIN_IMAGES)
     return config
 
 
 def ade20k_config(variant: str) -> ml_collections.ConfigDict:
     """The paper's ADE20K recipe (§4.1.3) for ClusterFormer-``variant`` (tiny or small), from ImageNet: 150
-    cluster centers (one per class), CE 5 + dice 1, AdamW lr 1e-5 (one flag: --config.optim.base_lr), 50
-    epochs at batch 16, crop 640 with scale jitter [0.5, 2.0], whole-image test at shorter side 640."""
+    cluster centers (one per class), CE 5 + dice 1, crop 640 with scale jitter [0.5, 2.0], whole-image test at
+    shorter side 640. 50 epochs of the 20,210 training images at batch 16 = 63,157 iterations (mmseg's ADE
+    schedules are 80k or 160k iterations; the paper states epochs)."""
     if variant not in ("tiny", "small"):
         raise ValueError(f"variant must be 'tiny' or 'small', got {variant!r}")
     config = dense_base("semantic_segmentation", "ade20k", f"clusterformer_{variant}")
@@ -238,16 +225,7 @@ def ade20k_config(variant: str) -> ml_collections.ConfigDict:
     config.input.train_scale_range = (0.5, 2.0)
     config.input.eval_short_side = 640
     config.input.eval_pad_size = 1280
-    config.input.num_threads = 16
-    config.batch_size = 16
-    # 50 epochs of the 20,210 training images at batch 16 = 63,157 iterations (mmseg's ADE schedules are 80k or
-    # 160k iterations; the paper states epochs).
-    config.num_epochs = 50.0
-    config.optim.base_lr = 1e-5  # as the paper states; Mask2Former uses 1e-4 (--config.optim.base_lr=1e-4)
-    config.log_every_steps = 100
-    config.checkpoint.every_steps = 2000
-    config.eval_every_steps = 5 * ADE20K_TRAIN_IMAGES // 16  # every 5 epochs
-    config.init_from = ""  # an ImageNet workdir or converted .safetensors of clusterformer_{variant}
+    _paper_schedule(config, ADE20K_TRAIN_IMAGES)
     return config
 
 
