@@ -27,10 +27,9 @@ from clu import metrics as clu_metrics
 
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation.coco import COCOEvaluator
-from clusterformer_jax.models import registry as model_registry
-from clusterformer_jax.models.decoder import DecoderConfig
 from clusterformer_jax.models.dense_model import DenseModel
 from clusterformer_jax.tasks import boxes as box_ops
+from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder
 from clusterformer_jax.tasks.semantic import grid_labels, pixel_cross_entropy
 from clusterformer_jax.tasks.set_losses import SetLossConfig, set_criterion
 
@@ -39,11 +38,7 @@ _PREDICT_FIELDS = ("top_k", "mask_threshold", "eval_backend")
 _TASK_FIELDS = ("aux_semantic_weight",)
 
 
-def _as_dict(section: Any) -> dict[str, Any]:
-    return section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
-
-
-class DetectionTask:
+class DetectionTask(DenseInputs):
     """Set prediction of things: boxes (and masks with ``with_masks``) for ``num_thing_classes`` classes."""
 
     def __init__(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any], *, with_masks: bool):
@@ -56,8 +51,8 @@ class DetectionTask:
         self.class_names = tuple(dataset_info["class_names"])[: self.num_classes]
         self.instances_json = dataset_info.get("instances_json")
         model = config["model"]
-        self.decoder_fields = _as_dict(model.get("decoder"))
-        det = _as_dict(config.get("detection"))
+        self.decoder_fields = as_dict(model.get("decoder"))
+        det = as_dict(config.get("detection"))
         unknown = sorted(set(det) - set(_LOSS_FIELDS) - set(_PREDICT_FIELDS) - set(_TASK_FIELDS))
         if unknown:
             raise ConfigError(f"config.detection has no field {unknown[0]!r}; valid: {sorted(_LOSS_FIELDS)}")
@@ -79,13 +74,7 @@ class DetectionTask:
 
     # ----------------------------------------------------------------------------------------- model
     def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
-        try:
-            decoder = DecoderConfig(**self.decoder_fields)
-            backbone = model_registry.create_backbone(model_name, **model_kwargs)
-        except TypeError as e:
-            raise ConfigError(f"config.model.decoder: {e}") from None
-        except ValueError as e:  # ModelConfigError: unknown model / field, bad decoder values
-            raise ConfigError(str(e)) from None
+        backbone, decoder = backbone_and_decoder(model_name, model_kwargs, self.decoder_fields)
         return DenseModel(
             backbone=backbone,
             decoder=decoder,
@@ -94,20 +83,7 @@ class DetectionTask:
             semantic_classes=self.num_semantic_classes if self.aux_semantic_weight > 0 else 0,
         )
 
-    def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
-        side = self.image_size
-        return {
-            "images": jnp.zeros((batch_size, side, side, 3), jnp.float32),
-            "pixel_mask": jnp.ones((batch_size, side, side), jnp.bool_),
-        }
-
-    def model_inputs(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        return {"images": batch["image"], "pixel_mask": batch["image_mask"]}
-
     # ----------------------------------------------------------------------------------------- training
-    def prepare_train_batch(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
-        return dict(batch)
-
     def targets(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """The criterion's targets: things that are not crowd regions, boxes normalised to the canvas."""
         classes = batch["classes"].astype(jnp.int32)

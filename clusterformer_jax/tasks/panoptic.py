@@ -24,9 +24,8 @@ from clu import metrics as clu_metrics
 
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation.panoptic import PanopticEvaluator
-from clusterformer_jax.models import registry as model_registry
-from clusterformer_jax.models.decoder import DecoderConfig
 from clusterformer_jax.models.dense_model import DenseModel
+from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder
 from clusterformer_jax.tasks.panoptic_losses import TERMS, PanopticLossConfig, panoptic_criterion
 from clusterformer_jax.tasks.panoptic_postprocess import panoptic_postprocess_batch
 from clusterformer_jax.tasks.semantic import grid_labels
@@ -43,7 +42,7 @@ _POST_DEFAULTS = dict(
 _OTHER_DEFAULTS = dict(upsample=1, eval_backend="numpy", compute_ap=True)
 
 
-class PanopticTask:
+class PanopticTask(DenseInputs):
     """Things and stuff of ``num_classes`` classes (COCO panoptic: 80 + 53) as decoder clusters."""
 
     def __init__(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]):
@@ -54,10 +53,8 @@ class PanopticTask:
         self.panoptic_json = dataset_info.get("panoptic_json")
         self.panoptic_png_dir = dataset_info.get("panoptic_png_dir")
         self.instances_json = dataset_info.get("instances_json")
-        decoder = config["model"].get("decoder")
-        self.decoder_fields = decoder.to_dict() if hasattr(decoder, "to_dict") else dict(decoder or {})
-        section = config.get("panoptic")
-        section = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+        self.decoder_fields = as_dict(config["model"].get("decoder"))
+        section = as_dict(config.get("panoptic"))
         known = set(_LOSS_FIELDS) | set(_POST_DEFAULTS) | set(_OTHER_DEFAULTS)
         unknown = sorted(set(section) - known)
         if unknown:
@@ -76,13 +73,7 @@ class PanopticTask:
 
     # ----------------------------------------------------------------------------------------- model
     def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
-        try:
-            decoder = DecoderConfig(**self.decoder_fields)
-            backbone = model_registry.create_backbone(model_name, **model_kwargs)
-        except TypeError as e:
-            raise ConfigError(f"config.model.decoder: {e}") from None
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        backbone, decoder = backbone_and_decoder(model_name, model_kwargs, self.decoder_fields)
         return DenseModel(
             backbone=backbone,
             decoder=decoder,
@@ -92,20 +83,7 @@ class PanopticTask:
             semantic_classes=self.num_classes,
         )
 
-    def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
-        side = self.image_size
-        return {
-            "images": jnp.zeros((batch_size, side, side, 3), jnp.float32),
-            "pixel_mask": jnp.ones((batch_size, side, side), jnp.bool_),
-        }
-
-    def model_inputs(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        return {"images": batch["image"], "pixel_mask": batch["image_mask"]}
-
     # ----------------------------------------------------------------------------------------- training
-    def prepare_train_batch(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
-        return dict(batch)
-
     def targets(self, batch: Mapping[str, jax.Array], grid: tuple[int, int]) -> dict[str, jax.Array]:
         """Segments (crowd regions excluded: their pixels are void) at the centres of the h x w grid's cells."""
         classes = batch["classes"].astype(jnp.int32)

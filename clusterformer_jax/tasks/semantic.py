@@ -32,10 +32,9 @@ from clu import metrics as clu_metrics
 from clusterformer_jax.data.dense_transforms import IGNORE_LABEL
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation.semantic import SemanticEvaluator
-from clusterformer_jax.models import registry as model_registry
-from clusterformer_jax.models.decoder import DecoderConfig
 from clusterformer_jax.models.dense_model import DenseModel, HeadModel
 from clusterformer_jax.models.paca_vit import PaCaSegHead
+from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder
 
 HEADS = ("cluster", "paca")
 _DEFAULTS = dict(
@@ -72,15 +71,14 @@ def class_dice(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_
     return jnp.mean(1.0 - (2.0 * inter + 1.0) / (sums + 1.0))
 
 
-class SemanticTask:
+class SemanticTask(DenseInputs):
     """Per-pixel classification over ``num_classes`` classes (ADE20K: 150) with a cluster or PaCa head."""
 
     def __init__(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]):
         self.num_classes = int(dataset_info["num_classes"])
         self.image_size = int(dataset_info["image_size"])
         self.class_names = tuple(dataset_info["class_names"])
-        section = config.get("semantic")
-        section = section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+        section = as_dict(config.get("semantic"))
         unknown = sorted(set(section) - set(_DEFAULTS))
         if unknown:
             raise ConfigError(f"config.semantic has no field {unknown[0]!r}; valid: {sorted(_DEFAULTS)}")
@@ -88,8 +86,7 @@ class SemanticTask:
         if self.options["head"] not in HEADS:
             raise ConfigError(f"config.semantic.head={self.options['head']!r}: use one of {HEADS}")
         model = config["model"]
-        decoder = model.get("decoder")
-        self.decoder_fields = decoder.to_dict() if hasattr(decoder, "to_dict") else dict(decoder or {})
+        self.decoder_fields = as_dict(model.get("decoder"))
         if self.options["head"] == "cluster":
             queries = self.decoder_fields.get("num_queries")
             if queries != self.num_classes:
@@ -105,29 +102,14 @@ class SemanticTask:
 
     # ----------------------------------------------------------------------------------------- model
     def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
-        try:
-            backbone = model_registry.create_backbone(model_name, **model_kwargs)
-            if self.options["head"] == "paca":
-                head = PaCaSegHead(
-                    self.num_classes, int(self.options["paca_channels"]), float(self.options["paca_dropout"])
-                )
-                return HeadModel(backbone=backbone, head=head)
-            decoder = DecoderConfig(**self.decoder_fields)
-        except TypeError as e:
-            raise ConfigError(f"config.model.decoder: {e}") from None
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        paca = self.options["head"] == "paca"
+        backbone, decoder = backbone_and_decoder(model_name, model_kwargs, None if paca else self.decoder_fields)
+        if paca:
+            head = PaCaSegHead(
+                self.num_classes, int(self.options["paca_channels"]), float(self.options["paca_dropout"])
+            )
+            return HeadModel(backbone=backbone, head=head)
         return DenseModel(backbone=backbone, decoder=decoder, num_classes=0)
-
-    def dummy_inputs(self, batch_size: int) -> dict[str, jax.Array]:
-        side = self.image_size
-        return {
-            "images": jnp.zeros((batch_size, side, side, 3), jnp.float32),
-            "pixel_mask": jnp.ones((batch_size, side, side), jnp.bool_),
-        }
-
-    def model_inputs(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        return {"images": batch["image"], "pixel_mask": batch["image_mask"]}
 
     def pixel_logits(self, outputs: Mapping[str, jax.Array]) -> jax.Array:
         """Per-layer (L, B, h, w, K) logits of the cluster head, or (1, B, h, w, K) of the PaCa head."""
@@ -136,9 +118,6 @@ class SemanticTask:
         return jnp.moveaxis(outputs["mask_logits"], 2, -1)
 
     # ----------------------------------------------------------------------------------------- training
-    def prepare_train_batch(self, batch: Mapping[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
-        return dict(batch)
-
     def loss_fn(
         self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array], rng: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
