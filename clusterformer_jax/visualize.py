@@ -2,12 +2,15 @@ r"""Cluster maps (paper Figure 3): which center every pixel is assigned to, at e
 
   python -m clusterformer_jax.visualize --workdir=RUN [--image=PATH] [--stage=S --block=B --head=H --step=t] --out=PNG
   python -m clusterformer_jax.visualize --model=clusterformer_tiny --init_from=converted.safetensors --out=PNG
+  python -m clusterformer_jax.visualize --workdir=DENSE_RUN --decoder_layer=L [--head=H --step=t] --out=PNG
 
 Runs the model once on the image with flax's ``intermediates`` collection mutable: the clustering mixers sow
 their own (T, G, K, N) assignment (ClusterFormer: the E-step's M of each EM step; Context Cluster: the
 point-to-center similarity, T = 1), and the map colours each pixel by its argmax center (one colour per
 center and window) with each center's position, the assignment-weighted mean of its pixels, as a dot. One
-panel per EM step (or only ``--step``), tiled in a strip. The image: ``--image``, else scikit-learn's
+panel per EM step (or only ``--step``), tiled in a strip. ``--decoder_layer`` draws a dense run's cluster
+decoder instead: its layer's queries are the centers, the (T, B, heads, Q, N) assignment its EM steps sow,
+the map each pixel's query on that layer's pixel-feature grid (stride 32, 16 or 8), upsampled to the image. The image: ``--image``, else scikit-learn's
 ``china.jpg`` sample photograph. Weights: a run's workdir (config.json + latest checkpoint), a converted
 ``--init_from`` file for ``--model``, or a random initialisation of ``--model`` (maps of an untrained model).
 """
@@ -16,47 +19,59 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
 
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.models import registry as model_registry
+from clusterformer_jax.models.clustering import MixerConfig
 from clusterformer_jax.models.context_cluster import stage_sizes
 
 IMAGENET_MEAN, IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
-def capturable(model):
+def _unchunked(mixer, encoder: bool):
+    if encoder and mixer.partition != "spatial":
+        raise ConfigError("cluster maps need partition='spatial': the released raw layout's tokens are not pixels")
+    return dataclasses.replace(mixer, group_chunk=None, group_chunk_bytes=None)
+
+
+def capturable(model, encoder: bool = True):
     """``model`` with what hides the sown assignments turned off: block remat and ClusterFormer's chunked
-    clustering loop (numbers unchanged; both only trade memory for time)."""
+    clustering loop (numbers unchanged; both only trade memory for time). A dense model's backbone is a
+    module: turned off in it. ``encoder=False`` (decoder maps) accepts any encoder partition."""
     backbone = getattr(model, "backbone", None)
     if isinstance(backbone, Mapping) and "mixer" in backbone:
-        mixer = dataclasses.replace(backbone["mixer"], group_chunk=None, group_chunk_bytes=None)
-        if mixer.partition != "spatial":
-            raise ConfigError("cluster maps need partition='spatial': the released raw layout's tokens are not pixels")
-        return model.clone(backbone=dict(backbone, mixer=mixer, remat=False))
+        return model.clone(backbone=dict(backbone, mixer=_unchunked(backbone["mixer"], encoder), remat=False))
+    if isinstance(backbone, flax.linen.Module):  # DenseModel / HeadModel
+        return model.clone(backbone=capturable(backbone, encoder))
+    if isinstance(getattr(model, "mixer", None), MixerConfig):  # ClusterFormerBackbone
+        return model.clone(mixer=_unchunked(model.mixer, encoder), remat=False)
     return model.clone(remat=False) if hasattr(model, "remat") else model
+
+
+def _sown(model, variables, images) -> dict[str, list[np.ndarray]]:
+    """{'/'-joined path: sown values} of every ``assignment`` the model's own forward pass on ``images`` sows."""
+    _, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, images)
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"]))
+    return {"/".join(path): [np.asarray(v) for v in value] for path, value in flat.items() if path[-1] == "assignment"}
 
 
 def sown_assignments(model, variables, images) -> dict[tuple[int, int], np.ndarray]:
     """{(stage, block): (T, G, K, N) assignment} sown by the model's own forward pass on ``images``."""
-    _, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(variables, images)
-    found: dict[tuple[int, int], list[np.ndarray]] = {}
-    for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"])).items():
-        if path[-1] != "assignment":
+    found: dict[tuple[int, int], np.ndarray] = {}
+    for path, steps in _sown(model, variables, images).items():
+        match = re.search(r"stage_(\d+)_block_(\d+)", path)
+        if match is None or path.startswith("decoder/"):
             continue
-        match = re.search(r"stage_(\d+)_block_(\d+)", "/".join(path))
-        steps = [np.asarray(v) for v in value]  # nn.scan stacks T steps in one array; loops sow one per step
+        # nn.scan stacks T steps in one array; loops sow one per step
         stacked = (
             steps[0] if len(steps) == 1 and steps[0].ndim == 4 else np.stack([s.reshape(s.shape[-3:]) for s in steps])
         )
@@ -64,6 +79,25 @@ def sown_assignments(model, variables, images) -> dict[tuple[int, int], np.ndarr
     if not found:
         raise ConfigError("the model sowed no cluster assignment: is it ClusterFormer or Context Cluster?")
     return found
+
+
+def sown_decoder_assignments(model, variables, images) -> dict[int, np.ndarray]:
+    """{decoder layer: (T, B, heads, Q, N) assignment} sown by a dense model's cluster decoder on ``images``."""
+    found = {}
+    for path, steps in _sown(model, variables, images).items():
+        match = re.fullmatch(r"decoder/layer_(\d+)/em/assignment", path)
+        if match:
+            found[int(match.group(1))] = steps[0]  # the layer's nn.scan stacks its T steps
+    if not found:
+        raise ConfigError("the model sowed no decoder assignment: pass the workdir of a cluster-decoder dense run")
+    return found
+
+
+def decoder_maps(assignment: np.ndarray, map_hw: tuple[int, int], head: int, image: int = 0):
+    """``cluster_maps`` of one decoder layer's (T, B, heads, Q, N) assignment: one window, the Q queries as its
+    centers. Returns labels (T, h, w), each pixel's argmax query, and positions (T, Q, 2)."""
+    steps, batch, heads, queries, n = assignment.shape
+    return cluster_maps(assignment.reshape(steps, batch * heads, queries, n), batch, map_hw, head, image)
 
 
 def cluster_maps(assignment: np.ndarray, batch: int, map_hw: tuple[int, int], head: int, image: int = 0):
@@ -112,26 +146,22 @@ def prepare(image: np.ndarray, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) 
 
 
 def load(workdir: str | None, init_from: str | None, name: str, size: int | None) -> tuple[Any, Any, int, Any]:
-    """(model, variables, image size, input config or None) from a workdir, a converted file, or a fresh init."""
+    """(model, variables, image size, input config or None) from a workdir, a converted file, or a fresh init.
+    A workdir's dataset facts come from its dataset_info.json when it has one (no dataset needed)."""
     if workdir:
         from clusterformer_jax import sharding
-        from clusterformer_jax.tasks import registry as task_registry
+        from clusterformer_jax.export import load_run
         from clusterformer_jax.trainers.restore import init_params_from
         from clusterformer_jax.trainers.setup import build
 
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
-            raise ConfigError(f"{workdir!r} holds no config.json; pass the workdir of a training run")
-        with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        config, info = load_run(workdir)
         mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-        info = task_registry.input_module(config).get_dataset_info(config.input)
         setup = build(config, mesh, info, total_steps=1, steps_per_epoch=1.0)
         state = init_params_from(workdir, setup, setup.init_state(0))
         variables = {"params": state.params}
         if getattr(state, "batch_stats", None):
             variables["batch_stats"] = state.batch_stats
-        return setup.model, variables, size or int(config.input.image_size), config.input
+        return setup.model, variables, size or int(config.input.get("image_size") or info["image_size"]), config.input
     size = size or (32 if name == "clusterformer_nano" else 224)
     if init_from:
         from clusterformer_jax.convert.common import load_variables
@@ -169,9 +199,31 @@ def draw(shown: np.ndarray, labels: np.ndarray, centers: np.ndarray, titles: Seq
     return out
 
 
-def visualize(image: np.ndarray, model, variables, size: int, input_cfg, stage: int, block: int, head: int, step, out):
+def decoder_grid(model, layer: int, size: int) -> tuple[int, int]:
+    """The (h, w) pixel-feature grid decoder ``layer`` clusters on a ``size`` square input."""
+    stride = model.decoder.layer_strides[layer]
+    return stage_sizes(size, size)[int(math.log2(stride)) - 2]
+
+
+def visualize_decoder(shown, normalised, model, variables, layer: int, head: int, step, out):
+    found = sown_decoder_assignments(capturable(model, encoder=False), variables, normalised)
+    layer = layer if layer >= 0 else len(found) + layer
+    if layer not in found:
+        raise ConfigError(f"decoder layer {layer} does not exist; layers: 0-{len(found) - 1}")
+    labels, centers = decoder_maps(found[layer], decoder_grid(model, layer, shown.shape[0]), head)
+    chosen = range(labels.shape[0]) if step is None else [step]
+    titles = [f"decoder layer {layer} head {head} step {t + 1}/{labels.shape[0]}" for t in chosen]
+    return draw(shown, labels[list(chosen)], centers[list(chosen)], titles, out)
+
+
+def visualize(
+    image: np.ndarray, model, variables, size: int, input_cfg, stage: int, block: int, head: int, step, out, layer=None
+):
+    """Draws the encoder's maps of ``stage``/``block``, or with ``layer`` set those of that decoder layer."""
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if input_cfg is None else (input_cfg.mean, input_cfg.std)
     shown, normalised = prepare(image, size, mean, std)
+    if layer is not None:
+        return visualize_decoder(shown, normalised, model, variables, layer, head, step, out)
     found = sown_assignments(capturable(model), variables, normalised)
     stage = stage if stage >= 0 else max(s for s, _ in found)
     blocks = sorted(b for s, b in found if s == stage)
@@ -195,6 +247,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("block", -1, "Block of the stage (-1: the last).")
     flags.DEFINE_integer("head", 0, "Head.")
     flags.DEFINE_integer("step", None, "Only this EM step (default: every step, tiled).")
+    flags.DEFINE_integer(
+        "decoder_layer", None, "A dense run's cluster-decoder layer (-1: the last) instead of the encoder."
+    )
     flags.DEFINE_string("out", "clusters.png", "The PNG to write.")
 
 
@@ -207,7 +262,7 @@ def main(argv: Sequence[str]) -> None:
         flags.FLAGS.workdir, flags.FLAGS.init_from, flags.FLAGS.model, flags.FLAGS.image_size
     )
     args = (flags.FLAGS.stage, flags.FLAGS.block, flags.FLAGS.head, flags.FLAGS.step, flags.FLAGS.out)
-    print(visualize(image, model, variables, size, input_cfg, *args))
+    print(visualize(image, model, variables, size, input_cfg, *args, layer=flags.FLAGS.decoder_layer))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,25 @@
-"""Cluster maps: the right shape, every pixel labelled, equal to the argmax of the model's sown assignment."""
+"""Cluster maps: the right shape, every pixel labelled, equal to the argmax of the model's sown assignment
+(encoder blocks, and the cluster decoder's layers of a dense run)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from clusterformer_jax import visualize
+from clusterformer_jax import checkpointing, sharding, visualize
+from clusterformer_jax.data import dense_pipeline
 from clusterformer_jax.models import registry
 from clusterformer_jax.models.context_cluster import stage_sizes
+from clusterformer_jax.trainers.setup import build
+from clusterformer_jax.trainers.trainer import DATASET_INFO_FILE, _jsonable
+from tests import load_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _check_maps(assignment, map_hw, head):
@@ -72,5 +85,64 @@ def test_visualize_writes_a_strip(tmp_path, nano):
     model, variables = nano
     image = np.random.default_rng(2).integers(0, 255, (40, 50, 3), dtype=np.uint8)
     out = visualize.visualize(image, model, variables, 32, None, 2, -1, 3, None, str(tmp_path / "maps.png"))
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory, persistent_compilation_cache):
+    """A tiny instance-segmentation workdir as the trainer leaves one (config.json, dataset_info.json, a
+    checkpoint), its checkpoint the fresh init: the maps need the run's model and weights, not training.
+    ClusterFormer nano on the 64 px small shapes; decoder: 2 layers (strides 32, 16), 4 queries, 2 heads."""
+    workdir = tmp_path_factory.mktemp("dense_run")
+    config = load_config("shapes_instance.py", "clusterformer")
+    config.input.data_dir = str(tmp_path_factory.mktemp("shapes_data"))
+    config.input.shapes_variant = "small"
+    for key in ("train_crop_size", "eval_pad_size", "eval_short_side", "eval_max_size"):
+        config.input[key] = 64
+    config.model.decoder.update(dim=16, num_queries=4, num_layers=2, layer_strides=(32, 16), num_heads=2, ffn_dim=16)
+    info = dense_pipeline.get_dataset_info(config.input)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    (workdir / DATASET_INFO_FILE).write_text(json.dumps(dict(info), default=_jsonable))
+    mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    state = build(config, mesh, info, total_steps=1, steps_per_epoch=1.0).init_state(0)
+    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)), async_save=False)
+    ckpt.save(0, state, force=True)
+    ckpt.close()
+    return workdir
+
+
+def test_decoder_maps_are_the_argmax_of_each_layers_sown_assignment(dense_run):
+    model, variables, size, _ = visualize.load(str(dense_run), None, "unused", None)
+    assert size == 64
+    images = np.random.default_rng(3).normal(size=(1, 64, 64, 3)).astype(np.float32)
+    found = visualize.sown_decoder_assignments(visualize.capturable(model, encoder=False), variables, images)
+    assert sorted(found) == [0, 1]
+    for layer, (h, w) in ((0, (2, 2)), (1, (4, 4))):  # strides 32 and 16 of 64 px
+        assignment = found[layer]
+        assert visualize.decoder_grid(model, layer, size) == (h, w)
+        assert assignment.shape == (3, 1, 2, 4, h * w)  # T=3 EM steps, 1 image, 2 heads, 4 queries, pixels
+        np.testing.assert_allclose(assignment.sum(axis=3), 1.0, rtol=1e-5)  # E-step softmax over the queries
+        labels, centers = visualize.decoder_maps(assignment, (h, w), head=1)
+        assert labels.shape == (3, h, w) and centers.shape == (3, 4, 2)
+        assert labels.min() >= 0 and labels.max() < 4  # every pixel holds a query
+        np.testing.assert_array_equal(labels, assignment[:, 0, 1].argmax(axis=1).reshape(3, h, w))
+    assert not np.array_equal(found[1][0].argmax(2), found[1][2].argmax(2))  # the EM steps move the clusters
+
+
+def test_visualize_command_draws_a_decoder_layer(dense_run, tmp_path):
+    out = tmp_path / "decoder.png"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,  # the fixture's programs compile once
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    command = [sys.executable, "-m", "clusterformer_jax.visualize", f"--workdir={dense_run}", f"--out={out}"]
+    proc = subprocess.run(
+        [*command, "--decoder_layer=-1", "--head=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith(str(out))
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

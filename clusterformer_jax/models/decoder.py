@@ -161,6 +161,7 @@ class ClusterEMStep(nn.Module):
 
     Carry: the queries (B, Q, D). Broadcast: query positions (B, Q, D), keys/values (B, h, N, e), valid (B, N),
     prior (B, Q, N) or None. C <- C + W_o M-step(E-step(W_q (LN(C) + pos), K, prior), V).
+    With the ``intermediates`` collection mutable, the E-step's M (B, h, Q, N) is sown as ``assignment``.
     """
 
     dim: int
@@ -171,7 +172,10 @@ class ClusterEMStep(nn.Module):
     def __call__(self, queries, pos, keys, values, valid, prior=None):
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(queries) + pos
         q = split_heads(nn.Dense(self.dim, dtype=self.dtype, name="query")(x), self.heads)
-        update = merge_heads(m_step(e_step(q, keys, valid, prior), values))
+        assign = e_step(q, keys, valid, prior)
+        if self.is_mutable_collection("intermediates"):  # the cluster maps (visualize.py), as the encoder's EMStep
+            self.sow("intermediates", "assignment", assign)
+        update = merge_heads(m_step(assign, values))
         queries = queries + nn.Dense(self.dim, dtype=self.dtype, name="out")(update.astype(self.dtype))
         return queries, None
 
@@ -181,6 +185,7 @@ def em_scan(num_iters: int, unroll: int, **step_kwargs) -> nn.Module:
     scanned = nn.scan(
         ClusterEMStep,
         variable_broadcast="params",
+        variable_axes={"intermediates": 0},  # the T steps' sown assignments, stacked
         split_rngs={"params": False},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=num_iters,
