@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import time
 
@@ -86,25 +85,8 @@ def test_sigterm_at_a_random_step_then_restart_is_bitwise_identical(reference, s
     tiny_run.assert_states_equal(final, tiny_run.stored_state(reference, tiny_run.TOTAL_STEPS))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_processes(workdir, shared, sleep: float = 0.0) -> list[subprocess.Popen]:
-    port = _free_port()
-    return [
-        tiny_run.start(
-            tiny_run.args(workdir, *shared),
-            sleep=sleep,
-            CLUSTERFORMER_DISTRIBUTED="1",
-            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-            CLUSTERFORMER_NUM_PROCESSES="2",
-            CLUSTERFORMER_PROCESS_ID=str(i),
-        )
-        for i in range(2)
-    ]
+    return tiny_run.start_processes(tiny_run.args(workdir, *shared), 2, sleep)
 
 
 @pytest.mark.slow

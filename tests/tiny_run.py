@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,6 +108,28 @@ def start(run_args: list[str], sleep: float = 0.0, **env_extra: str) -> subproce
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(run_args: list[str], num_processes: int, sleep: float = 0.0) -> list[subprocess.Popen]:
+    """``num_processes`` runs of ``run_args`` joined by jax.distributed on 127.0.0.1, one CPU device each."""
+    port = free_port()
+    return [
+        start(
+            run_args,
+            sleep=sleep,
+            CLUSTERFORMER_DISTRIBUTED="1",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            CLUSTERFORMER_NUM_PROCESSES=str(num_processes),
+            CLUSTERFORMER_PROCESS_ID=str(i),
+        )
+        for i in range(num_processes)
+    ]
 
 
 def run(run_args: list[str], timeout: float = 240, **env_extra: str) -> tuple[int, str]:

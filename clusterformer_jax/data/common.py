@@ -1,8 +1,9 @@
 """Pieces shared by the classification (`pipeline.py`) and dense (`dense_pipeline.py`) input pipelines.
 
 Both pipelines read a tfds array_record split through grain the same way: a source that decodes on access
-and skips unreadable records, process p of P taking examples p, p + P, ..., per-process seeds derived from
-(seed, p), and an eval pass padded to whole batches with a 'mask' column. Keeping these here gives the two
+and skips unreadable records, one global training stream (shuffle and augmentation seeded from the run's
+seed alone) of which process p of P reads rows [p * B/P, (p + 1) * B/P) of each global batch of B, and an
+eval pass (process p taking examples p, p + P, ...) padded to whole batches with a 'mask' column. Keeping these here gives the two
 pipelines one definition of each, so their sharding, seeding and padding cannot drift apart.
 """
 
@@ -97,10 +98,45 @@ def process_layout(global_batch_size: int, process_index: int | None, process_co
     return ProcessLayout(process_index, process_count, global_batch_size // process_count)
 
 
-def derive_seeds(seed: int, process_index: int) -> tuple[int, int]:
-    """Independent 32-bit (shuffle, augmentation) seeds for this process, from (seed, process_index)."""
-    state = np.random.SeedSequence([seed, process_index]).generate_state(2)
+def derive_seeds(seed: int) -> tuple[int, int]:
+    """Independent 32-bit (shuffle, augmentation) seeds of the global training stream, from `seed`.
+
+    The same in every process (the stream is global); derived as process 0's seeds were when each process
+    had its own stream, so a one-process run reads the batches it always did.
+    """
+    state = np.random.SeedSequence([seed, 0]).generate_state(2)
     return int(state[0]), int(state[1])
+
+
+class LocalRows(grain.MapDataset):
+    """This process's rows of a global stream: of global batch b, the rows at b * B + p * L + r, r < L.
+
+    (B = layout.count * L.) Concatenated in process order, the processes' local batches are the global
+    stream's batches, whatever the process count: a run's data does not depend on how many hosts read it.
+    An unreadable element (None) is replaced by the next readable one of the stream (which then appears
+    twice), a function of the position only, so every process count replaces it alike.
+    """
+
+    def __init__(self, parent: grain.MapDataset, layout: ProcessLayout):
+        super().__init__(parent)
+        self._layout = layout
+
+    def __len__(self) -> int:
+        return len(self._parent) // (self._layout.count * self._layout.local_batch) * self._layout.local_batch
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self._layout.local_batch)
+        position = (batch * self._layout.count + self._layout.index) * self._layout.local_batch + row
+        for offset in range(MAX_CONSECUTIVE_FAILURES):
+            element = self._parent[position + offset]
+            if element is not None:
+                return element
+        raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} consecutive training elements from {position} failed to load")
+
+    def __str__(self) -> str:
+        return f"LocalRows(process {self._layout.index} of {self._layout.count}, {self._layout.local_batch} rows)"
 
 
 def read_options(num_threads: int, prefetch_buffer_size: int | None, local_batch: int) -> grain.ReadOptions:

@@ -420,21 +420,24 @@ def create_train_iterator(
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator of augmented training batches for this process.
 
-    Process p reads examples p, p + P, ... of the train split, reshuffled every
-    epoch from (seed, p); augmentation is a function of (seed, p, position), so
-    `get_state` / `set_state` resume exactly. Unreadable records are skipped
-    and counted in `skipped_examples()`.
+    One global stream, reshuffled every epoch from `seed`, with augmentation a
+    function of (seed, position); process p of P takes rows [p * B/P, (p + 1) * B/P)
+    of each global batch of B (`common.LocalRows`), so the global batches do not
+    depend on P, and `get_state` / `set_state` resume exactly. Unreadable records
+    are replaced by the next readable one and counted in `skipped_examples()`.
     """
-    pi, pc, local_batch = common.process_layout(global_batch_size, process_index, process_count)
+    layout = common.process_layout(global_batch_size, process_index, process_count)
+    local_batch = layout.local_batch
     transform = train_transform(config)
     keys = _outputs(config, eval_mode=False)
     source = _open_split(config, _field(config, "train_split"))
-    shuffle_seed, augment_seed = common.derive_seeds(seed, pi)
-    ds = grain.MapDataset.source(source)[pi::pc].shuffle(seed=shuffle_seed).repeat()
+    shuffle_seed, augment_seed = common.derive_seeds(seed)
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
     ds = ds.random_map(transform, seed=augment_seed)  # Unreadable (None) records pass through ...
     if keys:
         ds = ds.map(common.SelectKeys(keys))
-    it_ds = ds.to_iter_dataset(_read_options(config, local_batch))  # ... and are dropped here.
+    ds = common.LocalRows(ds, layout)  # ... and are replaced here.
+    it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
     return iter(common.batch_local(it_ds, local_batch, int(_field(config, "num_workers"))))
 
 

@@ -277,25 +277,25 @@ def create_train_iterator(
 ) -> grain.DatasetIterator:
     """Infinite, checkpointable iterator of augmented training batches for this process.
 
-    Process p reads examples p, p + P, p + 2P, ... of the train split, reshuffled
-    every epoch from (seed, p); augmentation randomness is a function of
-    (seed, p, element position), so `get_state`/`set_state` resume exactly.
+    One global stream, reshuffled every epoch from `seed`, with augmentation a function of (seed, position);
+    process p of P takes rows [p * B/P, (p + 1) * B/P) of each global batch of B (`common.LocalRows`), so
+    the global batches do not depend on P, and `get_state`/`set_state` resume exactly.
     """
-    pi, pc, local_batch = common.process_layout(global_batch_size, process_index, process_count)
+    layout = common.process_layout(global_batch_size, process_index, process_count)
+    local_batch = layout.local_batch
     transform = train_transforms(config)
     source = _open_split(config, _field(config, "train_split", "train"))
     if _field(config, "cache_train", False):
         prefix, transform = transform.split_deterministic()
         source = _CachedSource(source, prefix)
-    shuffle_seed, augment_seed = common.derive_seeds(seed, pi)
-    ds = grain.MapDataset.source(source)[pi::pc]
-    ds = ds.shuffle(seed=shuffle_seed).repeat()
-    # Unreadable records are None here; to_iter_dataset drops them.
+    shuffle_seed, augment_seed = common.derive_seeds(seed)
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat()
+    # Unreadable records are None here; LocalRows replaces them.
     if transform.is_random:
         ds = ds.random_map(transform, seed=augment_seed)
     elif transform.transforms:
         ds = ds.map(transform.map)
-    it_ds = ds.to_iter_dataset(_read_options(config, local_batch))
+    it_ds = common.LocalRows(ds, layout).to_iter_dataset(_read_options(config, local_batch))
     it_ds = it_ds.batch(local_batch, drop_remainder=True)
     # Batches are stacked in a background thread so the trainer's thread only dispatches steps. The
     # iterator state still counts consumed batches only, so checkpoints resume exactly.
