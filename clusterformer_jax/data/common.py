@@ -3,8 +3,9 @@
 Both pipelines read a tfds array_record split through grain the same way: a source that decodes on access
 and skips unreadable records, one global training stream (shuffle and augmentation seeded from the run's
 seed alone) of which process p of P reads rows [p * B/P, (p + 1) * B/P) of each global batch of B, and an
-eval pass (process p taking examples p, p + P, ...) padded to whole batches with a 'mask' column. Keeping these here gives the two
-pipelines one definition of each, so their sharding, seeding and padding cannot drift apart.
+eval pass (process p taking examples p, p + P, ...) padded to whole batches with a 'mask' column. Keeping
+these here gives the two pipelines one definition of each, so their sharding, seeding and padding cannot
+drift apart.
 """
 
 from __future__ import annotations
