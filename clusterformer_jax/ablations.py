@@ -1,18 +1,20 @@
 r"""The paper's Table 6 ablations: our size of every row beside the paper's numbers, and a small-scale rerun.
 
   python -m clusterformer_jax.ablations [--tables=abcdef] [--flops]
-  python -m clusterformer_jax.ablations --train [--tables=abcde] [--steps=300] [--seeds=3] [--workdir=runs/ablations]
+  python -m clusterformer_jax.ablations --train [--tables=abcde] [--steps=300] [--seeds=3] [--jobs=2]
 
 The rows are the configs ``configs/ablations/table6{a..f}.py:ROW``. The table lists, per row, the parameter
 count of our ClusterFormer-Tiny (1000 classes; (f): the COCO instance-segmentation model) and, with
 ``--flops``, the forward GFLOPs at 224x224 (XLA's cost analysis), beside the paper's #Params and top-1 /
 mask AP. The paper reports no FLOPs in Table 6. ``--train`` trains every row of (a)-(e) on the quickstart's
-digits with the nano model (``ROW,quickstart``), ``--steps`` steps for each of ``--seeds`` seeds, and prints
-eval top-1 as mean +- half the range: a small-scale Table 6, not the paper's ImageNet numbers.
+digits with the nano model (``ROW,quickstart``), ``--steps`` steps for each of ``--seeds`` seeds, ``--jobs`` runs
+at a time (rows with equal options are trained once), and prints eval top-1 and loss as mean +- half the range:
+a small-scale Table 6, not the paper's ImageNet numbers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
 import subprocess
@@ -101,45 +103,69 @@ def size_table(tables: str, flops: bool) -> list[str]:
     return lines
 
 
-def final_top1(workdir: str) -> float:
-    """The last eval top-1 a run wrote to its TensorBoard events."""
+def final_eval(workdir: str) -> tuple[float, float]:
+    """(top-1, loss) of the last evaluation a run wrote to its TensorBoard events."""
     from clusterformer_jax.plot import read_scalars  # the plotter's reader; keeps matplotlib out of --list
 
     scalars = read_scalars(workdir)
-    tag = next((t for t in ("eval_top1", "top1") if t in scalars), None)
-    if tag is None:
-        raise RuntimeError(f"{workdir}: no eval top-1 in its events (tags: {sorted(scalars)})")
-    return scalars[tag][-1][1]
+    if "eval_top1" not in scalars or "eval_loss" not in scalars:
+        raise RuntimeError(f"{workdir}: no eval top-1 and loss in its events (tags: {sorted(scalars)})")
+    return scalars["eval_top1"][-1][1], scalars["eval_loss"][-1][1]
 
 
-def train_table(tables: str, steps: int, seeds: int, parent: str) -> list[str]:
-    t6 = table6()
-    lines = [
-        f"Small-scale Table 6: nano ClusterFormer on 32x32 digits, {steps} steps, top-1 mean +- half-range "
-        f"over {seeds} seeds (not ImageNet: compare rows, not the paper's values)",
-        f"{'row':<22}{'top-1 (%)':>16}{'paper top-1':>13}",
+def _train_run(table: str, row: str, seed: int, steps: int, workdir: str) -> tuple[float, float]:
+    """Trains one row for one seed in a subprocess (the trainer's command line); returns eval (top-1 %, loss)."""
+    command = [
+        sys.executable,
+        "-m",
+        "clusterformer_jax.main",
+        f"--config={os.path.join(_REPO, 'configs', 'ablations', f'table6{table}.py')}:{row},quickstart",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+        f"--config.num_train_steps={steps}",
+        f"--config.eval_every_steps={steps}",
+        f"--config.checkpoint.every_steps={steps}",
     ]
-    for table, row in rows("".join(t for t in tables if t != "f")):
-        scores = []
-        for seed in range(seeds):
-            workdir = os.path.join(parent, f"6{table}_{row}_seed{seed}")
-            command = [
-                sys.executable,
-                "-m",
-                "clusterformer_jax.main",
-                f"--config={os.path.join(_REPO, 'configs', 'ablations', f'table6{table}.py')}:{row},quickstart",
-                f"--workdir={workdir}",
-                f"--config.seed={seed}",
-                f"--config.num_train_steps={steps}",
-                f"--config.eval_every_steps={steps}",
-                f"--config.checkpoint.every_steps={steps}",
-            ]
-            subprocess.run(command, check=True, cwd=_REPO)
-            scores.append(100.0 * final_top1(workdir))
-        spread = (max(scores) - min(scores)) / 2
+    os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
+    with open(f"{workdir}.log", "w") as log:  # beside the workdir: the trainer refuses a non-empty new one
+        done = subprocess.run(command, cwd=_REPO, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"Table 6{table} {row} seed {seed} failed (exit {done.returncode}); see {workdir}.log")
+    top1, loss = final_eval(workdir)
+    print(f"(6{table}) {row} seed {seed}: top-1 {100 * top1:.2f}, eval loss {loss:.4f}", flush=True)
+    return 100 * top1, loss
+
+
+def train_table(tables: str, steps: int, seeds: int, parent: str, jobs: int = 1) -> list[str]:
+    """Trains every (a)-(e) row ``seeds`` times, ``jobs`` runs at a time. Rows with the same options (the default
+    model is a row of every sub-table; (e) 'none' is (a) 'recurrent') are trained once and listed under each."""
+    t6 = table6()
+    listed = rows("".join(t for t in tables if t != "f"))
+    options = {(t, r): tuple(sorted(t6.CLASSIFICATION[t][r][0].items())) for t, r in listed}
+    first = {}  # options -> the first row that has them (its workdirs hold the runs)
+    for key in listed:
+        first.setdefault(options[key], key)
+    runs = {
+        (key, seed): os.path.join(parent, f"6{key[0]}_{key[1]}_seed{seed}")
+        for key in first.values()
+        for seed in range(seeds)
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {run: pool.submit(_train_run, run[0][0], run[0][1], run[1], steps, wd) for run, wd in runs.items()}
+    lines = [
+        f"Small-scale Table 6: nano ClusterFormer on 32x32 digits (360 eval images), {steps} steps; eval top-1 and "
+        f"loss as mean +- half-range over {seeds} seeds (not ImageNet: compare rows, not the paper's values)",
+        f"{'row':<22}{'top-1 (%)':>16}{'eval loss':>18}{'paper top-1':>13}  same runs as",
+    ]
+    for table, row in listed:
+        source = first[options[table, row]]
+        top1, loss = np.array([futures[source, seed].result() for seed in range(seeds)]).T
         paper = t6.CLASSIFICATION[table][row][2]
-        lines.append(f"{'(' + table + ') ' + row:<22}{np.mean(scores):>9.2f} +-{spread:>5.2f}{paper:>13.2f}")
-        print(lines[-1], flush=True)
+        shared = f"  ({source[0]}) {source[1]}" if source != (table, row) else ""
+        lines.append(
+            f"{'(' + table + ') ' + row:<22}{top1.mean():>9.2f} +-{np.ptp(top1) / 2:>5.2f}"
+            f"{loss.mean():>11.4f} +-{np.ptp(loss) / 2:>5.4f}{paper:>13.2f}{shared}"
+        )
     return lines
 
 
@@ -151,12 +177,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps", 300, "Training steps per run with --train.")
     flags.DEFINE_integer("seeds", 3, "Seeds per row with --train.")
     flags.DEFINE_string("workdir", "runs/ablations", "Parent of the --train workdirs (one per row and seed).")
+    flags.DEFINE_integer("jobs", 1, "Training runs at a time with --train.")
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
     if flags.FLAGS.train:
-        lines = train_table(flags.FLAGS.tables, flags.FLAGS.steps, flags.FLAGS.seeds, flags.FLAGS.workdir)
+        lines = train_table(
+            flags.FLAGS.tables, flags.FLAGS.steps, flags.FLAGS.seeds, flags.FLAGS.workdir, flags.FLAGS.jobs
+        )
     else:
         lines = size_table(flags.FLAGS.tables, flags.FLAGS.flops)
     print("\n".join(lines))

@@ -158,3 +158,21 @@ def test_mixer_dispatch_options_match_numpy(dispatch):
 def test_ablated_options_need_the_spatial_partition():
     with pytest.raises(ValueError, match="partition='spatial'"):
         clustering.MixerConfig(center_update="kmeans", partition="raw").validate()
+
+
+def test_train_table_trains_rows_with_equal_options_once(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(table, row, seed, steps, workdir):
+        calls.append((table, row, seed))
+        return 90.0 + seed, 0.1 * (seed + 1)  # top-1 %, eval loss
+
+    monkeypatch.setattr(ablations, "_train_run", fake_run)
+    lines = ablations.train_table("abcde", steps=5, seeds=2, parent=str(tmp_path), jobs=2)
+    options = {
+        tuple(sorted(opts.items())) for rows in ablations.table6().CLASSIFICATION.values() for opts, *_ in rows.values()
+    }
+    assert len(calls) == 2 * len(options) == 2 * 18  # the default model is a row of every sub-table
+    assert len(lines) == 2 + 23
+    both = next(line for line in lines if line.startswith("(b) T3"))
+    assert "90.50 +- 0.50" in both and "0.1500 +-0.0500" in both and both.endswith("(a) both")
