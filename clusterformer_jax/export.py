@@ -7,9 +7,11 @@ Writes into DIR:
   parameters when the run keeps them; ``--bf16`` floating leaves in bfloat16), with ``config.json`` and
   ``dataset_info.json`` beside it;
 - ``model.jax_exported``: ``jax.export`` of the inference function (StableHLO, parameters embedded) with a
-  symbolic batch dimension: {input name: array} -> the model's outputs (classification: logits). Inputs are
-  what the eval pipeline feeds the model (classification: 'images', float32 NHWC, normalised with the
-  config's input.mean / input.std);
+  symbolic batch dimension: {input name: array} -> the task's fixed-shape predictions (dense tasks: what
+  ``task.predict`` hands the evaluator, e.g. top-k boxes / scores / labels / masks, or semantic logits) or,
+  for classification, the logits. Inputs are what the eval pipeline feeds the model ('images', float32
+  NHWC, normalised with the config's input.mean / input.std; dense tasks add 'pixel_mask', bool, on the
+  eval canvas of eval_image_size);
 - ``signature.json``: input and output names, shapes ('b' the batch) and dtypes;
 - ``load_exported.py``: a standalone loader that needs only jax and numpy
   (``python DIR/load_exported.py DIR [inputs.npz] [outputs.npz]``).
@@ -41,6 +43,8 @@ EXPORTED_FILE = "model.jax_exported"
 SIGNATURE_FILE = "signature.json"
 LOADER_FILE = "load_exported.py"
 PARAMS_DIR = "params"
+# trainers.trainer.DATASET_INFO_FILE, not imported from there: the trainer loads TensorFlow (CLU's writers).
+DATASET_INFO_FILE = "dataset_info.json"
 BATCH = "b"
 BATCH_DEPENDENT_FIELDS = ("group_chunk", "group_chunk_bytes")
 
@@ -83,7 +87,6 @@ def load_run(workdir: str) -> tuple[Any, dict[str, Any]]:
 
     from clusterformer_jax.errors import ConfigError
     from clusterformer_jax.tasks import registry as task_registry
-    from clusterformer_jax.trainers.trainer import DATASET_INFO_FILE
 
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
@@ -123,8 +126,26 @@ def load_variables(workdir: str, setup: Any, *, ema: bool = False) -> tuple[dict
     return variables, step
 
 
-def inference_function(setup: Any, variables: dict[str, Any]):
-    """inputs -> outputs with ``variables`` closed over, evaluation mode."""
+class _Names(dict):
+    """A stand-in batch whose every key reads as its own name (to see which batch keys feed which input)."""
+
+    def __missing__(self, key: str) -> str:
+        return key
+
+
+def _batch_from_inputs(task: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch that ``task.model_inputs`` maps onto ``inputs`` (e.g. 'pixel_mask' <- 'image_mask')."""
+    return {source: inputs[name] for name, source in task.model_inputs(_Names()).items()}
+
+
+def inference_functions(setup: Any, variables: dict[str, Any]):
+    """(predict, forward): inputs -> the task's fixed-shape ``predict``, and inputs -> the model's outputs,
+    with ``variables`` closed over, evaluation mode.
+
+    ``export`` serializes ``predict`` (dense tasks: boxes / scores / labels / masks, semantic logits,
+    panoptic segments) unless it reads more of the batch than the model's inputs, and then ``forward``
+    (classification, whose ``predict`` scores against labels: the logits).
+    """
     import jax
     import jax.numpy as jnp
 
@@ -137,20 +158,31 @@ def inference_function(setup: Any, variables: dict[str, Any]):
     model, task = setup.task.build_model(setup.config.model.name, kwargs), setup.task
     reference = jax.tree.map(lambda a: a.dtype, setup.abstract_state.params)
 
-    def apply(inputs: dict[str, jax.Array]):
+    def forward(inputs: dict[str, jax.Array]):
         params = jax.tree.map(lambda p, dtype: jnp.asarray(p).astype(dtype), variables["params"], reference)
         full = {"params": params, **{k: v for k, v in variables.items() if k != "params"}}
         return model.apply(full, **inputs, train=False)
 
-    return apply
+    def predict(inputs: dict[str, jax.Array]):
+        return task.predict(forward(inputs), _batch_from_inputs(task, inputs))
+
+    return predict, forward
 
 
-def input_specs(setup: Any, batch: Any) -> dict[str, Any]:
-    """ShapeDtypeStructs of the model inputs with batch dimension ``batch`` (an int or a symbolic dim)."""
+def input_specs(setup: Any, batch: Any, canvas: int | None = None) -> dict[str, Any]:
+    """ShapeDtypeStructs of the model inputs with batch dimension ``batch`` (an int or a symbolic dim).
+
+    ``canvas``: the side of the square eval canvas of a dense task (dataset_info's eval_image_size), which
+    replaces the train crop of ``dummy_inputs`` in every image-like input (B, H, W, ...).
+    """
     import jax
 
     dummy = setup.task.dummy_inputs(1)
-    return {k: jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype) for k, v in dummy.items()}
+
+    def shape(v):
+        return (canvas, canvas, *v.shape[3:]) if canvas and v.ndim >= 3 else v.shape[1:]
+
+    return {k: jax.ShapeDtypeStruct((batch, *shape(v)), v.dtype) for k, v in dummy.items()}
 
 
 def _describe(tree: Any) -> dict[str, Any]:
@@ -173,7 +205,6 @@ def export(
     from clusterformer_jax import sharding
     from clusterformer_jax.errors import ConfigError
     from clusterformer_jax.trainers.setup import build
-    from clusterformer_jax.trainers.trainer import DATASET_INFO_FILE
 
     config, dataset_info = load_run(workdir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -193,9 +224,12 @@ def export(
         json.dump(dataset_info, f, indent=2, sort_keys=True)
 
     (batch,) = jax.export.symbolic_shape(BATCH)
-    specs = input_specs(setup, batch)
-    function = jax.jit(inference_function(setup, variables))
-    exported = jax.export.export(function, platforms=tuple(platforms) or None)(specs)
+    specs = input_specs(setup, batch, dataset_info.get("eval_image_size"))
+    predict, forward = inference_functions(setup, variables)
+    try:
+        exported = jax.export.export(jax.jit(predict), platforms=tuple(platforms) or None)(specs)
+    except KeyError:  # predict reads more of the batch than the model's inputs (labels): export the outputs
+        exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms) or None)(specs)
     with open(os.path.join(out, EXPORTED_FILE), "wb") as f:
         f.write(exported.serialize())
     signature = {
@@ -207,10 +241,11 @@ def export(
         "task": config.task,
         "ema": ema,
         "bf16": bf16,
-        "input_mean": list(config.input.mean),
-        "input_std": list(config.input.std),
+        "input_mean": list(config.input.get("mean") or ()),
+        "input_std": list(config.input.get("std") or ()),
     }
-    signature["inputs"] = {k.strip("[]'\""): v for k, v in signature["inputs"].items()}
+    for side in ("inputs", "outputs"):  # "['images']" -> "images"
+        signature[side] = {k.strip("[]'\""): v for k, v in signature[side].items()}
     with open(os.path.join(out, SIGNATURE_FILE), "w") as f:
         json.dump(signature, f, indent=2)
     with open(os.path.join(out, LOADER_FILE), "w") as f:

@@ -16,6 +16,8 @@ import pytest
 from clusterformer_jax import checkpointing
 from clusterformer_jax import export
 from clusterformer_jax import sharding
+from clusterformer_jax.data import dense_pipeline
+from clusterformer_jax.data import shapes as shapes_lib
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.models import registry
 from clusterformer_jax.trainers.setup import build
@@ -40,18 +42,19 @@ class _BatchNormNet(nn.Module):
 registry.register_model("test_export_net", _BatchNormNet)
 
 
-def _trained_run(workdir, model_name: str):
+def _trained_run(workdir, model_name: str, config=None, dataset_info=DIGITS_INFO):
     """A workdir as training leaves it (config.json, dataset_info.json, a checkpoint of step 7) with random
-    weights, and the Setup the trainer would build for it on one device."""
-    config = load_config("quickstart.py")
-    config.model.name = model_name
+    weights, and the Setup the trainer would build for it on one device (default: the quickstart)."""
+    if config is None:
+        config = load_config("quickstart.py")
+        config.model.name = model_name
     os.makedirs(workdir)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, "dataset_info.json"), "w") as f:
-        json.dump(DIGITS_INFO, f)
+        json.dump(dataset_info, f)
     mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    setup = build(config, mesh, DIGITS_INFO, total_steps=1, steps_per_epoch=1.0)
+    setup = build(config, mesh, dataset_info, total_steps=1, steps_per_epoch=1.0)
     rng = np.random.default_rng(0)
 
     def leaf(a):
@@ -137,6 +140,56 @@ def test_export_round_trip_clusterformer_nano(tmp_path):
     _check_export(tmp_path, "clusterformer_nano")
 
 
+def _tiny_dense_config(filename: str, data_dir: str):
+    """A one-block-per-stage ClusterFormer nano (width 16) behind a one-layer cluster decoder on the 64 px small shapes (eval canvas 64)."""
+    config = load_config(filename, "clusterformer")
+    config.input.update(data_dir=data_dir, shapes_variant="small", train_crop_size=64, eval_pad_size=64)
+    config.input.update(eval_short_side=64, eval_max_size=64, max_instances=4)
+    config.model.decoder.update(dim=8, num_layers=1, layer_strides=(32,), num_heads=1, ffn_dim=16)
+    config.model.kwargs.update(depths=(1, 1, 1, 1), dims=(16, 16, 16, 16), num_heads=(1, 1, 1, 1), head_dim=16)
+    return config
+
+
+@pytest.mark.parametrize(
+    "filename",
+    [
+        "shapes_instance.py",
+        pytest.param("shapes_semantic.py", marks=pytest.mark.slow),
+        pytest.param("shapes_panoptic.py", marks=pytest.mark.slow),  # random weights: mostly void segments
+    ],
+)
+def test_export_round_trip_dense_task(tmp_path, filename):
+    """The task's fixed-shape predictions (what the evaluator receives) through the exported function."""
+    shapes_lib.prepare_shapes(str(tmp_path / "tfds"), "small")
+    config = _tiny_dense_config(filename, str(tmp_path / "tfds"))
+    info = dense_pipeline.get_dataset_info(config.input)
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
+    setup, state = _trained_run(workdir, config.model.name, config, info)
+    signature = export.export(workdir, out)
+    assert signature["inputs"] == {
+        "images": {"shape": ["b", 64, 64, 3], "dtype": "float32"},
+        "pixel_mask": {"shape": ["b", 64, 64], "dtype": "bool"},
+    }
+    with open(os.path.join(out, "model.jax_exported"), "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(3, 64, 64, 3)).astype(np.float32)
+    pixel_mask = np.zeros((3, 64, 64), bool)
+    pixel_mask[:, :48, :56] = True  # an image smaller than the canvas, as the eval pipeline pads it
+    want = setup.predict_step(state, {"image": images, "image_mask": pixel_mask})  # rows are independent
+    assert set(want) == set(signature["outputs"])
+    for batch in (1, 3):
+        got = exported.call({"images": images[:batch], "pixel_mask": pixel_mask[:batch]})
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for key in want:
+            a, b = np.asarray(got[key]), np.asarray(want[key])[:batch]
+            assert a.shape == b.shape and a.dtype == b.dtype, key
+            if np.issubdtype(b.dtype, np.floating):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max(), err_msg=key)
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=key)
+
+
 def test_bf16_params_and_missing_ema_or_checkpoint(tmp_path):
     workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
     _, state = _trained_run(workdir, "test_export_net")
@@ -152,6 +205,9 @@ def test_bf16_params_and_missing_ema_or_checkpoint(tmp_path):
         export.export(workdir, out)
     with pytest.raises(ConfigError, match="holds no config.json"):
         export.export(str(tmp_path), str(tmp_path / "other"))
+    from clusterformer_jax.trainers import trainer  # loads TensorFlow, which export avoids
+
+    assert export.DATASET_INFO_FILE == trainer.DATASET_INFO_FILE
 
 
 def test_command_line_usage_error_is_one_line(tmp_path):
