@@ -116,6 +116,10 @@ def semantic_config() -> ml_collections.ConfigDict:
             paca_channels=256,
             paca_dropout=0.1,
             paca_aux_weight=0.4,  # PaCa's CE on the cluster logits
+            inference="whole",  # 'whole' (the paper's: one pass over the eval canvas) | 'slide' (mmseg's windows)
+            slide_crop=(512, 512),  # (h, w) windows of 'slide'; mmseg's ADE20K 512 recipes: crop 512, stride 341
+            slide_stride=(341, 341),  # rounded down to the stride-4 logit grid (341 -> 340)
+            source_size_ground_truth=True,  # ADE20K: mIoU at the original size from input.manual_dir's PNGs
         )
     )
 
@@ -225,6 +229,8 @@ def ade20k_config(variant: str) -> ml_collections.ConfigDict:
     config.input.train_scale_range = (0.5, 2.0)
     config.input.eval_short_side = 640
     config.input.eval_pad_size = 1280
+    config.semantic.slide_crop = (640, 640)  # mmseg's 640 ADE20K recipes, for --config.semantic.inference=slide
+    config.semantic.slide_stride = (426, 426)
     _paper_schedule(config, ADE20K_TRAIN_IMAGES)
     return config
 

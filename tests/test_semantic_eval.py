@@ -1,4 +1,5 @@
-"""SemanticEvaluator: confusion-matrix mIoU on fixed predictions with hand-computed values (numpy only)."""
+"""SemanticEvaluator: confusion-matrix mIoU on fixed predictions with hand-computed values; ADE20K's source-size
+ground truth read back from a tiny ADEChallengeData2016 (folder and zip) and wired through the semantic task."""
 
 import math
 
@@ -121,3 +122,106 @@ def test_label_out_of_range_names_the_image():
     evaluator = SemanticEvaluator(4)
     with pytest.raises(ValueError, match="image 1"):
         evaluator.update({"semantic": _canvas_pred(1)}, batch)
+
+
+# ---------------------------------------------------------------------------- ADE20K source-size ground truth
+
+# Raw ADE label PNG values: 0 = other (ignored), k = class k - 1, above 150 ignored.
+ADE_RAW = np.array([[0, 1, 1, 2, 2, 2, 151, 3], [1, 1, 2, 2, 3, 3, 3, 0], [1, 1, 1, 2, 3, 3, 0, 0]], np.uint8)
+ADE_REDUCED = np.where((ADE_RAW == 0) | (ADE_RAW > 150), 255, ADE_RAW.astype(np.int64) - 1)
+
+
+def _ade_manual(root, zipped: bool) -> str:
+    """ADEChallengeData2016 with two validation images (JPEG + label PNG of its size), as a folder or a zip."""
+    import zipfile
+
+    from tests.test_dense_data import _jpeg, _png
+
+    files = {}
+    for k, raw in ((1, ADE_RAW), (2, np.ones((4, 4), np.uint8))):
+        stem = f"ADE_val_{k:08d}"
+        files[f"ADEChallengeData2016/images/validation/{stem}.jpg"] = _jpeg(np.full(raw.shape + (3,), 90, np.uint8))
+        files[f"ADEChallengeData2016/annotations/validation/{stem}.png"] = _png(raw)
+    root.mkdir()
+    if zipped:
+        with zipfile.ZipFile(root / "ADEChallengeData2016.zip", "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+    else:
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+    return str(root)
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_ade20k_source_labels_read_back_reduced(tmp_path, zipped):
+    from clusterformer_jax.data import ade20k
+
+    manual = _ade_manual(tmp_path / "manual", zipped)
+    labels = ade20k.source_labels(manual, "validation")
+    assert len(labels) == 2
+    np.testing.assert_array_equal(labels(1), ADE_REDUCED)
+    np.testing.assert_array_equal(labels.raw(1), ADE_RAW)
+    np.testing.assert_array_equal(labels(2), np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="image id 7 in .*annotations/validation"):
+        labels(7)
+    assert ade20k.source_labels(manual, "train") is None  # no annotations/training: the canvas is scored
+    if not zipped:  # the ADEChallengeData2016 folder itself as the manual directory
+        np.testing.assert_array_equal(
+            ade20k.source_labels(f"{manual}/ADEChallengeData2016", "validation")(1), ADE_REDUCED
+        )
+
+
+def test_evaluator_scores_ade20k_at_the_source_size(tmp_path):
+    from clusterformer_jax.data import ade20k
+
+    labels = ade20k.source_labels(_ade_manual(tmp_path / "manual", zipped=False), "validation")
+    # The 3 x 8 image at scale 2 on a 16 x 16 canvas; a prediction of class 0 / 1 / 2 per column block.
+    pred = np.array([[0, 0, 1, 1, 1, 2, 2, 2]] * 3)
+    canvas = np.full((1, 16, 16), 5, np.int32)
+    canvas[0, :6, :16] = np.repeat(np.repeat(pred, 2, 0), 2, 1)
+    batch = {
+        "mask": np.ones((1,), np.float32),
+        "image_id": np.array([1]),
+        "orig_size": np.array([[3, 8]]),
+        "scale": np.array([[2.0, 2.0]]),
+    }
+    evaluator = SemanticEvaluator(ade20k.NUM_CLASSES, class_names=ade20k.ADE20K_CLASSES, ground_truth=labels)
+    evaluator.update({"semantic": canvas}, batch)
+    # Expected counts, ground truth (rows) x prediction (columns), over the 19 labelled pixels.
+    expected = np.zeros((150, 151), np.int64)
+    for gt, p in zip(ADE_REDUCED.ravel(), pred.ravel()):
+        if gt != 255:
+            expected[gt, p] += 1
+    assert expected[:3, :3].tolist() == [[5, 2, 0], [0, 5, 1], [0, 2, 4]] and expected.sum() == 19  # by hand
+    np.testing.assert_array_equal(evaluator.confusion(), expected)
+    out = evaluator.compute()
+    assert out["aAcc"] == pytest.approx(14 / 19) and out["IoU/wall"] == pytest.approx(5 / 7)
+
+
+def test_semantic_task_wires_ade20k_source_labels(tmp_path, caplog):
+    from clusterformer_jax.data import ade20k
+    from clusterformer_jax.tasks import registry
+    from tests import load_config
+
+    manual = _ade_manual(tmp_path / "manual", zipped=True)
+    info = {"num_classes": 150, "class_names": ade20k.ADE20K_CLASSES, "image_size": 64}
+    config = load_config("shapes_semantic.py")
+    config.model.decoder.num_queries = 150
+    config.input.update(dataset="ade20k", manual_dir=manual)
+    truth = registry.create_task(config, info).create_evaluator().ground_truth
+    assert isinstance(truth, ade20k.SourceLabels)
+    np.testing.assert_array_equal(truth(1), ADE_REDUCED)
+    config.input.eval_split = "train"  # no training annotations: the canvas, with a warning
+    assert registry.create_task(config, info).create_evaluator().ground_truth is None
+    config.input.eval_split = "validation"
+    config.semantic.source_size_ground_truth = False
+    assert registry.create_task(config, info).create_evaluator().ground_truth is None
+    shapes = load_config("shapes_semantic.py")  # other datasets: the canvas, as before
+    assert (
+        registry.create_task(shapes, dict(info, num_classes=6, class_names=tuple("abcdef")))
+        .create_evaluator()
+        .ground_truth
+        is None
+    )

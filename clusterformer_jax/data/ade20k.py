@@ -20,6 +20,10 @@ ignore label 255 and every class k becomes k - 1, so classes are 0..149 in
 `ADE20K_CLASSES` order (values above 150 are also ignored). For mask-based
 heads every class present in an image is one segment (its mask, its tight
 box), none of them a "thing".
+
+`SourceLabels` (`source_labels(manual_dir, split)`) reads a split's label
+PNGs back by image id, reduced the same way, for scoring mIoU at the
+original image size (mmseg) instead of the eval canvas.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -333,3 +338,70 @@ def decode(record: Mapping[str, Any]) -> DenseExample:
         "segments": segments,
         "semantic": semantic,
     }
+
+
+class SourceLabels:
+    """image id -> (H, W) uint8 reduced label map (0..149, 255 = ignore) of one split at its original size.
+
+    ``source`` is the split's annotation folder (annotations/validation) or an ``ADEChallengeData2016.zip``
+    (then ``member`` is the folder inside it). Files are indexed by `image_id` of their names; a missing id
+    is a one-line ValueError naming the folder.
+    """
+
+    def __init__(self, source: str, member: str | None = None):
+        self.source, self.member = source, member
+        self._zip: zipfile.ZipFile | None = None
+        if member is None:
+            names = [n for n in sorted(os.listdir(source)) if n.lower().endswith(".png")]
+        else:
+            prefix = member.rstrip("/") + "/"
+            with zipfile.ZipFile(source) as archive:
+                names = [n[len(prefix) :] for n in archive.namelist() if n.startswith(prefix) and n.endswith(".png")]
+        self.files: dict[int, str] = {}
+        for name in names:
+            key = image_id(name)
+            if key in self.files:
+                raise ValueError(f"ade20k: {name} and {self.files[key]} in {self.where} have the same image id {key}")
+            self.files[key] = name
+
+    @property
+    def where(self) -> str:
+        return self.source if self.member is None else f"{self.source}:{self.member}"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def raw(self, key: int) -> np.ndarray:
+        """The PNG's raw values (0 = other, 1..150) for image id ``key``."""
+        name = self.files.get(int(key))
+        if name is None:
+            raise ValueError(f"ade20k: no annotation PNG for image id {key} in {self.where}")
+        if self.member is None:
+            with Image.open(os.path.join(self.source, name)) as image:
+                label = np.asarray(image)
+        else:
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.source)
+            with self._zip.open(f"{self.member.rstrip('/')}/{name}") as f, Image.open(f) as image:
+                label = np.asarray(image)
+        return label[..., 0] if label.ndim == 3 else label
+
+    def __call__(self, key: int) -> np.ndarray:
+        return reduce_zero_label(self.raw(key))
+
+
+def source_labels(manual_dir: str, split: str) -> SourceLabels | None:
+    """The split's ('train' / 'validation') label PNGs under a manual directory laid out as for preparation:
+    the ADEChallengeData2016 folder itself, its parent, or a parent holding ADEChallengeData2016.zip; None
+    when none of them has the split's annotations."""
+    folder = os.path.join("annotations", SPLITS.get(split, split))
+    for root in (manual_dir, os.path.join(manual_dir, FOLDER)):
+        if os.path.isdir(os.path.join(root, folder)):
+            return SourceLabels(os.path.join(root, folder))
+    archive = os.path.join(manual_dir, f"{FOLDER}.zip")
+    if os.path.isfile(archive):
+        member = f"{FOLDER}/{folder}"
+        with zipfile.ZipFile(archive) as zf:
+            if any(n.startswith(member + "/") for n in zf.namelist()):
+                return SourceLabels(archive, member)
+    return None

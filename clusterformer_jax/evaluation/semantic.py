@@ -3,9 +3,10 @@
 `update` maps each real row's prediction onto the ground truth it is scored against and adds to a
 num_classes x num_classes confusion matrix (rows: ground truth, columns: prediction; np.bincount):
 
-  * with ``ground_truth`` (a callable image_id -> (H, W) label map at the source size, e.g. read from the
-    dataset's annotation PNGs), predictions are mapped to the source size ``batch['orig_size']`` (mmseg:
-    logits resized to the original image before scoring);
+  * with ``ground_truth`` (a callable image_id -> (H, W) label map at the source size, e.g. ADE20K's
+    annotation PNGs through data/ade20k.SourceLabels, which the semantic task passes), predictions are
+    mapped to the source size ``batch['orig_size']`` (mmseg: logits resized to the original image before
+    scoring);
   * without it, the batch's own ``batch['semantic']`` is the ground truth, cropped to the valid canvas
     region round(orig_size * scale) (the eval image sits at the canvas' top-left), and predictions are
     mapped to that region. With scale 1 (the shapes dataset) the two agree.

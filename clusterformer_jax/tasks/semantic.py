@@ -15,20 +15,29 @@ backbone:
 Both compute the loss at the stride-4 feature grid against labels sampled at the grid cells' centres (the
 pipeline's convention for instance masks), which keeps memory independent of the class count x image size
 (mmseg upsamples the logits to the label size instead); prediction returns the stride-4 logits and the
-evaluator resizes them bilinearly to each image's original size before the argmax (mmseg's whole-image
-test). Not built: sliding-window inference.
+evaluator resizes them bilinearly to each image's original size before the argmax.
+
+``config.semantic.inference``: 'whole' (the paper's, mmseg's whole-image test: one forward pass over the eval
+canvas) or 'slide' (mmseg's sliding window, ``slide_crop`` / ``slide_stride`` as (h, w)): `SlidingWindow`
+runs the model on crop-sized windows and averages the logits of the windows covering each stride-4 cell.
+``config.semantic.source_size_ground_truth``: on ADE20K, score mIoU at each image's original size against
+the annotation PNGs under ``config.input.manual_dir`` (data/ade20k.SourceLabels), as mmseg does; without
+them, or when False, at the eval canvas against the pipeline's label map.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 from clu import metrics as clu_metrics
 
+from clusterformer_jax.data import ade20k
 from clusterformer_jax.data.dense_transforms import IGNORE_LABEL
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation.semantic import SemanticEvaluator
@@ -37,9 +46,29 @@ from clusterformer_jax.models.paca_vit import PaCaSegHead
 from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder
 
 HEADS = ("cluster", "paca")
+INFERENCE = ("whole", "slide")
+LOGIT_STRIDE = 4  # both heads predict on the stride-4 grid of their input
 _DEFAULTS = dict(
-    head="cluster", ce_weight=5.0, dice_weight=1.0, paca_channels=256, paca_dropout=0.1, paca_aux_weight=0.4
+    head="cluster",
+    ce_weight=5.0,
+    dice_weight=1.0,
+    paca_channels=256,
+    paca_dropout=0.1,
+    paca_aux_weight=0.4,
+    inference="whole",
+    slide_crop=(512, 512),
+    slide_stride=(341, 341),
+    source_size_ground_truth=True,
 )
+
+
+def _pair(options: Mapping[str, Any], name: str) -> tuple[int, int]:
+    """config.semantic.<name> as (h, w) positive ints (an int means a square)."""
+    value = options[name]
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ConfigError(f"config.semantic.{name}={value!r}: give (height, width) as positive ints")
+    return int(pair[0]), int(pair[1])
 
 
 def grid_labels(labels: jax.Array, grid: tuple[int, int]) -> jax.Array:
@@ -71,6 +100,140 @@ def class_dice(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_
     return jnp.mean(1.0 - (2.0 * inter + 1.0) / (sums + 1.0))
 
 
+def final_logits(outputs: Mapping[str, jax.Array]) -> jax.Array:
+    """(B, h, w, K) final-layer logits of either head: PaCa's 'logits' or the cluster decoder's last mask logits."""
+    if "logits" in outputs:
+        return outputs["logits"]
+    return jnp.moveaxis(outputs["mask_logits"][-1], 1, -1)
+
+
+def window_starts(extent: jax.Array, size: int, crop: int, stride: int, cell: int) -> tuple[jax.Array, jax.Array]:
+    """Window starts along one axis of a ``size`` canvas whose valid part is [0, extent) per row, as mmseg.
+
+    mmseg over an image of length E: n = max(E - crop + stride - 1, 0) // stride + 1 windows, window i at
+    max(min(i * stride, E - crop), 0). Here ``stride`` and ``crop`` are multiples of ``cell`` (the logit grid's
+    cell) and the last window's start E - crop is rounded up to a cell, so windows tile whole cells; it then
+    reaches at most cell - 1 pixels past E (into masked padding). With static shapes there are always
+    N = n(size) windows: rows needing fewer get inactive ones (parked on the last window, weight 0).
+
+    extent (B,) int -> (starts (N, B) int32, active (N, B) bool).
+    """
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    index = jnp.arange(count, dtype=jnp.int32)[:, None]
+    extent = jnp.asarray(extent, jnp.int32)[None]
+    needed = jnp.maximum(extent - crop + stride - 1, 0) // stride + 1
+    last = jnp.clip(-(-(extent - crop) // cell) * cell, 0, size - crop)
+    return jnp.minimum(index * stride, last), index < needed
+
+
+def valid_extent(pixel_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(rows, cols) (B,) of each row's valid top-left region: one past the last row / column with a real pixel."""
+
+    def last(any_valid: jax.Array) -> jax.Array:
+        return jnp.max(jnp.where(any_valid, jnp.arange(1, any_valid.shape[-1] + 1), 0), axis=-1)
+
+    return last(jnp.any(pixel_mask, axis=2)), last(jnp.any(pixel_mask, axis=1))
+
+
+def slide_plan(
+    pixel_mask: jax.Array, crop: tuple[int, int], stride: tuple[int, int], cell: int = LOGIT_STRIDE
+) -> tuple[jax.Array, jax.Array, tuple[int, int], tuple[int, int]]:
+    """The windows of a (B, H, W) canvas: (starts (N, B, 2) int32 pixels, active (N, B) bool, crop, stride).
+
+    The crop is cut to the canvas (mmseg: to the image) and the stride rounded down to whole ``cell``s
+    (at least one): mmseg's 426 becomes 424 on the stride-4 logit grid. Windows in row-major order.
+    """
+    _, height, width = pixel_mask.shape
+    if height % cell or width % cell:
+        raise ConfigError(f"sliding-window inference: canvas {height}x{width} is not a multiple of {cell}")
+    crop = (min(int(crop[0]), height), min(int(crop[1]), width))
+    if crop[0] % cell or crop[1] % cell:
+        raise ConfigError(f"config.semantic.slide_crop={crop} must be a multiple of the logit stride {cell}")
+    stride = tuple(max(cell, int(s) // cell * cell) for s in stride)
+    rows, cols = valid_extent(pixel_mask)
+    ys, y_active = window_starts(rows, height, crop[0], stride[0], cell)
+    xs, x_active = window_starts(cols, width, crop[1], stride[1], cell)
+    ny, nx = ys.shape[0], xs.shape[0]
+    starts = jnp.stack([jnp.repeat(ys, nx, 0), jnp.tile(xs, (ny, 1))], axis=-1)
+    active = jnp.repeat(y_active, nx, 0) & jnp.tile(x_active, (ny, 1))
+    return starts, active, crop, stride
+
+
+def _crop(values: jax.Array, start: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """values[y:y + size[0], x:x + size[1]] of one row (H, W[, C]) at a traced start (y, x)."""
+    return jax.lax.dynamic_slice(values, (start[0], start[1]) + (0,) * (values.ndim - 2), size + values.shape[2:])
+
+
+def _add_window(total: jax.Array, window: jax.Array, start: jax.Array) -> jax.Array:
+    """total (g_H, g_W[, K]) with window (g_h, g_w[, K]) added at cell `start` (y, x)."""
+    current = _crop(total, start, window.shape[:2])
+    index = (start[0], start[1]) + (0,) * (total.ndim - 2)
+    return jax.lax.dynamic_update_slice(total, current + window, index)
+
+
+class SlidingWindow(nn.Module):
+    """``model`` at eval as mmseg's sliding-window test: windows of ``crop`` every ``stride`` pixels (h, w),
+    the final logits of the windows covering a stride-4 cell summed and divided by their count.
+
+    Static shapes over the fixed eval canvas: every row gets the canvas's window count (`slide_plan`), placed
+    per row over its *valid* region (from ``pixel_mask``) exactly as mmseg places them over the image, so no
+    window reaches into padding except by < 4 px at the far edge (rounding to the logit grid; those pixels
+    stay masked). Windows a row does not need weigh 0; a window needed by no row of the batch is skipped
+    (``nn.cond``), so a batch of small images costs its own windows only. Windows run one at a time over the
+    batch (``nn.scan``), so memory is that of one crop-sized batch. An image shorter than the crop is seen
+    in one window with its padding masked (mmseg runs the smaller image itself).
+
+    The inner model's variables are this module's (``nn.share_scope``): the same tree as without the
+    wrapper, so checkpoints move freely between 'whole' and 'slide'. Training (``train=True``) and
+    ``init`` call the model unchanged. Eval returns {'semantic_logits': (B, H/4, W/4, K) float32}, 0 on
+    cells no window covers (padding only). Tools that reach into the model's fields (visualize's
+    --decoder_layer) need ``inference='whole'``.
+    """
+
+    model: nn.Module
+    num_classes: int
+    crop: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+
+    def setup(self):
+        nn.share_scope(self, self.model)
+
+    def __call__(self, images: jax.Array, pixel_mask: jax.Array | None = None, train: bool = False) -> Any:
+        if train or self.is_initializing():
+            return self.model(images, pixel_mask, train)
+        b, height, width, _ = images.shape
+        mask = jnp.ones((b, height, width), bool) if pixel_mask is None else pixel_mask.astype(bool)
+        starts, active, crop, _ = slide_plan(mask, self.crop, self.stride)
+        cell, k = LOGIT_STRIDE, self.num_classes
+        grid = (crop[0] // cell, crop[1] // cell)
+
+        def run(mdl, carry, start, weight):
+            total, count = carry
+            window_images = jax.vmap(lambda x, s: _crop(x, s, crop))(images, start)
+            window_mask = jax.vmap(lambda x, s: _crop(x, s, crop))(mask, start)
+            logits = final_logits(mdl(window_images, window_mask, False)).astype(jnp.float32)
+            if logits.shape[1:] != grid + (k,):
+                raise ConfigError(f"sliding window: a {crop} crop gave logits {logits.shape[1:]}, not {grid + (k,)}")
+            cells = start // cell
+            total = jax.vmap(_add_window)(total, logits * weight[:, None, None, None], cells)
+            ones = jnp.broadcast_to(weight[:, None, None], (b,) + grid)
+            return total, jax.vmap(_add_window)(count, ones, cells)
+
+        def body(mdl, carry, window):
+            start, on = window
+            carry = nn.cond(jnp.any(on), run, lambda mdl, c, s, w: c, mdl, carry, start, on.astype(jnp.float32))
+            return carry, None
+
+        init = (
+            jnp.zeros((b, height // cell, width // cell, k), jnp.float32),
+            jnp.zeros((b, height // cell, width // cell), jnp.float32),
+        )
+        scan = nn.scan(body, variable_broadcast=True, split_rngs={"params": False, "dropout": False})
+        (total, count), _ = scan(self.model, init, (starts, active))
+        logits = total / jnp.maximum(count, 1.0)[..., None]
+        return {"semantic_logits": logits}
+
+
 class SemanticTask(DenseInputs):
     """Per-pixel classification over ``num_classes`` classes (ADE20K: 150) with a cluster or PaCa head."""
 
@@ -85,6 +248,15 @@ class SemanticTask(DenseInputs):
         self.options = {**_DEFAULTS, **section}
         if self.options["head"] not in HEADS:
             raise ConfigError(f"config.semantic.head={self.options['head']!r}: use one of {HEADS}")
+        if self.options["inference"] not in INFERENCE:
+            raise ConfigError(f"config.semantic.inference={self.options['inference']!r}: use one of {INFERENCE}")
+        self.slide_crop, self.slide_stride = (_pair(self.options, name) for name in ("slide_crop", "slide_stride"))
+        if any(s > c for s, c in zip(self.slide_stride, self.slide_crop)):
+            raise ConfigError(
+                f"config.semantic.slide_stride={self.slide_stride} exceeds slide_crop={self.slide_crop}: "
+                "windows would leave gaps"
+            )
+        self.input_fields = as_dict(config.get("input"))
         model = config["model"]
         self.decoder_fields = as_dict(model.get("decoder"))
         if self.options["head"] == "cluster":
@@ -108,8 +280,12 @@ class SemanticTask(DenseInputs):
             head = PaCaSegHead(
                 self.num_classes, int(self.options["paca_channels"]), float(self.options["paca_dropout"])
             )
-            return HeadModel(backbone=backbone, head=head)
-        return DenseModel(backbone=backbone, decoder=decoder, num_classes=0)
+            model = HeadModel(backbone=backbone, head=head)
+        else:
+            model = DenseModel(backbone=backbone, decoder=decoder, num_classes=0)
+        if self.options["inference"] == "slide":
+            return SlidingWindow(model, self.num_classes, self.slide_crop, self.slide_stride)
+        return model
 
     def pixel_logits(self, outputs: Mapping[str, jax.Array]) -> jax.Array:
         """Per-layer (L, B, h, w, K) logits of the cluster head, or (1, B, h, w, K) of the PaCa head."""
@@ -141,12 +317,37 @@ class SemanticTask(DenseInputs):
 
     # ----------------------------------------------------------------------------------------- evaluation
     def predict(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """'semantic_logits' float32 (B, h, w, K): the final logits on the stride-4 grid of the canvas; the
-        evaluator resizes them bilinearly to each image's original size before the argmax (mmseg)."""
-        return {"semantic_logits": self.pixel_logits(outputs)[-1].astype(jnp.float32)}
+        """'semantic_logits' float32 (B, h, w, K): the final logits on the stride-4 grid of the canvas (whole
+        image, or `SlidingWindow`'s averaged windows); the evaluator resizes them bilinearly to the ground
+        truth's size before the argmax (mmseg)."""
+        if "semantic_logits" in outputs:
+            return {"semantic_logits": outputs["semantic_logits"].astype(jnp.float32)}
+        return {"semantic_logits": final_logits(outputs).astype(jnp.float32)}
+
+    def source_ground_truth(self) -> Callable[[int], Any] | None:
+        """image id -> source-size label map for the eval split, or None (score at the canvas): ADE20K's
+        annotation PNGs under ``config.input.manual_dir`` (folder or zip) when ``source_size_ground_truth``."""
+        if not self.options["source_size_ground_truth"] or self.input_fields.get("dataset") != "ade20k":
+            return None
+        manual_dir = self.input_fields.get("manual_dir")
+        split = str(self.input_fields.get("eval_split") or "validation").split("[")[0]
+        labels = ade20k.source_labels(os.path.expanduser(manual_dir), split) if manual_dir else None
+        if labels is None:
+            logging.warning(
+                "semantic: no ADE20K annotations for split %r under config.input.manual_dir=%r; mIoU is scored "
+                "at the eval canvas, not at the original image size",
+                split,
+                manual_dir,
+            )
+        return labels
 
     def create_evaluator(self) -> SemanticEvaluator:
-        return SemanticEvaluator(self.num_classes, ignore_label=IGNORE_LABEL, class_names=self.class_names)
+        return SemanticEvaluator(
+            self.num_classes,
+            ignore_label=IGNORE_LABEL,
+            class_names=self.class_names,
+            ground_truth=self.source_ground_truth(),
+        )
 
     def summary(self, eval_metrics: Mapping[str, Any]) -> dict[str, float]:
         return {name: float(eval_metrics[name]) for name in ("mIoU", "mAcc", "aAcc")}
