@@ -16,10 +16,17 @@ from clusterformer_jax import runtime
 from clusterformer_jax.models.registry import create_model
 from tests import load_benchmark
 
+# clusterformer_nano cut to one block per stage at width 8 and T = 2 EM iterations (compiles ~3x faster): still
+# a rolled EM scan whose body XLA counts once, and a stage 1 whose 4 KiB chunks (one group: 16 centers x 64
+# tokens x 4 bytes) make a loop, whatever the widths
+SMALL_NANO = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_heads=(1, 1, 1, 1), head_dim=4, num_iters=2)
+
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("persistent_compilation_cache")  # the loop-free copies compile the flat model again
 def test_flop_counts_include_every_em_iteration_and_no_recomputed_forward(monkeypatch):
     throughput = load_benchmark("model_throughput.py")
+    monkeypatch.setattr(throughput, "create_model", lambda name, **kw: create_model(name, **SMALL_NANO, **kw))
     bench = functools.partial(throughput.bench, "clusterformer_nano", 2, 32, "float32", 1)
     # an accelerator's execution fields: no loop, the FLOPs counted on the timed model
     flat = bench(machine=dict(backend="gpu", num_devices=1))
@@ -35,7 +42,7 @@ def test_flop_counts_include_every_em_iteration_and_no_recomputed_forward(monkey
     assert counted is not None and not counted.backbone.get("remat", False)
 
     # what the count would be without the loop-free copy: XLA counts the loop body once
-    model = create_model("clusterformer_nano", em_unroll=1)
+    model = create_model("clusterformer_nano", em_unroll=1, **SMALL_NANO)
     images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3), jnp.float32)
     params = model.init(jax.random.PRNGKey(0), images[:1])
     rolled = jax.jit(model.apply).lower(params, images).compile()
