@@ -155,17 +155,24 @@ def check_sources(config: ml_collections.ConfigDict, abstract: TrainState) -> No
         plan_init_from(config.init_from, abstract, config.model.name, bool(config.get("init_from_partial", False)))
 
 
+def _names(keys: list[str], every: bool) -> str:
+    """All of ``keys`` (a partial load the user asked for), or the first 8 and how many more."""
+    shown = len(keys) if every else 8
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
 def _log_plan(path: str, load: Mapping[str, list[str]], fresh: list[str], partial: bool) -> None:
     loaded = [f"{field}/{key}" for field, keys in load.items() for key in keys]
-    logging.info("init_from=%s: loaded %d leaves: %s", path, len(loaded), ", ".join(loaded))
-    if fresh:
-        log = logging.warning if partial else logging.info
-        log(
-            "init_from=%s: %d leaves keep their fresh init (missing or shape differs): %s",
-            path,
-            len(fresh),
-            ", ".join(fresh),
-        )
+    if not fresh:
+        logging.info("init_from=%s: loaded all %d leaves", path, len(loaded))
+        return
+    logging.info("init_from=%s: loaded %d leaves: %s", path, len(loaded), _names(loaded, partial))
+    (logging.warning if partial else logging.info)(
+        "init_from=%s: %d leaves keep their fresh init (missing or shape differs): %s",
+        path,
+        len(fresh),
+        _names(fresh, partial),
+    )
 
 
 def _merged(state: TrainState, loaded: Mapping[str, Any]) -> TrainState:
