@@ -125,6 +125,8 @@ def _train_run(table: str, row: str, seed: int, steps: int, workdir: str) -> tup
         f"--config.num_train_steps={steps}",
         f"--config.eval_every_steps={steps}",
         f"--config.checkpoint.every_steps={steps}",
+        # a row's seeds run the same programs: the 2nd and 3rd read the 1st's compilations from disk
+        f"--config.compilation_cache_dir={os.path.join(os.path.dirname(os.path.abspath(workdir)), 'xla_cache')}",
     ]
     os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
     with open(f"{workdir}.log", "w") as log:  # beside the workdir: the trainer refuses a non-empty new one
@@ -145,10 +147,10 @@ def train_table(tables: str, steps: int, seeds: int, parent: str, jobs: int = 1)
     first = {}  # options -> the first row that has them (its workdirs hold the runs)
     for key in listed:
         first.setdefault(options[key], key)
-    runs = {
+    runs = {  # seed-major, so that a row's first seed has compiled before its others start
         (key, seed): os.path.join(parent, f"6{key[0]}_{key[1]}_seed{seed}")
-        for key in first.values()
         for seed in range(seeds)
+        for key in first.values()
     }
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {run: pool.submit(_train_run, run[0][0], run[0][1], run[1], steps, wd) for run, wd in runs.items()}
