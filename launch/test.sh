@@ -12,4 +12,8 @@ if ! "$PY" -m black --check --quiet .; then
   echo "[test] files above are not formatted; run: .venv/bin/python -m black ." >&2
   exit 1
 fi
-exec "$PY" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup --durations=25 tests "$@"
+# One persistent XLA cache for the run (tests/conftest.py): what one test or subprocess compiled, others read.
+CF_TEST_XLA_CACHE="$(mktemp -d)"
+export CF_TEST_XLA_CACHE
+trap 'rm -rf "$CF_TEST_XLA_CACHE"' EXIT
+"$PY" -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup --durations=25 tests "$@"

@@ -8,6 +8,12 @@ import sys
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if os.environ.get("CF_TEST_XLA_CACHE"):  # launch/test.sh: one persistent XLA cache for the whole run
+    # Every pytest worker and every training subprocess a test starts reads it (JAX takes config defaults from
+    # the environment), so a program compiled once anywhere in the run (the tiny config's train step is
+    # compiled by a dozen tests and their subprocesses) is read from disk after that.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["CF_TEST_XLA_CACHE"])
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -21,6 +27,9 @@ def persistent_compilation_cache(tmp_path_factory):
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
+    if os.environ.get("CF_TEST_XLA_CACHE"):  # the run-wide cache is on already
+        yield
+        return
     previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
