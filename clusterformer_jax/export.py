@@ -133,9 +133,21 @@ class _Names(dict):
         return key
 
 
+class _ReadsBeyondInputs(LookupError):
+    """``task.predict`` read a batch key the model's inputs do not provide (classification: the labels)."""
+
+
+class _InputsBatch(dict):
+    """The batch of the model's inputs; reading any other key raises `_ReadsBeyondInputs` (not KeyError, so a
+    KeyError from a bug inside ``predict`` is not mistaken for it)."""
+
+    def __missing__(self, key: str):
+        raise _ReadsBeyondInputs(key)
+
+
 def _batch_from_inputs(task: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """The batch that ``task.model_inputs`` maps onto ``inputs`` (e.g. 'pixel_mask' <- 'image_mask')."""
-    return {source: inputs[name] for name, source in task.model_inputs(_Names()).items()}
+    return _InputsBatch({source: inputs[name] for name, source in task.model_inputs(_Names()).items()})
 
 
 def inference_functions(setup: Any, variables: dict[str, Any]):
@@ -228,7 +240,7 @@ def export(
     predict, forward = inference_functions(setup, variables)
     try:
         exported = jax.export.export(jax.jit(predict), platforms=tuple(platforms) or None)(specs)
-    except KeyError:  # predict reads more of the batch than the model's inputs (labels): export the outputs
+    except _ReadsBeyondInputs:  # predict reads more of the batch than the model's inputs: export the outputs
         exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms) or None)(specs)
     with open(os.path.join(out, EXPORTED_FILE), "wb") as f:
         f.write(exported.serialize())

@@ -100,11 +100,17 @@ def class_dice(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_
     return jnp.mean(1.0 - (2.0 * inter + 1.0) / (sums + 1.0))
 
 
-def final_logits(outputs: Mapping[str, jax.Array]) -> jax.Array:
-    """(B, h, w, K) final-layer logits of either head: PaCa's 'logits' or the cluster decoder's last mask logits."""
+def layer_logits(outputs: Mapping[str, jax.Array]) -> jax.Array:
+    """(L, B, h, w, K) per-layer logits of either head: the cluster decoder's mask logits of its L layers, or
+    PaCa's 'logits' as one layer."""
     if "logits" in outputs:
-        return outputs["logits"]
-    return jnp.moveaxis(outputs["mask_logits"][-1], 1, -1)
+        return outputs["logits"][None]
+    return jnp.moveaxis(outputs["mask_logits"], 2, -1)
+
+
+def final_logits(outputs: Mapping[str, jax.Array]) -> jax.Array:
+    """(B, h, w, K) final-layer logits of either head."""
+    return layer_logits(outputs)[-1]
 
 
 def window_starts(extent: jax.Array, size: int, crop: int, stride: int, cell: int) -> tuple[jax.Array, jax.Array]:
@@ -289,9 +295,7 @@ class SemanticTask(DenseInputs):
 
     def pixel_logits(self, outputs: Mapping[str, jax.Array]) -> jax.Array:
         """Per-layer (L, B, h, w, K) logits of the cluster head, or (1, B, h, w, K) of the PaCa head."""
-        if self.options["head"] == "paca":
-            return outputs["logits"][None]
-        return jnp.moveaxis(outputs["mask_logits"], 2, -1)
+        return layer_logits(outputs)
 
     # ----------------------------------------------------------------------------------------- training
     def loss_fn(
