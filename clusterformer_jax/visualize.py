@@ -10,9 +10,10 @@ point-to-center similarity, T = 1), and the map colours each pixel by its argmax
 center and window) with each center's position, the assignment-weighted mean of its pixels, as a dot. One
 panel per EM step (or only ``--step``), tiled in a strip. ``--decoder_layer`` draws a dense run's cluster
 decoder instead: its layer's queries are the centers, the (T, B, heads, Q, N) assignment its EM steps sow,
-the map each pixel's query on that layer's pixel-feature grid (stride 32, 16 or 8), upsampled to the image. The image: ``--image``, else scikit-learn's
-``china.jpg`` sample photograph. Weights: a run's workdir (config.json + latest checkpoint), a converted
-``--init_from`` file for ``--model``, or a random initialisation of ``--model`` (maps of an untrained model).
+the map each pixel's query on that layer's pixel-feature grid (stride 32, 16 or 8), upsampled to the image.
+The image: ``--image``, else scikit-learn's ``china.jpg`` sample photograph. Weights: a run's workdir
+(config.json + latest checkpoint), a converted ``--init_from`` file for ``--model``, or a random
+initialisation of ``--model`` (maps of an untrained model).
 """
 
 from __future__ import annotations

@@ -141,7 +141,8 @@ def test_export_round_trip_clusterformer_nano(tmp_path):
 
 
 def _tiny_dense_config(filename: str, data_dir: str):
-    """A one-block-per-stage ClusterFormer nano (width 16) behind a one-layer cluster decoder on the 64 px small shapes (eval canvas 64)."""
+    """A one-block-per-stage ClusterFormer nano (width 16) behind a one-layer cluster decoder on the 64 px small
+    shapes (eval canvas 64)."""
     config = load_config(filename, "clusterformer")
     config.input.update(data_dir=data_dir, shapes_variant="small", train_crop_size=64, eval_pad_size=64)
     config.input.update(eval_short_side=64, eval_max_size=64, max_instances=4)
