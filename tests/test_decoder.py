@@ -355,3 +355,23 @@ def test_pixel_decoder_odd_sizes_and_mask_grid():
     # cells at stride 2 start at rows 0,2,4,6,8 / cols 0,2,4,6; stride ~3.3 rows: floor(i*10/3) = 0,3,6
     np.testing.assert_array_equal(mask_to_grid(mask, (5, 4))[0], np.outer([1, 1, 1, 0, 0], [1, 1, 1, 0]).astype(bool))
     np.testing.assert_array_equal(mask_to_grid(mask, (3, 4))[0, :, 0], [True, True, False])
+
+
+def test_pixel_decoder_blocks_start_as_identity_and_flow_top_down():
+    rng = np.random.RandomState(1)
+    stages = [jnp.asarray(rng.randn(1, 16 >> i, 16 >> i, 6), jnp.float32) for i in range(4)]
+    out, variables = PixelDecoder(dim=8, blocks=(1, 2, 0, 1)).init_with_output(jax.random.PRNGKey(0), stages)
+    params = dict(variables["params"])
+    assert sorted(k for k in params if k.startswith("block")) == ["block_16_0", "block_16_1", "block_32_0", "block_4_0"]
+    fpn = PixelDecoder(dim=8).apply({"params": {k: v for k, v in params.items() if not k.startswith("block")}}, stages)
+    for stride in (4, 8, 16, 32):  # the last norm's zero scale: every block starts as the identity
+        np.testing.assert_array_equal(out[stride], fpn[stride])
+    # A trained stride-32 block changes every finer level (top-down path); the stride-4 block only stride 4.
+    for name, changed in (("block_32_0", {4, 8, 16, 32}), ("block_4_0", {4})):
+        moved = dict(params)
+        moved[name] = jax.tree_util.tree_map(lambda x: x, dict(params[name]))
+        moved[name]["norm_2"] = {"scale": jnp.ones(8), "bias": jnp.full(8, 0.5)}
+        new = PixelDecoder(dim=8, blocks=(1, 2, 0, 1)).apply({"params": moved}, stages)
+        assert {s for s in new if not np.allclose(new[s], out[s])} == changed
+    with pytest.raises(ModelConfigError, match="pixel_blocks"):
+        DecoderConfig(pixel_blocks=(1, 1))

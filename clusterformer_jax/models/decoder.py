@@ -62,6 +62,7 @@ class DecoderConfig:
     layer's grid) to its query-pixel logits, so a pixel joins the cluster whose mask claims it (Mask2Former's
     masked attention as a soft bias; kMaX's clusters-as-masks); layer 0 uses the masks of the initial queries.
     dropout: self-attention and FFN dropout. em_unroll: EM steps per scan-loop iteration (None: all T).
+    pixel_blocks: the pixel decoder's bottleneck blocks at strides (32, 16, 8, 4) (kMaX: 1, 5, 1, 1); zeros: FPN.
     """
 
     dim: int = 256
@@ -78,9 +79,11 @@ class DecoderConfig:
     mask_prior: bool = False
     dropout: float = 0.0
     em_unroll: Optional[int] = None
+    pixel_blocks: Tuple[int, ...] = (0, 0, 0, 0)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_strides", tuple(int(s) for s in self.layer_strides))
+        object.__setattr__(self, "pixel_blocks", tuple(int(s) for s in self.pixel_blocks))
         self.validate()
 
     def validate(self) -> None:
@@ -102,6 +105,10 @@ class DecoderConfig:
         if bad:
             raise ModelConfigError(
                 f"decoder field layer_strides has {bad[0]}; each entry must be one of {LAYER_STRIDES}"
+            )
+        if len(self.pixel_blocks) != 4 or min(self.pixel_blocks) < 0:
+            raise ModelConfigError(
+                f"decoder field pixel_blocks={self.pixel_blocks} needs 4 counts >= 0 (strides 32, 16, 8, 4)"
             )
         if self.query_init not in QUERY_INITS:
             raise ModelConfigError(f"decoder field query_init={self.query_init!r} is not one of {QUERY_INITS}")
@@ -299,7 +306,7 @@ class ClusterDecoder(nn.Module):
     @nn.compact
     def __call__(self, feats: Dict[str, Any], pixel_mask: Optional[jax.Array] = None, train: bool = False):
         cfg = self.config
-        pixels = PixelDecoder(cfg.dim, self.dtype, name="pixel_decoder")(feats["stages"])
+        pixels = PixelDecoder(cfg.dim, cfg.pixel_blocks, self.dtype, name="pixel_decoder")(feats["stages"])
         batch = pixels[4].shape[0]
         content, pos = QueryInit(cfg.query_init, cfg.num_queries, cfg.dim, self.dtype, name="query_init")(
             feats, pixels[32], pixel_mask

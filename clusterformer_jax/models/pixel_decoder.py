@@ -6,6 +6,10 @@ Mask2Former's multi-scale deformable attention; this one is a plain FPN (lateral
 nearest upsampling + add, then 3x3 conv -> GroupNorm -> GELU per level), chosen because it is fast and
 numerically identical on every backend (no gather-heavy deformable sampling, no axial attention over long
 rows). Upsampling resizes to the finer map's explicit shape, so any aspect ratio and odd-sized maps work.
+``blocks`` adds kMaX's convolutional part: residual bottleneck blocks (1x1 reduce -> 3x3 -> 1x1 expand, each
+conv followed by GroupNorm, GELU between, the last norm's scale initialised to 0 so a block starts as the
+identity) on the top-down path of each level, so coarse context is mixed spatially before it flows to the finer
+levels and the mask feature (kMaX-DeepLab uses 1/5/1/1 blocks at strides 32/16/8/4, axial attention at 32/16).
 Also here: the helpers that bring a pixel mask and sine positions to a feature map's grid.
 """
 
@@ -66,16 +70,58 @@ def sine_positions(valid: jax.Array, dim: int, temperature: float = 10000.0) -> 
     return jnp.concatenate(parts, axis=-1)
 
 
+class Bottleneck(nn.Module):
+    """x + GN(1x1(GELU(GN(3x3(GELU(GN(1x1(x)))))))) at width ``dim`` with a ``dim / 4`` bottleneck."""
+
+    dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inner = max(self.dim // 4, 1)
+        y = x
+        for i, (width, kernel) in enumerate(((inner, 1), (inner, 3), (self.dim, 1))):
+            pad = (kernel - 1) // 2
+            y = nn.Conv(
+                width,
+                (kernel, kernel),
+                padding=((pad, pad), (pad, pad)),
+                use_bias=False,
+                dtype=self.dtype,
+                name=f"conv_{i}",
+            )(y)
+            last = i == 2
+            y = nn.GroupNorm(
+                num_groups=norm_groups(width),
+                epsilon=1e-5,
+                dtype=self.dtype,
+                scale_init=nn.initializers.zeros if last else nn.initializers.ones,
+                name=f"norm_{i}",
+            )(y)
+            if not last:
+                y = gelu(y)
+        return x + y
+
+
 class PixelDecoder(nn.Module):
-    """Stage maps [strides 4, 8, 16, 32] -> {32: , 16: , 8: , 4: } (B, h_s, w_s, dim) maps in ``dtype``."""
+    """Stage maps [strides 4, 8, 16, 32] -> {32: , 16: , 8: , 4: } (B, h_s, w_s, dim) maps in ``dtype``.
+
+    blocks: bottleneck blocks on the top-down path at strides (32, 16, 8, 4); all 0 is a plain FPN.
+    """
 
     dim: int = 256
+    blocks: Tuple[int, ...] = (0, 0, 0, 0)
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, stages: Sequence[jax.Array]) -> Dict[int, jax.Array]:
         if len(stages) != 4:
             raise ModelConfigError(f"the pixel decoder needs 4 stage maps (strides 4..32), got {len(stages)}")
+        if len(self.blocks) != 4 or min(self.blocks) < 0:
+            raise ModelConfigError(
+                f"decoder field pixel_blocks={tuple(self.blocks)} needs 4 counts >= 0 (strides 32, 16, 8, 4)"
+            )
+        blocks = dict(zip(reversed(STRIDES), self.blocks))
         groups = norm_groups(self.dim)
         top = None
         outputs = {}
@@ -84,6 +130,8 @@ class PixelDecoder(nn.Module):
             if top is not None:
                 shape = (*lateral.shape[:3], self.dim)
                 lateral = lateral + jax.image.resize(top, shape, "nearest").astype(self.dtype)
+            for i in range(blocks[stride]):
+                lateral = Bottleneck(self.dim, self.dtype, name=f"block_{stride}_{i}")(lateral)
             top = lateral
             # No bias: the GroupNorm right after removes it (with one channel per group, entirely), and a bias
             # whose gradient is only rounding noise would wander under Adam.
