@@ -375,3 +375,27 @@ def test_pixel_decoder_blocks_start_as_identity_and_flow_top_down():
         assert {s for s in new if not np.allclose(new[s], out[s])} == changed
     with pytest.raises(ModelConfigError, match="pixel_blocks"):
         DecoderConfig(pixel_blocks=(1, 1))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_mask_pooling_reads_pixels_under_the_masks_of_the_chosen_activation(activation):
+    feats = fake_feats(batch=1, h=32, w=32)
+    cfg = DecoderConfig(**dict(vars(CFG), num_layers=1, layer_strides=(8,), num_iters=1, mask_pooling=True))
+    decoder = ClusterDecoder(cfg, 3, void_class=True, with_boxes=False, semantic_classes=3, mask_activation=activation)
+    params = random_like(abstract_params(decoder, feats), seed=4, scale=0.5)
+    out, state = decoder.apply({"params": params}, feats, capture_intermediates=True)
+    logits = np.asarray(out["mask_logits"][0], np.float64)  # (B, Q, h4, w4)
+    if activation == "softmax":  # over the queries: each pixel's weights sum to 1
+        weights = np.exp(logits - logits.max(1, keepdims=True))
+        weights /= weights.sum(1, keepdims=True)
+    else:
+        weights = 1 / (1 + np.exp(-logits))
+    pixels = np.asarray(out["pixel_embeddings"], np.float64)
+    pooled = np.einsum("bqhw,bhwd->bqd", weights, pixels) / (weights.sum((2, 3))[..., None] + 1.0)
+    norm = params["mask_pool_norm"]
+    centred = pooled - pooled.mean(-1, keepdims=True)
+    expected = centred / np.sqrt(centred.var(-1, keepdims=True) + 1e-5) * norm["scale"] + norm["bias"]
+    got = state["intermediates"]["mask_pool_norm"]["__call__"][0]
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelConfigError, match="mask_activation"):
+        ClusterDecoder(cfg, 3, mask_activation="relu").init(jax.random.PRNGKey(0), feats)

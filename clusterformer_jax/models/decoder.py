@@ -301,11 +301,17 @@ class ClusterDecoder(nn.Module):
     void_class: bool = False  # a last "no object" logit (softmax class loss); else sigmoid logits
     with_boxes: bool = True  # False: no box heads (panoptic segmentation)
     semantic_classes: int = 0  # > 0: also 'pixel_embeddings' and an auxiliary 'semantic_logits' head
+    # How mask logits become masks where the decoder reads them (mask pooling): 'sigmoid' per query
+    # (instance segmentation), 'softmax' over the queries (panoptic: every pixel belongs to one segment).
+    mask_activation: str = "sigmoid"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, feats: Dict[str, Any], pixel_mask: Optional[jax.Array] = None, train: bool = False):
         cfg = self.config
+        if self.mask_activation not in ("sigmoid", "softmax"):
+            raise ModelConfigError(f"mask_activation={self.mask_activation!r} must be 'sigmoid' or 'softmax'")
+        softmax_masks = self.mask_activation == "softmax"
         pixels = PixelDecoder(cfg.dim, cfg.pixel_blocks, self.dtype, name="pixel_decoder")(feats["stages"])
         batch = pixels[4].shape[0]
         content, pos = QueryInit(cfg.query_init, cfg.num_queries, cfg.dim, self.dtype, name="query_init")(
@@ -361,7 +367,8 @@ class ClusterDecoder(nn.Module):
             if not heads:
                 continue
             if cfg.mask_pooling:
-                weights = jax.nn.sigmoid(jax.lax.stop_gradient(mask))
+                detached = jax.lax.stop_gradient(mask)
+                weights = jax.nn.softmax(detached, axis=1) if softmax_masks else jax.nn.sigmoid(detached)
                 if pixel_mask is not None:
                     weights = weights * valid4[:, None]
                 pooled = jnp.einsum("bqhw,bhwd->bqd", weights, pixels[4].astype(jnp.float32))

@@ -41,6 +41,7 @@ class DenseModel(nn.Module):
     void_class: bool = False
     with_boxes: bool = True
     semantic_classes: int = 0
+    mask_activation: str = "sigmoid"  # the decoder's mask pooling: 'softmax' over queries for panoptic masks
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -60,6 +61,7 @@ class DenseModel(nn.Module):
             self.void_class,
             self.with_boxes,
             self.semantic_classes,
+            self.mask_activation,
             self.dtype,
             name="decoder",
         )

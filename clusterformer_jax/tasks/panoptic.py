@@ -81,6 +81,7 @@ class PanopticTask(DenseInputs):
             void_class=True,
             with_boxes=False,
             semantic_classes=self.num_classes,
+            mask_activation="softmax",  # kMaX's masks: a softmax over the queries, as the loss and post-processing
         )
 
     # ----------------------------------------------------------------------------------------- training
