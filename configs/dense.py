@@ -316,6 +316,9 @@ def shapes_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
             config.model.decoder.query_init = "encoder_centers"
         config.panoptic.upsample = 4  # post-process at the 128 canvas
         config.panoptic.num_samples = 1024  # instance discrimination: every pixel of the 32x32 grid
+        # The class head also reads the pixels under each query's (softmax) mask: without it the thing classes
+        # stayed at their prior (PQ_th 0.17 after 1000 steps), with it PQ_th 0.48 after 500 (RESULTS.md).
+        config.model.decoder.mask_pooling = True
     else:
         if name == "clusterformer":
             config.model.decoder.query_init = "encoder_centers"  # the paper's transfer design: 4x4 = 16 centers
@@ -333,4 +336,12 @@ def shapes_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
     config.num_train_steps = 2000
     config.log_every_steps = 50
     config.checkpoint.every_steps = 500
+    if task == "semantic_segmentation":  # measured: mIoU >= 0.8 for both backbones inside 30 minutes
+        config.optim.base_lr = 2e-3
+        config.num_train_steps = 1500
+        config.eval_every_steps = 500
+    elif task == "panoptic_segmentation":  # measured: PQ >= 0.6 for both backbones inside 30 minutes
+        config.optim.base_lr = 1e-3
+        config.num_train_steps = 1000
+        config.eval_every_steps = 500
     return config
