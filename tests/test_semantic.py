@@ -13,6 +13,7 @@ import pytest
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.tasks import registry
 from clusterformer_jax.tasks import semantic as sem
+from clusterformer_jax.tasks import sliding_window as sw
 from tests import load_config
 from tests.test_decoder import TINY_CF
 
@@ -163,12 +164,12 @@ def _mmseg_slide(extent, crop, stride):
 def test_window_starts_follow_mmseg_on_the_logit_grid():
     # ADE20K: 640 crops every 426 (-> 424) px over a 1280 canvas; an 853-px-wide image needs 2 windows, the
     # last at 853 - 640 = 213 rounded up to the cell (216); a 300-px side needs one; the full canvas three.
-    starts, active = sem.window_starts(jnp.array([853, 300, 1280]), 1280, 640, 424, 4)
+    starts, active = sw.window_starts(jnp.array([853, 300, 1280]), 1280, 640, 424, 4)
     np.testing.assert_array_equal(starts, [[0, 0, 0], [216, 0, 424], [216, 0, 640]])
     np.testing.assert_array_equal(active, [[1, 1, 1], [1, 0, 1], [0, 0, 1]])
     mask = np.zeros((1, 1280, 1280), bool)
     mask[0, :640, :853] = True
-    starts, active, crop, stride = sem.slide_plan(jnp.asarray(mask), (640, 640), (426, 426))
+    starts, active, crop, stride = sw.slide_plan(jnp.asarray(mask), (640, 640), (426, 426))
     assert (crop, stride) == ((640, 640), (424, 424)) and starts.shape == (9, 1, 2)
     np.testing.assert_array_equal(starts[np.asarray(active[:, 0])][:, 0], [[0, 0], [0, 216]])
 
@@ -181,7 +182,7 @@ def test_slide_averages_windows_as_mmseg_with_exact_counts():
     for row, (h, w) in enumerate(extents):
         mask[row, :h, :w] = True
     crop, stride = (24, 32), (12, 20)
-    model = sem.SlidingWindow(_RelativeStub(), num_classes=3, crop=crop, stride=stride)
+    model = sw.SlidingWindow(_RelativeStub(), num_classes=3, select=sem.final_logits, crop=crop, stride=stride)
     variables = model.init(jax.random.PRNGKey(0), images[:1, :24, :32], mask[:1, :24, :32])
     assert jax.tree.structure(variables) == jax.tree.structure(_RelativeStub().init(jax.random.PRNGKey(0), images))
     apply = jax.jit(model.apply)
@@ -223,7 +224,7 @@ def test_slide_with_one_window_equals_whole():
     batch["image"] = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     stub = _ClusterStub()
     variables = stub.init(jax.random.PRNGKey(0), **whole_task.model_inputs(batch))
-    slide = sem.SlidingWindow(stub, 6, slide_task.slide_crop, slide_task.slide_stride)
+    slide = sw.SlidingWindow(stub, 6, sem.final_logits, slide_task.slide_crop, slide_task.slide_stride)
     whole_pred = whole_task.predict(stub.apply(variables, **whole_task.model_inputs(batch)), batch)
     slide_pred = slide_task.predict(jax.jit(slide.apply)(variables, **slide_task.model_inputs(batch)), batch)
     assert slide_pred["semantic_logits"].shape == (2, 8, 8, 6)
@@ -236,7 +237,7 @@ def test_slide_with_one_window_equals_whole():
     config.semantic.inference = "whole"
     whole_task = registry.create_task(config, INFO)
     whole, slide = (t.build_model("clusterformer_nano", TINY_CF) for t in (whole_task, slide_task))
-    assert isinstance(slide, sem.SlidingWindow) and not isinstance(whole, sem.SlidingWindow)
+    assert isinstance(slide, sw.SlidingWindow) and not isinstance(whole, sw.SlidingWindow)
     inputs = whole_task.model_inputs(batch)
     shapes = jax.eval_shape(lambda: whole.init(jax.random.PRNGKey(0), **inputs))
     assert jax.tree.structure(jax.eval_shape(lambda: slide.init(jax.random.PRNGKey(0), **inputs))) == (
