@@ -142,6 +142,8 @@ def panoptic_config() -> ml_collections.ConfigDict:
             upsample=2,  # mask logits upsampled from stride 4 before post-processing (4: the canvas)
             eval_backend="numpy",  # 'numpy' | 'hotcoco' | 'panopticapi' (PQ; all tested equal)
             compute_ap=True,  # mAP^Th_pan with pycocotools
+            aux_semantic_weight=1.0,  # kMaX's weights inside L_aux: auxiliary semantic CE, instance discrimination
+            insdis_weight=1.0,
         )
     )
 
