@@ -342,7 +342,7 @@ def shapes_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
         config.optim.base_lr = 2e-3
         config.num_train_steps = 1500
         config.eval_every_steps = 500
-    elif task == "panoptic_segmentation":  # measured: PQ >= 0.6 for both backbones inside 30 minutes
+    elif task == "panoptic_segmentation":  # measured: PaCa PQ 0.78 in 28 min; ClusterFormer 0.53 (RESULTS.md)
         config.optim.base_lr = 1e-3
         config.num_train_steps = 1000
         config.eval_every_steps = 500

@@ -369,7 +369,7 @@ def test_pixel_decoder_blocks_start_as_identity_and_flow_top_down():
     # A trained stride-32 block changes every finer level (top-down path); the stride-4 block only stride 4.
     for name, changed in (("block_32_0", {4, 8, 16, 32}), ("block_4_0", {4})):
         moved = dict(params)
-        moved[name] = jax.tree_util.tree_map(lambda x: x, dict(params[name]))
+        moved[name] = dict(params[name])
         moved[name]["norm_2"] = {"scale": jnp.ones(8), "bias": jnp.full(8, 0.5)}
         new = PixelDecoder(dim=8, blocks=(1, 2, 0, 1)).apply({"params": moved}, stages)
         assert {s for s in new if not np.allclose(new[s], out[s])} == changed
