@@ -117,6 +117,7 @@ def test_decoder_config_from_dict():
         "mask_prior",
         "dropout",
         "em_unroll",
+        "pixel_blocks",
     }
 
 
