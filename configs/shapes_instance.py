@@ -1,7 +1,7 @@
 """Instance segmentation on the synthetic shapes, from scratch on a CPU (ClusterFormer nano or a
-same-sized Context Cluster behind the same cluster decoder).
+same-sized PaCa-ViT or Context Cluster behind the same cluster decoder).
 
-python -m clusterformer_jax.main --config=configs/shapes_instance.py[:clusterformer|coc] --workdir=runs/shapes_instance
+python -m clusterformer_jax.main --config=configs/shapes_instance.py[:clusterformer|paca|coc] --workdir=runs/shapes_instance
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Panoptic segmentation on the synthetic shapes (3 thing + 3 stuff classes), from scratch on a CPU (ClusterFormer nano or a
-same-sized Context Cluster behind the same cluster decoder).
+same-sized PaCa-ViT or Context Cluster behind the same cluster decoder).
 
-python -m clusterformer_jax.main --config=configs/shapes_panoptic.py[:clusterformer|coc] --workdir=runs/shapes_panoptic
+python -m clusterformer_jax.main --config=configs/shapes_panoptic.py[:clusterformer|paca|coc] --workdir=runs/shapes_panoptic
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Semantic segmentation on the synthetic shapes (6 classes, one cluster center each), from scratch on a CPU (ClusterFormer nano or a
-same-sized Context Cluster behind the same cluster decoder).
+same-sized PaCa-ViT or Context Cluster behind the same cluster decoder).
 
-python -m clusterformer_jax.main --config=configs/shapes_semantic.py[:clusterformer|coc] --workdir=runs/shapes_semantic
+python -m clusterformer_jax.main --config=configs/shapes_semantic.py[:clusterformer|paca|coc] --workdir=runs/shapes_semantic
 """
 
 from __future__ import annotations
