@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from clusterformer_jax.errors import ModelConfigError
 from clusterformer_jax.models.layers import gelu
-from clusterformer_jax.models.pixel_decoder import PixelDecoder, mask_to_grid, sine_positions
+from clusterformer_jax.models.pixel_decoder import PixelDecoder, check_blocks, mask_to_grid, sine_positions
 from clusterformer_jax.models.queries import QUERY_INITS, QueryInit
 
 Dtype = Any
@@ -106,10 +106,7 @@ class DecoderConfig:
             raise ModelConfigError(
                 f"decoder field layer_strides has {bad[0]}; each entry must be one of {LAYER_STRIDES}"
             )
-        if len(self.pixel_blocks) != 4 or min(self.pixel_blocks) < 0:
-            raise ModelConfigError(
-                f"decoder field pixel_blocks={self.pixel_blocks} needs 4 counts >= 0 (strides 32, 16, 8, 4)"
-            )
+        check_blocks(self.pixel_blocks)
         if self.query_init not in QUERY_INITS:
             raise ModelConfigError(f"decoder field query_init={self.query_init!r} is not one of {QUERY_INITS}")
         if self.box_reference not in BOX_REFERENCES:

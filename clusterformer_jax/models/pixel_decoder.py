@@ -70,6 +70,12 @@ def sine_positions(valid: jax.Array, dim: int, temperature: float = 10000.0) -> 
     return jnp.concatenate(parts, axis=-1)
 
 
+def check_blocks(blocks: Sequence[int]) -> None:
+    """One bottleneck-block count >= 0 per stride 32, 16, 8, 4, else a one-line ModelConfigError."""
+    if len(blocks) != 4 or min(blocks) < 0:
+        raise ModelConfigError(f"decoder field pixel_blocks={tuple(blocks)} needs 4 counts >= 0 (strides 32, 16, 8, 4)")
+
+
 class Bottleneck(nn.Module):
     """x + GN(1x1(GELU(GN(3x3(GELU(GN(1x1(x)))))))) at width ``dim`` with a ``dim / 4`` bottleneck."""
 
@@ -117,10 +123,7 @@ class PixelDecoder(nn.Module):
     def __call__(self, stages: Sequence[jax.Array]) -> Dict[int, jax.Array]:
         if len(stages) != 4:
             raise ModelConfigError(f"the pixel decoder needs 4 stage maps (strides 4..32), got {len(stages)}")
-        if len(self.blocks) != 4 or min(self.blocks) < 0:
-            raise ModelConfigError(
-                f"decoder field pixel_blocks={tuple(self.blocks)} needs 4 counts >= 0 (strides 32, 16, 8, 4)"
-            )
+        check_blocks(self.blocks)
         blocks = dict(zip(reversed(STRIDES), self.blocks))
         groups = norm_groups(self.dim)
         top = None
