@@ -93,9 +93,10 @@ def _canvas_masks(grid: np.ndarray, shape: tuple[int, int], threshold: float) ->
 
 
 def coco_results(
-    predictions: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], row: int, category_ids: Sequence[int]
+    predictions: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray], row: int, category_ids: Sequence[int], task
 ) -> list[dict[str, Any]]:
-    """The kept detections of ``row`` in COCO results format (source-image pixels)."""
+    """The kept detections of ``row`` in COCO results format (source-image pixels), with the task's mask
+    threshold and box source, as its evaluator writes them."""
     keep = np.flatnonzero(predictions["scores"][row] >= flags.FLAGS.score_threshold)
     masks = predictions["masks"][row][keep] if "masks" in predictions else None
     return coco_detections(
@@ -107,7 +108,8 @@ def coco_results(
         batch["orig_size"][row],
         batch["scale"][row],
         category_ids,
-        0.5,
+        task.mask_threshold,
+        task.box_source,
     )
 
 
@@ -204,7 +206,7 @@ def predict(workdir: str, out_dir: str) -> list[str]:
             panoptic.append({"image_id": image_id, "file_name": f"{image_id:06d}.png", "segments_info": segments})
         else:
             drawn = _draw_detections(predictions, batch, image, names)
-            results += coco_results(predictions, batch, 0, category_ids)
+            results += coco_results(predictions, batch, 0, category_ids, setup.task)
         path = os.path.join(out_dir, f"{image_id:06d}.png")
         Image.fromarray(drawn).save(path)
         written.append(path)

@@ -89,6 +89,10 @@ def test_config_mistakes_are_one_line_errors():
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match="class_loss"):
         _task(class_loss="hinge")
+    with pytest.raises(ConfigError, match="box_source must be one of"):
+        _task(box_source="masks")
+    with pytest.raises(ConfigError, match="use it for instance_segmentation"):
+        _task("detection", box_source="mask")
     config = load_config("shapes_instance.py")
     task = registry.create_task(config, INFO)
     with pytest.raises(ConfigError, match="instances json"):

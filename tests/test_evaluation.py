@@ -21,7 +21,12 @@ from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation import gather
 from clusterformer_jax.evaluation.base import Evaluator
 from clusterformer_jax.evaluation.classification import ClassificationEvaluator
-from clusterformer_jax.evaluation.coco import COCOEvaluator, binary_masks_to_source, masks_to_source
+from clusterformer_jax.evaluation.coco import (
+    COCOEvaluator,
+    binary_masks_to_source,
+    largest_component_boxes,
+    masks_to_source,
+)
 from clusterformer_jax.render import draw_instances, side_by_side
 
 CANVAS, GRID, K = 64, 16, 6
@@ -202,6 +207,33 @@ def test_bbox_only_and_errors(gt_json, tmp_path):
         COCOEvaluator(gt_json, CATEGORY_IDS).update(pred, batch)
     _, empty = evaluate(gt_json, make_batch([(12, [], 1)]))
     assert empty["bbox_AP"] == 0.0 and empty["num_detections"] == 0
+
+
+def test_boxes_from_masks_replace_the_head_boxes(gt_json):
+    rows = [(i, [(box + 5.0, c, s, g) for box, c, s, g in perfect(i)], 1) for i in IMAGES]  # head boxes 5 px off
+    _, head = evaluate(gt_json, make_batch(rows))
+    ev, from_masks = evaluate(gt_json, make_batch(rows), box_source="mask")
+    assert head["bbox_AP"] < 0.5 and head["segm_AP"] == pytest.approx(1.0)
+    assert from_masks["bbox_AP"] == pytest.approx(1.0) and from_masks["segm_AP"] == pytest.approx(1.0)
+    gt = json.load(open(gt_json))["annotations"]
+    for res, ann in zip(ev.results(), gt):
+        np.testing.assert_allclose(res["bbox"], ann["bbox"])
+    with pytest.raises(ConfigError, match="box_source must be one of"):
+        COCOEvaluator(gt_json, CATEGORY_IDS, box_source="rpn")
+    with pytest.raises(ConfigError, match="evaluate 'segm' too"):
+        COCOEvaluator(gt_json, CATEGORY_IDS, iou_types=("bbox",), box_source="mask")
+
+
+def test_largest_component_boxes():
+    masks = np.zeros((3, 12, 16), bool)
+    masks[0, 2:7, 3:9] = True  # 30 px object
+    masks[0, 10, 14] = True  # a stray pixel: not the box
+    masks[1, 1, 1] = masks[1, 2, 2] = masks[1, 3, 3] = True  # diagonal: one 8-connected component of 3
+    masks[1, 8:10, 8:9] = True  # 2 px, a smaller component
+    boxes = largest_component_boxes(masks)
+    np.testing.assert_array_equal(boxes[0], [2, 3, 7, 9])
+    np.testing.assert_array_equal(boxes[1], [1, 1, 4, 4])
+    assert np.isnan(boxes[2]).all()  # empty mask: the caller keeps the head's box
 
 
 def test_faster_coco_eval_backend_matches(gt_json):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 from pycocotools import mask as mask_util
+from scipy import ndimage
 
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation.base import real_rows
@@ -29,6 +30,9 @@ from clusterformer_jax.evaluation.gather import allgather_objects
 
 IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("pycocotools", "faster_coco_eval")
+# Where a detection's COCO box comes from: 'head' the box head's regression; 'mask' the bounding box of the
+# largest 8-connected component of its thresholded mask at the source size (instance segmentation only).
+BOX_SOURCES = ("head", "mask")
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 MASK_STRIDE = 4
 
@@ -126,6 +130,27 @@ def _quiet(fn, *args):
     return result
 
 
+def largest_component_boxes(binary: np.ndarray) -> np.ndarray:
+    """bool (K, H, W) masks -> float64 (K, 4) [ymin, xmin, ymax, xmax] pixel-edge boxes of each mask's largest
+    8-connected component (the first in scan order among equal sizes); NaN rows for empty masks. A mask that
+    also fires on a second, smaller blob (another object of its class) keeps the box of its own object."""
+    boxes = np.full((binary.shape[0], 4), np.nan)
+    eight = np.ones((3, 3), bool)
+    for k, mask in enumerate(binary):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if not rows.size:
+            continue
+        y0, x0 = rows[0], cols[0]
+        crop = mask[y0 : rows[-1] + 1, x0 : cols[-1] + 1]
+        labels, count = ndimage.label(crop, structure=eight)
+        if count > 1:
+            sizes = np.bincount(labels.ravel())[1:]
+            crop = labels == 1 + int(np.argmax(sizes))
+            rows, cols = np.flatnonzero(crop.any(axis=1)) + y0, np.flatnonzero(crop.any(axis=0)) + x0
+        boxes[k] = (rows[0], cols[0], rows[-1] + 1, cols[-1] + 1)
+    return boxes
+
+
 def coco_detections(
     image_id: int,
     boxes: np.ndarray,
@@ -136,10 +161,13 @@ def coco_detections(
     scale: Sequence[float],
     category_ids: Sequence[int],
     mask_threshold: float,
+    box_source: str = "head",
 ) -> list[dict[str, Any]]:
     """One image's detections in COCO results format: canvas boxes [ymin, xmin, ymax, xmax] divided by
     ``scale`` and clipped to ``orig_size`` as [x, y, w, h]; ``category_ids[label]``; stride-4 mask grids
-    (K, g, g) mapped to the source image, thresholded and RLE-encoded (``masks`` None: boxes only)."""
+    (K, g, g) mapped to the source image, thresholded and RLE-encoded (``masks`` None: boxes only). With
+    ``box_source='mask'`` a detection's box is its source mask's ``largest_component_boxes`` (the head's box
+    where the mask is empty)."""
     height, width = int(orig_size[0]), int(orig_size[1])
     sy, sx = float(scale[0]), float(scale[1])
     src = np.asarray(boxes, np.float64) / np.array([sy, sx, sy, sx])
@@ -148,6 +176,9 @@ def coco_detections(
     if masks is not None and labels.size:
         binary = binary_masks_to_source(masks, orig_size, scale, mask_threshold)
         rles = mask_util.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
+        if box_source == "mask":
+            from_masks = largest_component_boxes(binary)
+            src = np.where(np.isnan(from_masks), src, from_masks)
     results = []
     for k in range(labels.size):
         ymin, xmin, ymax, xmax = (float(v) for v in src[k])
@@ -179,6 +210,7 @@ class COCOEvaluator:
         backend: str = "pycocotools",
         max_detections: int = 100,
         mask_threshold: float = 0.5,
+        box_source: str = "head",
     ):
         if instances_json is None:
             raise ConfigError(
@@ -192,6 +224,10 @@ class COCOEvaluator:
             raise ConfigError(f"COCO iou_types must be a non-empty subset of {IOU_TYPES}, got {tuple(iou_types)}")
         if backend not in BACKENDS:
             raise ConfigError(f"COCO evaluator backend must be one of {BACKENDS}, got {backend!r}")
+        if box_source not in BOX_SOURCES:
+            raise ConfigError(f"COCO evaluator box_source must be one of {BOX_SOURCES}, got {box_source!r}")
+        if box_source == "mask" and "segm" not in iou_types:
+            raise ConfigError("box_source='mask' takes boxes from the predicted masks; evaluate 'segm' too")
         self._coco_cls, self._eval_cls = _backend_classes(backend)
         self.instances_json = os.path.expanduser(instances_json)
         self.category_ids = np.asarray(category_ids, np.int64)
@@ -199,6 +235,7 @@ class COCOEvaluator:
         self.backend = backend
         self.max_detections = int(max_detections)
         self.mask_threshold = float(mask_threshold)
+        self.box_source = box_source
         self._gt = None
         self.reset()
 
@@ -233,7 +270,16 @@ class COCOEvaluator:
         if labels.size and labels.max() >= self.category_ids.size:
             raise ValueError(f"label {labels.max()} has no COCO category id ({self.category_ids.size} given)")
         return coco_detections(
-            image_id, boxes, scores, labels, masks, orig_size, scale, self.category_ids, self.mask_threshold
+            image_id,
+            boxes,
+            scores,
+            labels,
+            masks,
+            orig_size,
+            scale,
+            self.category_ids,
+            self.mask_threshold,
+            self.box_source,
         )
 
     def results(self) -> list[dict[str, Any]]:

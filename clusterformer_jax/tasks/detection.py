@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from clu import metrics as clu_metrics
 
 from clusterformer_jax.errors import ConfigError
-from clusterformer_jax.evaluation.coco import COCOEvaluator
+from clusterformer_jax.evaluation.coco import BOX_SOURCES, COCOEvaluator
 from clusterformer_jax.models.dense_model import DenseModel
 from clusterformer_jax.tasks import boxes as box_ops
 from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder
@@ -34,7 +34,7 @@ from clusterformer_jax.tasks.semantic import grid_labels, pixel_cross_entropy
 from clusterformer_jax.tasks.set_losses import SetLossConfig, set_criterion
 
 _LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(SetLossConfig))
-_PREDICT_FIELDS = ("top_k", "mask_threshold", "eval_backend")
+_PREDICT_FIELDS = ("top_k", "mask_threshold", "eval_backend", "box_source")
 _TASK_FIELDS = ("aux_semantic_weight",)
 
 
@@ -71,6 +71,11 @@ class DetectionTask(DenseInputs):
         self.eval_backend = str(det.get("eval_backend", "pycocotools"))
         if self.top_k <= 0:
             raise ConfigError(f"detection.top_k must be positive, got {self.top_k}")
+        self.box_source = str(det.get("box_source", "head"))
+        if self.box_source not in BOX_SOURCES:
+            raise ConfigError(f"detection.box_source must be one of {BOX_SOURCES}, got {self.box_source!r}")
+        if self.box_source == "mask" and not with_masks:
+            raise ConfigError("detection.box_source='mask' needs predicted masks: use it for instance_segmentation")
 
     # ----------------------------------------------------------------------------------------- model
     def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:
@@ -156,6 +161,7 @@ class DetectionTask(DenseInputs):
             backend=self.eval_backend,
             max_detections=self.top_k,
             mask_threshold=self.mask_threshold,
+            box_source=self.box_source,
         )
 
     def summary(self, eval_metrics: Mapping[str, Any]) -> dict[str, float]:
