@@ -32,7 +32,7 @@ from clusterformer_jax import render, sharding
 from clusterformer_jax.data import dense_pipeline
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.data.coco_format import id_to_rgb
-from clusterformer_jax.evaluation.coco import coco_detections
+from clusterformer_jax.evaluation.coco import coco_detections, largest_component_boxes
 from clusterformer_jax.evaluation.semantic import map_prediction
 from clusterformer_jax.tasks import registry as task_registry
 from clusterformer_jax.trainers.restore import init_params_from
@@ -205,7 +205,7 @@ def predict(workdir: str, out_dir: str) -> list[str]:
             ]
             panoptic.append({"image_id": image_id, "file_name": f"{image_id:06d}.png", "segments_info": segments})
         else:
-            drawn = _draw_detections(predictions, batch, image, names)
+            drawn = _draw_detections(predictions, batch, image, names, setup.task)
             results += coco_results(predictions, batch, 0, category_ids, setup.task)
         path = os.path.join(out_dir, f"{image_id:06d}.png")
         Image.fromarray(drawn).save(path)
@@ -225,13 +225,17 @@ def predict(workdir: str, out_dir: str) -> list[str]:
     return written
 
 
-def _draw_detections(predictions, batch, image, names) -> np.ndarray:
-    """Boxes (and masks) with names and scores, beside the ground truth when it is known."""
-    masks = None
+def _draw_detections(predictions, batch, image, names, task) -> np.ndarray:
+    """Boxes (and masks) with names and scores, beside the ground truth when it is known; the boxes come from
+    where the task's evaluator takes them (``box_source``)."""
+    masks, boxes = None, predictions["boxes"][0]
     if "masks" in predictions:
-        masks = _canvas_masks(predictions["masks"][0], image.shape[:2], 0.5)
+        masks = _canvas_masks(predictions["masks"][0], image.shape[:2], task.mask_threshold)
+        if task.box_source == "mask":
+            from_masks = largest_component_boxes(masks)
+            boxes = np.where(np.isnan(from_masks), boxes, from_masks)
     drawn = render.draw_instances(
-        image, predictions["boxes"][0], predictions["labels"][0], predictions["scores"][0], names, masks,
+        image, boxes, predictions["labels"][0], predictions["scores"][0], names, masks,
         score_threshold=flags.FLAGS.score_threshold,
     )  # fmt: skip
     if flags.FLAGS.images:
