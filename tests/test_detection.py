@@ -25,6 +25,8 @@ INFO = {
 def _task(task: str = "instance_segmentation", **detection):
     config = load_config("shapes_instance.py")
     config.task = task
+    if task == "detection":  # no masks to take boxes from
+        config.detection.box_source = "head"
     config.detection.update(detection)
     return registry.create_task(config, INFO)
 
