@@ -87,6 +87,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
+import numpy as np
 import tensorflow_datasets as tfds
 
 from clusterformer_jax.data import ade20k as ade20k_lib
@@ -392,6 +393,54 @@ def get_dataset_info(config: Mapping[str, Any]) -> dict[str, Any]:
         "ignore_label": DT.IGNORE_LABEL,
         **_eval_files(config, builder),
     }
+
+
+# Published split sizes (train, eval): COCO 2017 train/val, ADEChallengeData2016 training/validation.
+_PUBLISHED_SIZES = {"coco_instances": (118_287, 5_000), "coco_panoptic": (118_287, 5_000), "ade20k": (20_210, 2_000)}
+
+
+def offline_dataset_info(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``get_dataset_info`` without opening the dataset (for the ahead-of-time compile check): class tables
+    from the code, published split sizes (shapes: its variant's), no annotation files."""
+    name = _dataset_name(config)
+    if name == "shapes":
+        variant = shapes_lib.VARIANTS[_field(config, "shapes_variant")]
+        sizes = (variant.num_train, variant.num_validation)
+    else:
+        sizes = _PUBLISHED_SIZES[name]
+    if name == "coco_panoptic":  # the prepared builder's label order is the canonical category order
+        table = [(n, thing, i) for i, n, thing in coco_lib.COCO_PANOPTIC_CATEGORIES]
+        names, thing, ids = (tuple(column) for column in zip(*table))
+    else:
+        names, thing, ids = _class_table(config, None)
+    crop = _side(_field(config, "train_crop_size"))
+    return {
+        "num_classes": len(names),
+        "num_thing_classes": int(sum(thing)),
+        "class_names": names,
+        "is_thing": thing,
+        "category_ids": ids,
+        "num_train": sizes[0],
+        "num_eval": sizes[1],
+        "image_size": crop,
+        "eval_image_size": _side(_field(config, "eval_pad_size")),
+        "max_instances": int(_field(config, "max_instances")),
+        "mask_size": crop // int(_field(config, "mask_stride")),
+        "ignore_label": DT.IGNORE_LABEL,
+        "instances_json": None,
+        "panoptic_json": None,
+        "panoptic_png_dir": None,
+    }
+
+
+def example_spec(config: Mapping[str, Any], eval_mode: bool) -> dict[str, np.ndarray]:
+    """One all-padding example with the keys, shapes and dtypes of a train (or eval) batch row."""
+    spec = (eval_transform(config) if eval_mode else train_transform(config)).spec
+    example = DT.empty_output(spec)
+    keys = _outputs(config, eval_mode)
+    if eval_mode:
+        example["mask"] = np.float32(0)
+    return {k: example[k] for k in keys} if keys else example
 
 
 def _read_options(cfg: Mapping[str, Any], local_batch: int) -> grain.ReadOptions:

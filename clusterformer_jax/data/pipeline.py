@@ -267,6 +267,28 @@ def get_dataset_info(config: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+# Published split sizes (train, eval) for planning a run without the data (``offline_dataset_info``).
+_PUBLISHED_SIZES = {"digits": (1437, 360, 10), "imagenet2012": (1_281_167, 50_000, 1000)}  # + num_classes
+
+
+def offline_dataset_info(config: Mapping[str, Any]) -> dict[str, int]:
+    """``get_dataset_info`` from published split sizes, without opening the dataset (the ahead-of-time
+    compile check plans runs whose data lives elsewhere). Assumes the standard full splits."""
+    num_train, num_eval, num_classes = _PUBLISHED_SIZES[_dataset_name(config)]
+    return {
+        "num_classes": num_classes,
+        "num_train": num_train,
+        "num_eval": num_eval,
+        "image_size": int(_field(config, "image_size")),
+    }
+
+
+def example_spec(config: Mapping[str, Any], eval_mode: bool) -> dict[str, np.ndarray]:
+    """One all-zero example with the keys, shapes and dtypes of a train (or eval) batch row."""
+    example = _blank_example(int(_field(config, "image_size")))
+    return {**example, "mask": np.float32(0)} if eval_mode else example
+
+
 def create_train_iterator(
     config: Mapping[str, Any],
     *,
