@@ -15,6 +15,8 @@ example*, a dict of numpy arrays in source-image pixels:
   segments   optional int32 (H, W): k + 1 where segment k is, 0 for void;
              segments do not overlap (panoptic, ADE20K, shapes)
   semantic   optional uint8 (H, W) class index, 255 = ignore
+  ...        any other per-pixel target map the dataset declares (`PixelMap`, e.g. a depth map),
+             (H, W) or (H, W, C), rendered exactly like `semantic`
 
 `DenseTrainTransform` and `DenseEvalTransform` turn it into fixed-shape
 arrays (see `render` for the keys). Geometry follows detectron2 / Mask2Former:
@@ -194,8 +196,38 @@ def segment_boxes(segments: np.ndarray, num_segments: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
+class PixelMap:
+    """How a per-pixel target map of the dense example is rendered: the source map ((H, W) or (H, W, *channels)
+    in source pixels) is sampled by nearest neighbour at the image's pixel centres (so it stays aligned with the
+    image through scale, crop and flip) onto a canvas of `dtype` holding `fill` in the padding, and everywhere
+    when the example has no such map."""
+
+    dtype: Any = np.float32
+    fill: float | int = 0
+    channels: tuple[int, ...] = ()
+
+    def empty(self, out_h: int, out_w: int) -> np.ndarray:
+        return np.full((out_h, out_w, *self.channels), self.fill, self.dtype)
+
+    def render(self, source: np.ndarray | None, rows: np.ndarray, cols: np.ndarray, out_h: int, out_w: int):
+        """The canvas with `source[rows, cols]` in its top-left window."""
+        canvas = self.empty(out_h, out_w)
+        if source is not None:
+            canvas[: len(rows), : len(cols)] = np.asarray(source)[rows[:, None], cols[None, :]]
+        return canvas
+
+
+SEMANTIC = PixelMap(np.int32, IGNORE_LABEL)  # class per pixel, 255 = ignore (padding, void, no labels)
+
+
+def _default_pixel_maps() -> dict[str, PixelMap]:
+    return {"semantic": SEMANTIC}
+
+
+@dataclasses.dataclass(frozen=True)
 class RenderSpec:
-    """Output layout shared by the train and eval transforms."""
+    """Output layout shared by the train and eval transforms; `pixel_maps` names the per-pixel target maps
+    rendered (each output key is the example key)."""
 
     out_h: int
     out_w: int
@@ -204,6 +236,7 @@ class RenderSpec:
     instance_targets: str = "all"
     mean: Sequence[float] = T.IMAGENET_MEAN
     std: Sequence[float] = T.IMAGENET_STD
+    pixel_maps: Mapping[str, PixelMap] = dataclasses.field(default_factory=_default_pixel_maps)
 
     def __post_init__(self):
         if self.out_h % self.mask_stride or self.out_w % self.mask_stride:
@@ -231,15 +264,15 @@ def render(
     image_mask bool (out_h, out_w); boxes float32 (M, 4) canvas-pixel yxyx;
     classes int32 (M,) (-1 in empty slots); instance_masks uint8
     (M, out_h / stride, out_w / stride); instance_valid, is_crowd, is_thing
-    bool (M,); semantic int32 (out_h, out_w) (255 = ignore, also in padding
-    and for datasets without semantic labels); panoptic_ids int32
+    bool (M,); each of `spec.pixel_maps` (semantic int32 (out_h, out_w), 255 =
+    ignore, also in padding and for datasets without semantic labels); panoptic_ids int32
     (out_h, out_w) slot + 1 of the segment at each pixel (0 = void, padding,
     or no segment map); image_id int32; orig_size int32 (2,) source (H, W);
     scale float32 (2,) output pixels per source pixel (y, x).
     """
     p, m, stride = placement, spec.max_instances, spec.mask_stride
     out_h, out_w = spec.out_h, spec.out_w
-    masks, segments, semantic = example.get("masks"), example.get("segments"), example.get("semantic")
+    masks, segments = example.get("masks"), example.get("segments")
     classes = np.asarray(example["classes"], np.int32)
     n = len(classes)
 
@@ -298,10 +331,8 @@ def render(
         values[:k] = np.asarray(example[key], bool)[kept]
         out[key] = values
 
-    sem = np.full((out_h, out_w), IGNORE_LABEL, np.int32)
-    if semantic is not None:
-        sem[: p.crop_h, : p.crop_w] = semantic[rows[:, None], cols[None, :]]
-    out["semantic"] = sem
+    for name, pixel_map in spec.pixel_maps.items():
+        out[name] = pixel_map.render(example.get(name), rows, cols, out_h, out_w)
 
     panoptic = np.zeros((out_h, out_w), np.int32)
     if segment_canvas is not None:
@@ -406,7 +437,7 @@ def empty_output(spec: RenderSpec) -> dict[str, np.ndarray]:
         "instance_valid": np.zeros((m,), bool),
         "is_crowd": np.zeros((m,), bool),
         "is_thing": np.zeros((m,), bool),
-        "semantic": np.full((spec.out_h, spec.out_w), IGNORE_LABEL, np.int32),
+        **{name: pixel_map.empty(spec.out_h, spec.out_w) for name, pixel_map in spec.pixel_maps.items()},
         "panoptic_ids": np.zeros((spec.out_h, spec.out_w), np.int32),
         "image_id": np.int32(0),
         "orig_size": np.zeros((2,), np.int32),
