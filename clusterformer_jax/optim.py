@@ -50,7 +50,8 @@ def create_learning_rate_schedule(
     min_lr_ratio: float = 0.0,
 ) -> optax.Schedule:
     """Linear warmup from ``peak_lr * warmup_start_ratio`` to ``peak_lr`` over ``warmup`` steps, then cosine
-    decay to ``peak_lr * min_lr_ratio`` at ``total_steps`` (a warmup longer than the run is cut to the run)."""
+    decay to ``peak_lr * min_lr_ratio`` at ``total_steps`` (a warmup longer than the run is cut to the run):
+    ``optax.warmup_cosine_decay_schedule``, whose init_value / end_value are peak_lr times the two ratios."""
     if total_steps <= 0:
         raise ConfigError(f"the number of training steps must be positive, got {total_steps}")
     if warmup < 0:
@@ -58,18 +59,13 @@ def create_learning_rate_schedule(
     if warmup > total_steps:
         logging.warning("warmup (%d steps) is longer than the run; shortened to %d steps", warmup, total_steps)
         warmup = total_steps
-    start_lr = peak_lr * warmup_start_ratio
-    end_lr = peak_lr * min_lr_ratio
-    decay_steps = max(total_steps - warmup, 1)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = start_lr + (peak_lr - start_lr) * step / max(warmup, 1)
-        progress = jnp.clip((step - warmup) / decay_steps, 0.0, 1.0)
-        cosine = end_lr + (peak_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step < warmup, warm, cosine)
-
-    return schedule
+    return optax.warmup_cosine_decay_schedule(
+        init_value=peak_lr * warmup_start_ratio,
+        peak_value=peak_lr,
+        warmup_steps=warmup,
+        decay_steps=warmup + max(total_steps - warmup, 1),  # optax counts the warmup in the decay steps
+        end_value=peak_lr * min_lr_ratio,
+    )
 
 
 def _path_names(path: tuple[Any, ...]) -> list[str]:
