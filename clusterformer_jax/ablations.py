@@ -15,7 +15,6 @@ a small-scale Table 6, not the paper's ImageNet numbers.
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import os
 import subprocess
 import sys
@@ -36,10 +35,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def table6():
     """The module ``configs/ablations/table6.py`` (rows and the paper's numbers)."""
-    path = os.path.join(_REPO, "configs", "ablations", "table6.py")
-    spec = importlib.util.spec_from_file_location("clusterformer_ablations_table6", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from configs.ablations import table6 as module  # the repository root is on the path, as for --config
+
     return module
 
 

@@ -7,15 +7,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
+
+from configs import dense
 
 
 def get_config() -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dense.py")
-    spec = importlib.util.spec_from_file_location("clusterformer_configs_dense", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.coco_config("detection", "small")
+    return dense.coco_config("detection", "small")

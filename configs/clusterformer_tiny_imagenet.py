@@ -9,15 +9,10 @@ See configs/imagenet.py for both recipes.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
+
+from configs import imagenet
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet.py")
-    spec = importlib.util.spec_from_file_location("clusterformer_configs_imagenet", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.imagenet_config("tiny", arg)
+    return imagenet.imagenet_config("tiny", arg)

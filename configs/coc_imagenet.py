@@ -22,22 +22,13 @@ Quickstart: configs/quickstart.py with this model (32x32 digits, stage maps 8/4/
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from configs import common, quickstart
+
 MODELS = ("coc_tiny", "coc_tiny2", "coc_tiny_plain", "coc_small", "coc_medium", "coc_base_dim64", "coc_base_dim96")
 QUICKSTART_FOLDS = {"coc_tiny2": (1, 1, 1, 1)}
-
-
-def _load(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"clusterformer_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
@@ -47,15 +38,14 @@ def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    model, quickstart = _load("common").parse_model_arg(arg, MODELS, "coc_tiny")
-    if quickstart:
-        config = _load("quickstart").get_config()
+    model, on_digits = common.parse_model_arg(arg, MODELS, "coc_tiny")
+    if on_digits:
+        config = quickstart.get_config()
         config.model.name = model
         _add_model_kwargs(config)
         config.model.kwargs.folds = QUICKSTART_FOLDS.get(model)
         return config
 
-    common = _load("common")
     config = common.set_imagenet_input(common.get_config(), eval_crop_pct=0.9)
     config.model.name = model
     _add_model_kwargs(config)

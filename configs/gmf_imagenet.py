@@ -15,20 +15,11 @@ RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0 (s
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
+from configs import common
+
 VARIANTS = ("gmf_miny", "gmf_tiny", "gmf_small", "gmf_base", "gmf_large")
-
-
-def _common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("clusterformer_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -37,7 +28,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         name = f"gmf_{name}"
     if name not in VARIANTS:
         raise ValueError(f"config argument must be one of {', '.join(VARIANTS)}, got {arg!r}")
-    common = _common()
     config = common.set_imagenet_input(common.get_config(), eval_crop_pct=224 / 256)
     config.model.name = name
 

@@ -12,10 +12,9 @@ of it, no Mixup / CutMix / label smoothing, and the '_official' model preset.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
+
+from configs import common
 
 _OFFICIAL = {
     # variant: (batch size, lr, min lr ratio)
@@ -24,20 +23,11 @@ _OFFICIAL = {
 }
 
 
-def _common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("clusterformer_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def imagenet_config(variant: str, arg: str | None) -> ml_collections.ConfigDict:
     """The recipe for model ``clusterformer_{variant}``; ``arg`` is None/'paper' or 'official'."""
     recipe = (arg or "paper").strip().lower()
     if recipe not in ("paper", "official"):
         raise ValueError(f"config argument must be 'paper' or 'official', got {arg!r}")
-    common = _common()
     config = common.set_imagenet_input(common.get_config(), eval_crop_pct=224 / 248)
     config.model.name = f"clusterformer_{variant}"
 

@@ -20,11 +20,10 @@ B 0.5). No EMA.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 from ml_collections.config_dict import placeholder
+
+from configs import common, quickstart
 
 MODELS = (
     "paca_tiny",
@@ -43,14 +42,6 @@ MODELS = (
 )
 
 
-def _load(name: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"clusterformer_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
     config.model.kwargs.clusters = placeholder(tuple)  # per stage; 0 = plain MHSA
     config.model.kwargs.onsite = placeholder(tuple)  # 0 stage-wise, 1 block-wise, k every k blocks
@@ -59,14 +50,13 @@ def _add_model_kwargs(config: ml_collections.ConfigDict) -> None:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    model, quickstart = _load("common").parse_model_arg(arg, MODELS, "paca_tiny")
-    if quickstart:
-        config = _load("quickstart").get_config()
+    model, on_digits = common.parse_model_arg(arg, MODELS, "paca_tiny")
+    if on_digits:
+        config = quickstart.get_config()
         config.model.name = model
         _add_model_kwargs(config)
         return config
 
-    common = _load("common")
     config = common.set_imagenet_input(common.get_config(), eval_crop_pct=0.9)
     config.model.name = model
     _add_model_kwargs(config)

@@ -5,22 +5,13 @@ python -m clusterformer_jax.main --config=configs/quickstart.py --workdir=runs/q
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("clusterformer_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = _common().get_config()
+    config = common.get_config()
     config.model.name = "clusterformer_nano"
 
     config.input.dataset = "digits"

@@ -6,15 +6,10 @@ python -m clusterformer_jax.main --config=configs/shapes_panoptic.py[:clusterfor
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
+
+from configs import shapes
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dense.py")
-    spec = importlib.util.spec_from_file_location("clusterformer_configs_dense", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.shapes_config("panoptic_segmentation", arg)
+    return shapes.shapes_config("panoptic_segmentation", arg)

@@ -9,12 +9,9 @@ varies the dense decoder's query initialisation on the COCO instance-segmentatio
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
 
-_CONFIGS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configs import dense, imagenet, quickstart
 
 # table -> row -> (model.kwargs overrides, paper #params in M (None: not reported), paper top-1, top-5);
 # the row that is the default ClusterFormer-Tiny has no overrides
@@ -64,13 +61,6 @@ QUERY_INIT_AP = {
 }
 
 
-def _load(filename: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(_CONFIGS, filename))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _parse(table: str, arg: str | None, rows) -> tuple[str, str]:
     row, _, base = (arg or "").partition(",")
     if row not in rows:
@@ -83,12 +73,12 @@ def classification_config(table: str, arg: str | None) -> ml_collections.ConfigD
     rows = CLASSIFICATION[table]
     row, base = _parse(table, arg, rows)
     if base == "quickstart":
-        config = _load("quickstart.py", "ablation_quickstart").get_config()
+        config = quickstart.get_config()
         # the paper's head on the last block's centers: without it, rows that drop the dispatch would leave
         # the centers out of the output (the quickstart's neck pools the tokens only)
         config.model.kwargs.head = "paper_centers"
     elif base == "":
-        config = _load("imagenet.py", "ablation_imagenet").imagenet_config("tiny", "paper")
+        config = imagenet.imagenet_config("tiny", "paper")
     else:
         raise ValueError(f"config argument base must be empty or 'quickstart', got {base!r}")
     for field, value in rows[row][0].items():
@@ -101,6 +91,6 @@ def query_init_config(arg: str | None) -> ml_collections.ConfigDict:
     row, base = _parse("f", arg, QUERY_INIT_AP)
     if base:
         raise ValueError(f"Table 6f has no small-scale base, got {arg!r}")
-    config = _load("dense.py", "ablation_dense").coco_config("instance_segmentation", "tiny")
+    config = dense.coco_config("instance_segmentation", "tiny")
     config.model.decoder.query_init = row
     return config

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import ml_collections
+
+from configs.ablations import table6
 
 
-def get_config(arg: str | None = None):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "table6.py")
-    spec = importlib.util.spec_from_file_location("clusterformer_ablation_table6", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.classification_config("c", arg)
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return table6.classification_config("c", arg)

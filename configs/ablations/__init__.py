@@ -1,0 +1,1 @@
+"""The paper's Table 6 ablations as configs (``table6.py`` holds the rows)."""
