@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import importlib.util
 import json
 import os
 import platform
@@ -96,13 +95,17 @@ QUICK = dict(
 
 
 def _dense_configs():
-    """configs/dense.py (not a package: loaded from its path, as the config flags do)."""
-    spec = importlib.util.spec_from_file_location(
-        "clusterformer_configs_dense", os.path.join(REPO, "configs", "dense.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """configs/dense.py (the repository root is on the path)."""
+    from configs import dense
+
+    return dense
+
+
+def _shapes_configs():
+    """configs/shapes.py."""
+    from configs import shapes
+
+    return shapes
 
 
 def window_counts(backbone: str, size: int) -> tuple[int, ...] | None:
@@ -226,7 +229,7 @@ def bench_train(args, decoder: DecoderConfig, loss_cfg: SetLossConfig, overrides
 
 
 def bench_eval(args, decoder: DecoderConfig, overrides: dict, variables=None) -> dict:
-    config = _dense_configs().shapes_config("instance_segmentation", None)
+    config = _shapes_configs().shapes_config("instance_segmentation", None)
     config.model.name = args.backbone
     config.model.decoder = ml_collections.ConfigDict(dataclasses.asdict(decoder))
     for field in ("eval_short_side", "eval_max_size", "eval_pad_size"):

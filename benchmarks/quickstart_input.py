@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import logging
 import os
@@ -64,10 +63,9 @@ class _Repeated:
 
 
 def _config(steps: int, variant: str):
-    spec = importlib.util.spec_from_file_location("quickstart", os.path.join(REPO, "configs", "quickstart.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    from configs import quickstart
+
+    config = quickstart.get_config()
     config.num_train_steps = steps
     config.eval_every_steps = 0
     config.checkpoint.every_steps = 10 * steps

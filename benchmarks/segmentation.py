@@ -65,7 +65,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.detection import _dense_configs, backbone_overrides, median_ms, run_once  # noqa: E402
+from benchmarks.detection import _dense_configs, _shapes_configs, backbone_overrides, median_ms, run_once  # noqa: E402
 from clusterformer_jax import runtime  # noqa: E402
 from clusterformer_jax.data import dense_pipeline  # noqa: E402
 from clusterformer_jax.tasks import panoptic_losses as PL  # noqa: E402
@@ -305,7 +305,7 @@ def bench_train(kind: str, args, overrides: dict) -> tuple[dict, dict, dict]:
 
 
 def bench_eval(kind: str, args, decoder_fields: dict, overrides: dict, variables=None) -> dict:
-    config = _dense_configs().shapes_config(TASK_NAMES[kind], None)
+    config = _shapes_configs().shapes_config(TASK_NAMES[kind], None)
     config.model.name = args.backbone
     for field in ("eval_short_side", "eval_max_size", "eval_pad_size"):
         config.input[field] = args.eval_size
