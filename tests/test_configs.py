@@ -10,6 +10,7 @@ commit message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -131,22 +132,56 @@ def test_every_config_file_is_covered():
             assert has_get_config == (path in files), path
 
 
+def _changes(want: dict[str, list], got: dict[str, list]) -> dict[str, tuple]:
+    return {k: (want.get(k), got.get(k)) for k in sorted(set(want) | set(got)) if want.get(k) != got.get(k)}
+
+
 def test_configs_equal_golden(golden):
+    """A difference names the case and the changed fields (recorded -> now); an intended change: rewrite the
+    golden file with ``python tests/test_configs.py --write`` and say why in the commit message."""
     base = flatten(load("common.py"))
-    assert base == golden[""]
-    mismatches = []
+    mismatches = [f"configs/common.py: {_changes(golden[''], base)}"] if base != golden[""] else []
     for filename, arg in cases():
         name = case_name(filename, arg)
-        got = diff(base, flatten(load(filename, arg)))
-        if got != golden[name]:
-            want = golden[name]
-            changed = {
-                k: (want["set"].get(k), got["set"].get(k))
-                for k in set(want["set"]) | set(got["set"])
-                if want["set"].get(k) != got["set"].get(k)
-            }
-            mismatches.append(f"{name}: {changed} removed {want['removed']} -> {got['removed']}")
-    assert not mismatches, "\n".join(mismatches)
+        want, got = golden[name], diff(golden[""], flatten(load(filename, arg)))
+        if got != want:
+            removed = f" removed {want['removed']} -> {got['removed']}" if got["removed"] != want["removed"] else ""
+            mismatches.append(f"{name}: {_changes(want['set'], got['set'])}{removed}")
+    fix = "intended? python tests/test_configs.py --write, and say why in the commit message"
+    assert not mismatches, f"{len(mismatches)} configs differ from tests/golden_configs.json ({fix}):\n" + "\n".join(
+        mismatches[:20]
+    )
+
+
+def test_dense_sections_hold_every_field_the_tasks_read():
+    """The tasks list their sections' fields and read them without fallbacks; configs/dense.py writes each
+    value once (the decoder's and the losses' from their dataclasses)."""
+    from clusterformer_jax.models.decoder import DecoderConfig
+    from clusterformer_jax.tasks import detection, panoptic, semantic
+    from configs import dense
+
+    assert set(dense.semantic_config()) == set(semantic.FIELDS)
+    required = set(detection._PREDICT_FIELDS + detection._TASK_FIELDS)
+    assert required <= set(dense.detection_config()) <= required | set(detection._LOSS_FIELDS)
+    required = set(panoptic._POST_FIELDS + panoptic._OTHER_FIELDS)
+    assert required <= set(dense.panoptic_config()) <= required | set(panoptic._LOSS_FIELDS)
+    assert set(dense.decoder_config()) == {f.name for f in dataclasses.fields(DecoderConfig)} - {"em_unroll"}
+
+
+def test_a_section_without_a_field_is_a_one_line_error():
+    from clusterformer_jax.errors import ConfigError
+    from clusterformer_jax.tasks import registry
+
+    info = {"num_classes": 6, "image_size": 16, "class_names": tuple("abcdef")}
+    config = load("shapes_semantic.py")
+    registry.create_task(config, info)
+    config.unlock()
+    del config.semantic.ce_weight
+    with pytest.raises(ConfigError) as error:
+        registry.create_task(config, info)
+    assert str(error.value) == (
+        "config.semantic lacks field 'ce_weight': build the config from configs/dense.py (semantic_config())"
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ with config mistakes turned into one-line errors."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +19,25 @@ from clusterformer_jax.models.decoder import DecoderConfig
 def as_dict(section: Any) -> dict[str, Any]:
     """A config section (ConfigDict, mapping or None) as a plain dict."""
     return section.to_dict() if hasattr(section, "to_dict") else dict(section or {})
+
+
+def config_section(
+    config: Mapping[str, Any], name: str, fields: Sequence[str], optional: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``config.<name>`` as a dict holding every field of ``fields`` and none outside ``fields`` + ``optional``
+    (a one-line ConfigError otherwise). The tasks take no fallbacks: each default is written once, in the
+    section of configs/dense.py (``optional``: fields whose defaults are a dataclass's, e.g. the loss weights)."""
+    section = as_dict(config.get(name))
+    known = tuple(fields) + tuple(optional)
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ConfigError(f"config.{name} has no field {unknown[0]!r}; valid: {sorted(known)}")
+    missing = [field for field in fields if field not in section]
+    if missing:
+        raise ConfigError(
+            f"config.{name} lacks field {missing[0]!r}: build the config from configs/dense.py ({name}_config())"
+        )
+    return section
 
 
 def backbone_and_decoder(

@@ -29,7 +29,7 @@ from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation.coco import BOX_SOURCES, COCOEvaluator
 from clusterformer_jax.models.dense_model import DenseModel
 from clusterformer_jax.tasks import boxes as box_ops
-from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder
+from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder, config_section
 from clusterformer_jax.tasks.semantic import grid_labels, pixel_cross_entropy
 from clusterformer_jax.tasks.set_losses import SetLossConfig, set_criterion
 
@@ -52,10 +52,7 @@ class DetectionTask(DenseInputs):
         self.instances_json = dataset_info.get("instances_json")
         model = config["model"]
         self.decoder_fields = as_dict(model.get("decoder"))
-        det = as_dict(config.get("detection"))
-        unknown = sorted(set(det) - set(_LOSS_FIELDS) - set(_PREDICT_FIELDS) - set(_TASK_FIELDS))
-        if unknown:
-            raise ConfigError(f"config.detection has no field {unknown[0]!r}; valid: {sorted(_LOSS_FIELDS)}")
+        det = config_section(config, "detection", _PREDICT_FIELDS + _TASK_FIELDS, optional=_LOSS_FIELDS)
         loss = {k: v for k, v in det.items() if k in _LOSS_FIELDS}
         loss["use_masks"] = with_masks
         try:
@@ -63,15 +60,15 @@ class DetectionTask(DenseInputs):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.detection: {e}") from None
         self.num_semantic_classes = int(dataset_info["num_classes"])
-        self.aux_semantic_weight = float(det.get("aux_semantic_weight", 0.0))
+        self.aux_semantic_weight = float(det["aux_semantic_weight"])
         if self.aux_semantic_weight < 0:
             raise ConfigError(f"detection.aux_semantic_weight must be >= 0, got {self.aux_semantic_weight}")
-        self.top_k = int(det.get("top_k", 100))
-        self.mask_threshold = float(det.get("mask_threshold", 0.5))
-        self.eval_backend = str(det.get("eval_backend", "pycocotools"))
+        self.top_k = int(det["top_k"])
+        self.mask_threshold = float(det["mask_threshold"])
+        self.eval_backend = str(det["eval_backend"])
         if self.top_k <= 0:
             raise ConfigError(f"detection.top_k must be positive, got {self.top_k}")
-        self.box_source = str(det.get("box_source", "head"))
+        self.box_source = str(det["box_source"])
         if self.box_source not in BOX_SOURCES:
             raise ConfigError(f"detection.box_source must be one of {BOX_SOURCES}, got {self.box_source!r}")
         if self.box_source == "mask" and not with_masks:

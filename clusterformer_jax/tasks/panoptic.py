@@ -25,21 +25,21 @@ from clu import metrics as clu_metrics
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation.panoptic import PanopticEvaluator
 from clusterformer_jax.models.dense_model import DenseModel
-from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder
+from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder, config_section
 from clusterformer_jax.tasks.panoptic_losses import TERMS, PanopticLossConfig, panoptic_criterion
 from clusterformer_jax.tasks.panoptic_postprocess import panoptic_postprocess_batch
 from clusterformer_jax.tasks.semantic import grid_labels
 
 _LOSS_FIELDS = tuple(f.name for f in dataclasses.fields(PanopticLossConfig))
-_POST_DEFAULTS = dict(
-    thing_threshold=0.7,
-    stuff_threshold=0.5,
-    pixel_threshold=0.4,
-    overlap_threshold=0.8,
-    min_thing_area=0,
-    min_stuff_area=0,
+_POST_FIELDS = (
+    "thing_threshold",
+    "stuff_threshold",
+    "pixel_threshold",
+    "overlap_threshold",
+    "min_thing_area",
+    "min_stuff_area",
 )
-_OTHER_DEFAULTS = dict(upsample=1, eval_backend="numpy", compute_ap=True)
+_OTHER_FIELDS = ("upsample", "eval_backend", "compute_ap")
 
 
 class PanopticTask(DenseInputs):
@@ -54,22 +54,17 @@ class PanopticTask(DenseInputs):
         self.panoptic_png_dir = dataset_info.get("panoptic_png_dir")
         self.instances_json = dataset_info.get("instances_json")
         self.decoder_fields = as_dict(config["model"].get("decoder"))
-        section = as_dict(config.get("panoptic"))
-        known = set(_LOSS_FIELDS) | set(_POST_DEFAULTS) | set(_OTHER_DEFAULTS)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ConfigError(f"config.panoptic has no field {unknown[0]!r}; valid: {sorted(known)}")
+        section = config_section(config, "panoptic", _POST_FIELDS + _OTHER_FIELDS, optional=_LOSS_FIELDS)
         try:
             self.loss_config = PanopticLossConfig(**{k: v for k, v in section.items() if k in _LOSS_FIELDS})
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.panoptic: {e}") from None
-        self.post = {k: section.get(k, v) for k, v in _POST_DEFAULTS.items()}
-        other = {k: section.get(k, v) for k, v in _OTHER_DEFAULTS.items()}
-        self.upsample = int(other["upsample"])
+        self.post = {k: section[k] for k in _POST_FIELDS}
+        self.upsample = int(section["upsample"])
         if self.upsample not in (1, 2, 4):
             raise ConfigError(f"config.panoptic.upsample={self.upsample}: use 1 (stride-4 grid), 2 or 4 (canvas)")
-        self.eval_backend = str(other["eval_backend"])
-        self.compute_ap = bool(other["compute_ap"])
+        self.eval_backend = str(section["eval_backend"])
+        self.compute_ap = bool(section["compute_ap"])
 
     # ----------------------------------------------------------------------------------------- model
     def build_model(self, model_name: str, model_kwargs: Mapping[str, Any]) -> nn.Module:

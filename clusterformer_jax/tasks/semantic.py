@@ -43,22 +43,23 @@ from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.evaluation.semantic import SemanticEvaluator
 from clusterformer_jax.models.dense_model import DenseModel, HeadModel
 from clusterformer_jax.models.paca_vit import PaCaSegHead
-from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder
+from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder, config_section
 from clusterformer_jax.tasks.sliding_window import SlidingWindow
 
 HEADS = ("cluster", "paca")
 INFERENCE = ("whole", "slide")
-_DEFAULTS = dict(
-    head="cluster",
-    ce_weight=5.0,
-    dice_weight=1.0,
-    paca_channels=256,
-    paca_dropout=0.1,
-    paca_aux_weight=0.4,
-    inference="whole",
-    slide_crop=(512, 512),
-    slide_stride=(341, 341),
-    source_size_ground_truth=True,
+# config.semantic's fields (their values: configs/dense.py, semantic_config())
+FIELDS = (
+    "head",
+    "ce_weight",
+    "dice_weight",
+    "paca_channels",
+    "paca_dropout",
+    "paca_aux_weight",
+    "inference",
+    "slide_crop",
+    "slide_stride",
+    "source_size_ground_truth",
 )
 
 
@@ -120,11 +121,7 @@ class SemanticTask(DenseInputs):
         self.num_classes = int(dataset_info["num_classes"])
         self.image_size = int(dataset_info["image_size"])
         self.class_names = tuple(dataset_info["class_names"])
-        section = as_dict(config.get("semantic"))
-        unknown = sorted(set(section) - set(_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"config.semantic has no field {unknown[0]!r}; valid: {sorted(_DEFAULTS)}")
-        self.options = {**_DEFAULTS, **section}
+        self.options = config_section(config, "semantic", FIELDS)
         if self.options["head"] not in HEADS:
             raise ConfigError(f"config.semantic.head={self.options['head']!r}: use one of {HEADS}")
         if self.options["inference"] not in INFERENCE:
@@ -207,7 +204,7 @@ class SemanticTask(DenseInputs):
         if not self.options["source_size_ground_truth"] or self.input_fields.get("dataset") != "ade20k":
             return None
         manual_dir = self.input_fields.get("manual_dir")
-        split = str(self.input_fields.get("eval_split") or "validation").split("[")[0]
+        split = str(self.input_fields["eval_split"]).split("[")[0]
         labels = ade20k.source_labels(os.path.expanduser(manual_dir), split) if manual_dir else None
         if labels is None:
             logging.warning(
