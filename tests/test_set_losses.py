@@ -7,12 +7,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy.optimize import linear_sum_assignment
 
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.tasks import boxes as box_ops
 from clusterformer_jax.tasks import set_losses as sl
+from clusterformer_jax.tasks.dice import dice_loss
 from clusterformer_jax.tasks.matching import hungarian_match
 
 # one worker runs this file: the jitted matcher and criterion are compiled once
@@ -141,9 +143,9 @@ def test_hungarian_padding_cannot_displace_real_targets_and_nonfinite_costs(matc
 @jax.jit
 def _elementwise(logits, targets, mask_logits, mask):
     return (
-        sl.sigmoid_bce(logits, targets),
-        sl.sigmoid_focal_loss(logits, targets, 0.25, 2.0),
-        sl.dice_loss(mask_logits, mask),
+        optax.losses.sigmoid_binary_cross_entropy(logits, targets),
+        optax.losses.sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0),
+        dice_loss(jax.nn.sigmoid(mask_logits), mask),
     )
 
 

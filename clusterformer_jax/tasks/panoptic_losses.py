@@ -31,6 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from clusterformer_jax.tasks.dice import dice_loss, dice_score
 from clusterformer_jax.tasks.matching import hungarian_match
 
 IGNORE_LABEL = 255
@@ -116,9 +117,7 @@ def _similarities(class_probs: jax.Array, mask_probs: jax.Array, targets: dict) 
     b, n = mask_probs.shape[:2]
     pred = mask_probs.reshape(b, n, -1)
     tgt = t["masks"].reshape(b, t["masks"].shape[1], -1)
-    inter = jnp.einsum("bnp,bmp->bnm", pred, tgt)
-    half_sum = (jnp.sum(pred, -1)[:, :, None] + jnp.sum(tgt, -1)[:, None, :]) / 2.0
-    return class_sim, inter / (half_sum + 1e-5)
+    return class_sim, dice_score(pred, tgt, smooth=0.0, eps=2e-5, pairwise=True)
 
 
 def pq_similarity(class_probs: jax.Array, mask_probs: jax.Array, targets: dict) -> jax.Array:
@@ -179,13 +178,12 @@ def _pq_per_query(class_logits, mask_logits, targets, query_index, matched, weig
 
     probs = query_mask_probs(mask_logits, t).reshape(b, n, -1)
     query_target = jnp.einsum("bnm,bmp->bnp", assign, t["masks"].reshape(b, t["masks"].shape[1], -1))
-    numer = 2.0 * jnp.sum(probs * query_target, -1) + 1.0
-    dice_loss = 1.0 - numer / (jnp.sum(probs, -1) + jnp.sum(query_target, -1) + 1.0)
+    mask_dice = dice_loss(probs, query_target)
     in_thing = jnp.sum(assign * t["is_thing"][:, None, :], -1) > 0
     in_stuff = is_matched & ~in_thing
     return {
         "class": alpha * class_weight * nll,  # (B, N)
-        "mask": mask_weight * dice_loss,  # (B, N)
+        "mask": mask_weight * mask_dice,  # (B, N)
         "matched": is_matched,
         "thing": in_thing,
         "stuff": in_stuff,

@@ -23,9 +23,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.tasks import boxes as box_ops
+from clusterformer_jax.tasks.dice import dice_loss
 from clusterformer_jax.tasks.matching import hungarian_match
 
 CLASS_LOSSES = ("focal", "bce", "softmax")
@@ -92,30 +94,6 @@ class SetLossConfig:
         """Matching-cost weight for 'class' | 'box_l1' | 'giou' | 'mask_bce' | 'dice'."""
         value = getattr(self, f"cost_{name}_weight")
         return getattr(self, f"{name}_weight") if value is None else value
-
-
-# ----------------------------------------------------------------------------------------------- elementwise
-
-
-def sigmoid_bce(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Elementwise binary cross-entropy on logits, -t log p - (1 - t) log(1 - p), computed stably."""
-    return jax.nn.softplus(logits) - logits * targets
-
-
-def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
-    """Elementwise sigmoid focal loss (Lin et al. 2017): alpha_t (1 - p_t)^gamma BCE; alpha < 0 disables alpha_t."""
-    p = jax.nn.sigmoid(logits)
-    p_t = p * targets + (1.0 - p) * (1.0 - targets)
-    loss = sigmoid_bce(logits, targets) * (1.0 - p_t) ** gamma
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
-    return loss
-
-
-def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mask2Former's dice loss over the last axis: 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), p = sigmoid."""
-    p = jax.nn.sigmoid(logits)
-    return 1.0 - (2.0 * jnp.sum(p * targets, -1) + 1.0) / (jnp.sum(p, -1) + jnp.sum(targets, -1) + 1.0)
 
 
 # ------------------------------------------------------------------------------------------- point sampling
@@ -228,9 +206,7 @@ def match_costs(outputs: dict, targets: dict, points: jax.Array | None, cfg: Set
             jnp.einsum("bqp,bmp->bqm", jax.nn.softplus(-pred), tgt)
             + jnp.einsum("bqp,bmp->bqm", jax.nn.softplus(pred), 1.0 - tgt)
         ) / num_p
-        prob = jax.nn.sigmoid(pred)
-        numer = 2.0 * jnp.einsum("bqp,bmp->bqm", prob, tgt) + 1.0
-        dice = 1.0 - numer / (jnp.sum(prob, -1)[:, :, None] + jnp.sum(tgt, -1)[:, None, :] + 1.0)
+        dice = dice_loss(jax.nn.sigmoid(pred), tgt, pairwise=True)
         cost = cost + cfg.cost_weight("mask_bce") * bce + cfg.cost_weight("dice") * dice
     return cost
 
@@ -256,9 +232,10 @@ def _layer_losses(
     else:
         onehot = jax.nn.one_hot(query_class, c, dtype=jnp.float32)  # -1 -> all zeros (background)
         if cfg.class_loss == "focal":
-            elementwise = sigmoid_focal_loss(logits, onehot, cfg.focal_alpha, cfg.focal_gamma)
+            alpha = cfg.focal_alpha if cfg.focal_alpha >= 0 else None  # alpha < 0: no alpha_t (Lin et al. 2017)
+            elementwise = optax.losses.sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=cfg.focal_gamma)
         else:
-            elementwise = sigmoid_bce(logits, onehot)
+            elementwise = optax.losses.sigmoid_binary_cross_entropy(logits, onehot)
         class_loss = jnp.sum(elementwise) / norm
     terms = {"loss_class": cfg.class_weight * class_loss}
     weight = matched.astype(jnp.float32)
@@ -279,8 +256,8 @@ def _layer_losses(
         pts = uncertain_points(rng, pred, cfg.num_points, cfg.oversample_ratio, cfg.importance_ratio)
         point_logits = point_sample(pred, pts)
         point_labels = point_sample(tgt, pts)
-        bce = jnp.mean(sigmoid_bce(point_logits, point_labels), -1).reshape(b, m)
-        dice = dice_loss(point_logits, point_labels).reshape(b, m)
+        bce = jnp.mean(optax.losses.sigmoid_binary_cross_entropy(point_logits, point_labels), -1).reshape(b, m)
+        dice = dice_loss(jax.nn.sigmoid(point_logits), point_labels).reshape(b, m)
         terms["loss_mask"] = cfg.mask_bce_weight * jnp.sum(weight * bce) / norm
         terms["loss_dice"] = cfg.dice_weight * jnp.sum(weight * dice) / norm
     return terms
