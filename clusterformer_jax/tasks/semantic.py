@@ -44,6 +44,7 @@ from clusterformer_jax.evaluation.semantic import SemanticEvaluator
 from clusterformer_jax.models.dense_model import DenseModel, HeadModel
 from clusterformer_jax.models.paca_vit import PaCaSegHead
 from clusterformer_jax.tasks.dense_base import DenseInputs, as_dict, backbone_and_decoder, config_section
+from clusterformer_jax.tasks.dice import dice_loss
 from clusterformer_jax.tasks.sliding_window import SlidingWindow
 
 HEADS = ("cluster", "paca")
@@ -92,13 +93,10 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int 
 def class_dice(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE_LABEL) -> jax.Array:
     """Mean over (image, class) of the dice loss between the class's softmax map and its one-hot label map,
     over the non-ignored pixels: logits (B, h, w, K), labels (B, h, w)."""
-    b, h, w, k = logits.shape
     valid = (labels != ignore_label)[..., None]
     probs = jnp.where(valid, jax.nn.softmax(logits, -1), 0.0)
-    onehot = jax.nn.one_hot(jnp.where(valid[..., 0], labels, -1), k, dtype=jnp.float32)
-    inter = jnp.einsum("bhwk,bhwk->bk", probs, onehot)
-    sums = jnp.sum(probs, axis=(1, 2)) + jnp.sum(onehot, axis=(1, 2))
-    return jnp.mean(1.0 - (2.0 * inter + 1.0) / (sums + 1.0))
+    onehot = jax.nn.one_hot(jnp.where(valid[..., 0], labels, -1), logits.shape[-1], dtype=jnp.float32)
+    return jnp.mean(dice_loss(probs, onehot, axis=(1, 2)))
 
 
 def layer_logits(outputs: Mapping[str, jax.Array]) -> jax.Array:
