@@ -9,8 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-IMAGENET_MEAN = (123.675, 116.28, 103.53)  # 0..255 scale
-IMAGENET_STD = (58.395, 57.12, 57.375)
+from clusterformer_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # 0..255 scale
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ import dataclasses
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from clusterformer_jax.data.dense_datasets import COMMON_DEFAULTS
 from clusterformer_jax.models.decoder import DecoderConfig
 from clusterformer_jax.tasks.panoptic_losses import PanopticLossConfig
 from clusterformer_jax.tasks.set_losses import SetLossConfig
@@ -38,31 +39,26 @@ def _defaults(cls, *names: str) -> dict:
 
 
 def dense_input(dataset: str) -> ml_collections.ConfigDict:
-    """``config.input`` for clusterformer_jax/data/dense_pipeline.py (None: the dataset's default)."""
+    """``config.input`` for clusterformer_jax/data/dense_pipeline.py: None is the dataset's default, the splits,
+    flip, normalisation and readers are what every dataset shares (data/dense_datasets.py, COMMON_DEFAULTS)."""
     return ml_collections.ConfigDict(
         dict(
+            COMMON_DEFAULTS,
             dataset=dataset,
             data_dir=placeholder(str),
             manual_dir=placeholder(str),
             shapes_variant="default",
-            train_split="train",
-            eval_split="validation",
             train_crop_size=placeholder(int),
             train_scale_range=placeholder(tuple),
             train_scale_mode=placeholder(str),
             cat_max_ratio=placeholder(float),
-            hflip=True,
             eval_short_side=placeholder(int),
             eval_max_size=placeholder(int),
             eval_pad_size=placeholder(int),
             max_instances=placeholder(int),
             mask_stride=placeholder(int),
             instance_targets="things",
-            mean=common.IMAGENET_MEAN,
-            std=common.IMAGENET_STD,
-            num_threads=2,
             prefetch_buffer_size=placeholder(int),
-            num_workers=0,
             outputs=placeholder(tuple),
         )
     )
