@@ -36,7 +36,14 @@ class NonFiniteError(RuntimeError):
     """Training produced a non-finite loss, gradient or parameter."""
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message as one line (the first non-empty line; the type name when there is none)."""
+def one_line(error: BaseException, *, with_type: bool = False, max_chars: int | None = None) -> str:
+    """The error's message as one line: its first non-empty line (the type name when there is none), cut to
+    ``max_chars`` with '...', after 'TypeName: ' when ``with_type`` (for errors of libraries, whose message
+    alone may not say what failed)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    text = lines[0]
+    if max_chars is not None and len(text) > max_chars:
+        text = text[: max_chars - 3] + "..."
+    return f"{type(error).__name__}: {text}" if with_type else text

@@ -27,6 +27,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from clusterformer_jax.errors import one_line
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/quickstart.py[:arg].", lock_config=True
 )
@@ -49,37 +51,51 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _override_key(argv: Sequence[str], missing: str) -> str:
-    """The full dotted name of the ``--config.*`` override that mentions ``missing``."""
+def _override_key(argv: Sequence[str], missing: str) -> str | None:
+    """The full dotted name of the ``--config.*`` override that mentions ``missing`` (None: no override does)."""
     for arg in argv:
         match = re.match(r"--config\.([^=\s]+)", arg)
         if match and missing in match.group(1).split("."):
             return match.group(1)
-    return missing
+    return None
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    chain = [error]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
+    return chain
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The file of ``--config=FILE[:arg]``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=").split(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return None
 
 
 def _describe_flag_error(error: BaseException, argv: Sequence[str]) -> str:
-    """One line for a flag-parsing failure, naming the offending config key."""
-    cause: BaseException = error
-    if isinstance(cause, AttributeError) and cause.args and isinstance(cause.args[0], KeyError):
-        cause = cause.args[0]
-    if isinstance(cause, KeyError):
-        text = str(cause.args[0]) if cause.args else str(cause)
-        lines = text.strip("'\"").splitlines()
-        missing = lines[0].strip("'\"")
-        hint = " " + " ".join(line.strip() for line in lines[1:]) if len(lines) > 1 else ""
-        key = _override_key(argv, missing)
-        if key in _REMOVED_KEYS:
-            hint = f" ({_REMOVED_KEYS[key]})"
-        return f"unknown config key 'config.{key}'{hint}"
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if len(lines) == 1:
-        return lines[0]
-    # Multi-line messages (config-file tracebacks): where it failed, then the final exception line.
-    head = lines[0].split(": Error whilst parsing config file")[0]
-    return f"{head}: {lines[-1]}"
+    """One line for a flag-parsing failure: an unknown config key by its full dotted name (ml_collections'
+    KeyError carries the missing name; its 'Did you mean' line is kept), a missing config file by its path,
+    otherwise the flag's first line, followed by the exception the config file raised when there was one."""
+    chain = _chain(error)
+    key_errors = [e for e in chain if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str)]
+    key = _override_key(argv, key_errors[-1].args[0]) if key_errors else None
+    if key is not None:
+        hints = [line.strip() for e in key_errors for line in e.args[0].splitlines()[1:] if line.strip()]
+        hint = _REMOVED_KEYS.get(key) or " ".join(dict.fromkeys(hints))
+        return f"unknown config key 'config.{key}'" + (f" ({hint})" if hint else "")
+    path = _config_path(argv)
+    if path and not os.path.exists(path):
+        return f"config file {path!r} does not exist; pass one, e.g. --config=configs/quickstart.py"
+    head, root = one_line(error), chain[-1]
+    if root is error or "\n" not in str(error).strip():
+        return head
+    return f"{head.rstrip(':')}: {one_line(root, with_type=True)}"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
