@@ -2,9 +2,10 @@
 
 This is the anchor the performance issue measures against: the released mmcls model (commit 0c384d2
 E-step over the K centers, raw NCHW reshapes, dense one-hot dispatch, GroupNorm(1) blocks, GAP neck over
-the four normed stages, Linear head), written from seed_systems.md §2.3-2.6. Module names follow the
-released state_dict keys, so ``load_state_dict(convert.mmcls_clusterformer.flax_to_state_dict(params))``
-loads our parameters and tests/test_torch_anchor.py checks that both compute the same logits.
+the four normed stages, Linear head), written from ClusterFormer/ClusterFormer
+``mmcls/models/backbones/cluster.py``. Module names follow the released state_dict keys, so
+``load_state_dict(convert.mmcls_clusterformer.flax_to_state_dict(params))`` loads our parameters and
+tests/test_torch_anchor.py checks that both compute the same logits.
 """
 
 from __future__ import annotations

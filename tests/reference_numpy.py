@@ -1,8 +1,8 @@
 """Plain NumPy transcriptions used as independent references by the model tests.
 
 ``official_clustering`` follows the released PyTorch ``Clustering.forward`` line by line (NCHW tensors,
-raw C-order reshapes, PyTorch-layout weights), per seed_systems.md §2.4. Nothing here imports the
-package under test.
+raw C-order reshapes, PyTorch-layout weights) of ClusterFormer/ClusterFormer
+``mmcls/models/backbones/cluster.py``. Nothing here imports the package under test.
 """
 
 import numpy as np

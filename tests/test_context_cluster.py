@@ -1,7 +1,8 @@
 """Context Cluster: mixer and whole model against NumPy transcriptions of the spec, counts, converter, configs.
 
-The references below follow seed_systems.md §3.2 literally (NCHW tensors, the einops rearranges written
-as reshapes/transposes, PyTorch-layout weights) and import nothing from the package under test.
+The references below follow ma-xu/Context-Cluster ``models/context_cluster.py`` literally (NCHW tensors, the
+einops rearranges written as reshapes/transposes, PyTorch-layout weights) and import nothing from the package
+under test.
 """
 
 import importlib.util

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def official_shapes(dims, depths, mlp_ratios, classes=1000):
-    """Parameter and buffer shapes of the official model, written out from seed_systems.md §5.3."""
+    """Parameter and buffer shapes of the official model (AILab-CVC/GroupMixFormer ``models/groupmixformer.py``)."""
     shapes = {}
 
     def bn(prefix, c):
@@ -466,7 +466,7 @@ def test_backbone_stage_shapes_and_bfloat16():
 
 # ----------------------------------------------------------------------------- published configurations
 
-PUBLISHED = {  # name: (count in M as seed_systems.md §5.1 computes it, README count)
+PUBLISHED = {  # name: (count in M of the official model's parameters, the upstream README's count)
     "gmf_miny": (5.733, 5.7),
     "gmf_tiny": (10.949, 11.0),
     "gmf_small": (22.421, 22.4),

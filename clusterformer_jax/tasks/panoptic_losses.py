@@ -2,7 +2,7 @@
 
     L = lambda_th L_th + lambda_st L_st + lambda_aux L_aux,   (lambda_th, lambda_st, lambda_aux) = (5, 3, 1)
 
-L_aux is kMaX-DeepLab's weighted sum (seed_systems §6; bytedance/kmax-deeplab ``criterion.py`` and
+L_aux is kMaX-DeepLab's weighted sum (Yu et al. 2022; bytedance/kmax-deeplab ``criterion.py`` and
 ``matcher.py``, after deeplab2's ``max_deeplab_loss.py``): PQ-style loss (class + mask terms, 3.0 each),
 mask-ID cross-entropy (0.3), pixel instance discrimination (1.0) and an auxiliary semantic loss (1.0).
 
