@@ -8,6 +8,11 @@ Restoring the latest step tolerates damage: a step that cannot be read (a trunca
 missing metadata, a missing data-iterator state) is logged in one line, renamed to ``<step>.corrupt-<n>``
 (kept for inspection, never deleted, and outside Orbax's step names) and the next older step is tried.
 A checkpoint saved on one mesh restores onto any other (the abstract state carries the target shardings).
+
+A save that cannot be written (no space left, permission lost, quota) raises ``CheckpointWriteError``: one
+line naming the step, the cause and the last committed step, which stays intact (Orbax writes each step into
+``<step>.orbax-checkpoint-tmp-*`` and renames it only once complete). Such partial directories are removed
+when the next run opens the directory (``cleanup_tmp_directories``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ CORRUPT_SUFFIX = ".corrupt-"
 
 class CheckpointError(ConfigError):
     """No step of a checkpoint directory could be restored (each unreadable one was moved aside)."""
+
+
+class WorkdirWriteError(CheckpointError):
+    """The workdir refused a write (no space left, permission lost, quota); committed checkpoints are intact."""
+
+
+class CheckpointWriteError(WorkdirWriteError):
+    """A checkpoint could not be written; the older committed steps are intact."""
 
 
 # Errors of the code rather than of the files: never a reason to move a checkpoint aside.
@@ -69,8 +82,13 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
+            # Partial '<step>.orbax-checkpoint-tmp-*' directories of a run that died or failed mid-save go
+            # when the next run opens the directory (it holds the workdir lock, so no save is in flight).
+            cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+        self._pending: int | None = None  # the step whose asynchronous save may still be running
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -91,13 +109,54 @@ class Checkpointer:
 
         The device-to-host copy finishes before this returns, so ``state`` may be donated right after.
         """
+        self._finish_pending()
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except _PROGRAMMING_ERRORS:
+            raise
+        except Exception as e:  # pylint: disable=broad-except  # the file system refused: one line, exit 1
+            raise self._write_error(step, e) from None
         if saved:
+            self._pending = step
             logging.info("Checkpoint of step %d started in %s", step, self.directory)
         return saved
+
+    def _finish_pending(self) -> None:
+        """Waits for the save in flight; its failure becomes ``CheckpointWriteError`` naming its step."""
+        try:
+            self._manager.wait_until_finished()
+        except _PROGRAMMING_ERRORS:
+            raise
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._write_error(self._pending, e) from None
+        self._pending = None
+
+    def last_good_step(self) -> int | None:
+        """The newest committed step (after the save in flight ends); None when there is none or it is unknown."""
+        if not self._failed:  # (after a failure the finalize thread re-raises on every wait)
+            try:
+                self._finish_pending()
+            except CheckpointWriteError:
+                pass
+        try:
+            self._manager.reload()
+            return self._manager.latest_step()
+        except Exception:  # pylint: disable=broad-except  # the directory cannot even be read
+            return None
+
+    def _write_error(self, step: int | None, error: BaseException) -> CheckpointWriteError:
+        self._failed = True
+        self._pending = None
+        good = self.last_good_step()
+        last = f"the last good checkpoint is step {good}" if good is not None else "there is no good checkpoint"
+        return CheckpointWriteError(
+            f"saving checkpoint step {step} in {self.directory} failed ({_one_line(error)}); {last} (a rerun "
+            "resumes from it and removes the partial save): free space, fix permissions or quota there, then "
+            "rerun the same command"
+        )
 
     def has_item(self, step: int, item: str) -> bool:
         return epath.Path(self.directory, str(step), item).exists()
@@ -191,11 +250,18 @@ class Checkpointer:
         return jax.tree.map(lambda m: tuple(m.shape), tree)
 
     def wait(self) -> None:
-        """Blocks until every pending asynchronous save is committed."""
-        self._manager.wait_until_finished()
+        """Blocks until every pending asynchronous save is committed (``CheckpointWriteError`` if it failed)."""
+        self._finish_pending()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the save in flight and closes; after a reported write failure, closes quietly."""
+        if self._failed:
+            try:
+                self._manager.close()
+            except Exception:  # pylint: disable=broad-except  # already reported in one line
+                pass
+            return
+        self._finish_pending()
         self._manager.close()
 
 

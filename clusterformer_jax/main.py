@@ -11,7 +11,9 @@ environment (SLURM, TPU, ...) describes on its own.
 
 SIGTERM or SIGINT stops a run after the step in flight, commits a checkpoint of it (with the data position)
 and exits with code 75 (``preemption.EXIT_PREEMPTED``); rerunning the same command resumes bit for bit. A
-second signal exits at once.
+signal while the run still prepares data or compiles stops it before its first step (exit 75, nothing new to
+save). A second signal exits at once, compiling or not. A second run on a workdir that a live run holds
+(``workdir_lock``) stops with one line before writing anything (exit 2).
 """
 
 from __future__ import annotations
@@ -144,12 +146,18 @@ def maybe_initialize_distributed(config: Any) -> None:
 
 
 class _QuietLibraries:
-    """Drops INFO chatter from Orbax, grain and tfds (a few dozen lines per checkpoint) from the absl log."""
+    """Drops INFO chatter from Orbax, grain, tfds and CLU (a few dozen lines per checkpoint) from the absl log,
+    and the tracebacks of their errors from background threads: those errors reach the run, which ends with
+    one line naming them (a full disk otherwise printed hundreds of tracebacks)."""
 
-    _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}tensorflow_datasets{os.sep}")
+    _NOISY = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain", "tensorflow_datasets", "clu"))
 
     def filter(self, record: Any) -> bool:
-        return record.levelno >= 30 or not any(part in record.pathname for part in self._NOISY)
+        if not any(part in record.pathname for part in self._NOISY):
+            return True
+        if record.levelno >= 40 and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return record.levelno >= 30
 
 
 def main(argv: Sequence[str]) -> None:
@@ -167,27 +175,33 @@ def main(argv: Sequence[str]) -> None:
 
     if config.task not in task_registry.TASKS:
         _fail(f"unknown config.task {config.task!r}; available: {', '.join(sorted(task_registry.TASKS))}", EXIT_USAGE)
-    from clusterformer_jax.preemption import EXIT_PREEMPTED
+    from clusterformer_jax.preemption import EXIT_PREEMPTED, PreemptionGuard
     from clusterformer_jax.trainers import preflight, trainer
 
-    try:
-        preflight.check(config, workdir)  # Bad input stops here, with the workdir untouched.
-        result = trainer.train_and_evaluate(config, workdir)
-    except CheckpointError as e:
-        _fail(str(e), EXIT_FAILURE)
-    except ConfigError as e:
-        _fail(f"config: {e}", EXIT_USAGE)
-    except UsageError as e:
-        _fail(str(e), EXIT_USAGE)
-    except NonFiniteError as e:
-        _fail(str(e), EXIT_FAILURE)
+    # The guard covers data preparation and compilation too: a first signal stops at the next safe point,
+    # a second one exits at once.
+    with PreemptionGuard() as guard:
+        try:
+            preflight.check(config, workdir)  # Bad input stops here, with the workdir untouched.
+            if guard.stop_requested:
+                result = {"preempted": True, "steps": None, "saved": False}
+            else:
+                result = trainer.train_and_evaluate(config, workdir)
+        except CheckpointError as e:
+            _fail(str(e), EXIT_FAILURE)
+        except ConfigError as e:
+            _fail(f"config: {e}", EXIT_USAGE)
+        except UsageError as e:
+            _fail(str(e), EXIT_USAGE)
+        except NonFiniteError as e:
+            _fail(str(e), EXIT_FAILURE)
     if result.get("preempted"):
-        print(
-            f"preempted at step {result['steps']}: checkpoint saved in {workdir}; "
-            f"exit code {EXIT_PREEMPTED}, rerun the same command to resume",
-            file=sys.stderr,
-            flush=True,
-        )
+        if result.get("saved", True):
+            what = f"preempted at step {result['steps']}: checkpoint saved in {workdir}"
+        else:
+            at = "" if result["steps"] is None else f" (at step {result['steps']})"
+            what = f"stopped by {guard.signal_name} before the first step of this run{at}: nothing new to save"
+        print(f"{what}; exit code {EXIT_PREEMPTED}, rerun the same command to resume", file=sys.stderr, flush=True)
         sys.exit(EXIT_PREEMPTED)
 
 

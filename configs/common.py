@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
     # init_from of another model (backbone parameters missing or shaped differently) stops the run; True loads
     # the leaves that fit, lists what was loaded and what was not, and trains on.
     config.init_from_partial = False
+    # A workdir whose only checkpoints are unreadable ones moved aside (<step>.corrupt-<n>) stops the run; True
+    # starts over beside them.
+    config.restart_from_scratch = False
 
     # Device mesh; -1 takes the remaining devices. The batch is split over both axes; parameters and optimizer
     # state over 'fsdp' (no tensor parallelism).

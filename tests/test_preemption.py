@@ -39,13 +39,17 @@ def test_exit_code_is_distinct():
 def test_guard_stops_after_a_signal_without_distributed():
     before = {signum: signal.getsignal(signum) for signum in preemption.SIGNALS}
     with preemption.PreemptionGuard(distributed=False) as guard:
-        assert not guard.should_stop(1, lambda step: False)
+        assert not guard.should_stop(1, lambda step: False) and not guard.stop_requested
+        with preemption.PreemptionGuard() as inner:  # the trainer's, inside main's: the same guard
+            assert inner is guard
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # the Python handler runs between bytecodes
-        assert guard.signal_name == "SIGTERM"
+        deadline = time.time() + 5
+        while guard.signal_name is None and time.time() < deadline:  # recorded by the watcher thread
+            time.sleep(0.01)
+        assert guard.signal_name == "SIGTERM" and guard.stop_requested
         assert guard.should_stop(2, lambda step: False)
-        assert signal.getsignal(signal.SIGTERM) is preemption._exit_now  # a second signal exits at once
     assert {signum: signal.getsignal(signum) for signum in preemption.SIGNALS} == before  # restored
+    assert signal.set_wakeup_fd(-1) == -1  # and the wakeup fd
 
 
 def test_guard_follows_the_preemption_service_under_distributed():

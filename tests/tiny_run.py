@@ -99,9 +99,10 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
-def start(run_args: list[str], sleep: float = 0.0, **env_extra: str) -> subprocess.Popen:
+def start(run_args: list[str], sleep: float = 0.0, child: str = CHILD, **env_extra: str) -> subprocess.Popen:
+    """Starts ``child`` (``CHILD`` or a variant of it) on ``run_args``; stdout and stderr in one pipe."""
     return subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(sleep), *run_args],
+        [sys.executable, "-c", child, str(sleep), *run_args],
         cwd=REPO,
         env=env(**env_extra),
         stdout=subprocess.PIPE,

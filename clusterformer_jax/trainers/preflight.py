@@ -1,7 +1,8 @@
 """Checks a run's input before anything is written: ``check(config, workdir)`` raises a one-line
 ``UsageError`` for a workdir that cannot be used, a mesh or batch the machine cannot run, a dataset that is
 not prepared, a model that cannot be built (e.g. window counts that do not divide a stage) and a
-``resume`` / ``init_from`` source that is missing or of another model.
+``resume`` / ``init_from`` source that is missing or of another model, and a workdir whose only checkpoints
+are unreadable ones set aside by an earlier run (``restore.check_workdir_checkpoints``).
 
 It builds what ``train_and_evaluate`` builds up to the model's abstract state (shapes only, nothing compiled)
 and reads no checkpoint array, so a bad run stops in seconds with the workdir untouched.
@@ -64,4 +65,5 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     total_steps, steps_per_epoch = trainer.resolve_run_lengths(config, int(dataset_info["num_train"]))
     setup = setup_lib.build(config, mesh, dataset_info, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     if not _has_checkpoint(workdir):
+        restore.check_workdir_checkpoints(config, checkpointing.checkpoint_dir(workdir))
         restore.check_sources(config, setup.abstract_state)

@@ -6,6 +6,10 @@
 on other classes, a dense model from a classifier). Anything else is a checkpoint of another model and
 stops the run with one line, unless ``config.init_from_partial=True`` asks to load what fits, which is then
 listed. ``check_sources`` runs these checks on shapes alone, before the run writes anything.
+
+A workdir whose only checkpoints are unreadable ones an earlier run moved aside (``<step>.corrupt-<n>``)
+stops the run (``check_workdir_checkpoints``) instead of silently starting over beside them, unless
+``config.restart_from_scratch=True``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import flax
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
 from clusterformer_jax import checkpointing
 from clusterformer_jax import convert
@@ -36,6 +41,7 @@ def restore_or_init(
     abstract = setup.abstract_with_shardings()
     if ckpt.latest_step() is not None:
         return ckpt.restore(abstract, train_iter), f"workdir checkpoint (step {ckpt.latest_step()})"
+    check_workdir_checkpoints(config, ckpt.directory)
     if config.resume:
         source, step = _open_checkpoint(config.resume, "resume")
         state = source.restore(abstract, train_iter, step)
@@ -46,6 +52,35 @@ def restore_or_init(
         partial = bool(config.get("init_from_partial", False))
         return init_params_from(config.init_from, setup, state, partial=partial), f"init_from={config.init_from}"
     return state, "scratch"
+
+
+def set_aside_only(directory: str) -> list[str]:
+    """The ``<step>.corrupt-<n>`` names in ``directory`` when it holds no committed step (else [])."""
+    path = epath.Path(directory)
+    if not path.is_dir():
+        return []
+    names = [p.name for p in path.iterdir()]
+    if any(name.isdigit() for name in names):
+        return []
+    suffix = checkpointing.CORRUPT_SUFFIX
+    return sorted(n for n in names if suffix in n and n.split(suffix, 1)[0].isdigit())
+
+
+def check_workdir_checkpoints(config: ml_collections.ConfigDict, directory: str) -> None:
+    """Raises ``CheckpointError`` (one line) when the only checkpoints in ``directory`` are unreadable ones set
+    aside by an earlier run, unless ``config.restart_from_scratch``; then says in one line that it starts over."""
+    aside = set_aside_only(directory)
+    if not aside:
+        return
+    names = ", ".join(aside[:4]) + (f" and {len(aside) - 4} more" if len(aside) > 4 else "")
+    if config.get("restart_from_scratch", False):
+        logging.warning("restart_from_scratch=True: starting over in %s beside the unreadable %s", directory, names)
+        return
+    raise checkpointing.CheckpointError(
+        f"the only checkpoints in {directory} are unreadable ones an earlier run set aside ({names}), so this run "
+        "would start over: move them away (or repair them and drop the suffix) to resume, or pass "
+        "--config.restart_from_scratch=True to start over beside them"
+    )
 
 
 def _wanted_fields(state: TrainState) -> tuple[str, ...]:

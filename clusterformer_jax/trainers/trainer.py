@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -30,7 +31,8 @@ from clusterformer_jax import checkpointing
 from clusterformer_jax import preemption
 from clusterformer_jax import runtime
 from clusterformer_jax import sharding
-from clusterformer_jax.errors import ConfigError
+from clusterformer_jax import workdir_lock
+from clusterformer_jax.errors import ConfigError, one_line
 from clusterformer_jax.tasks import registry as task_registry
 from clusterformer_jax.trainers import progress
 from clusterformer_jax.trainers.progress import StepClock
@@ -77,6 +79,47 @@ def _shard(batch: Mapping[str, np.ndarray], setup: Setup) -> dict[str, jax.Array
     return sharding.shard_batch(batch, setup.batch_sharding)
 
 
+class WorkdirWriter:
+    """The run's metric writer. Its first failure to write the event files (no space left, permission lost)
+    ends the run with one line (``checkpointing.WorkdirWriteError``: step, cause, last good checkpoint);
+    after it every call does nothing."""
+
+    def __init__(self, writer: metric_writers.MetricWriter, workdir: str, ckpt: checkpointing.Checkpointer):
+        self._writer, self._workdir, self._ckpt = writer, workdir, ckpt
+        self._step: int | None = None
+        self._failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._writer, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._failed:
+                if name == "close":
+                    try:
+                        method()
+                    except Exception:  # pylint: disable=broad-except  # reported already
+                        pass
+                return None
+            if args and isinstance(args[0], (int, np.integer)):
+                self._step = int(args[0])
+            try:
+                return method(*args, **kwargs)
+            except (AttributeError, TypeError, NameError):
+                raise
+            except Exception as e:  # pylint: disable=broad-except
+                self._failed = True
+                good = self._ckpt.last_good_step()
+                last = f"the last good checkpoint is step {good}" if good is not None else "there is no checkpoint"
+                cause = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", one_line(e.__cause__ or e))
+                raise checkpointing.WorkdirWriteError(
+                    f"writing the summaries (TensorBoard event file) in {self._workdir} failed after step "
+                    f"{self._step} ({type(e.__cause__ or e).__name__}: {cause}); {last} (a rerun resumes from it): "
+                    "free space, fix permissions or quota there, then rerun the same command"
+                ) from None
+
+        return call
+
+
 def evaluate(setup: Setup, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, Any]:
     """One pass of the task's evaluator: the jitted ``predict`` on every batch, then ``update`` with this
     process's rows (padded rows, mask 0, are the evaluator's to skip) and ``compute`` across processes.
@@ -98,13 +141,30 @@ def evaluate(setup: Setup, state: TrainState, batches: Iterable[Mapping[str, np.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and returns the final eval metrics."""
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint) and returns the final eval metrics.
+
+    Process 0 holds the workdir's lock (``workdir_lock``) from before anything is written until the end. A
+    signal before the first step stops the run at the next safe point: ``{'preempted': True, 'steps': step,
+    'saved': False}`` (nothing new to save)."""
     start_time = time.time()
     if config.compilation_cache_dir and jax.config.jax_compilation_cache_dir != config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         compilation_cache.reset_cache()  # Re-read the directory even if something compiled already.
     workdir_path = epath.Path(workdir)
     workdir_path.mkdir(parents=True, exist_ok=True)
+    with workdir_lock.hold(workdir), preemption.PreemptionGuard() as guard:
+        return _prepare_and_run(config, workdir, guard, start_time)
+
+
+def _stopped_before_training(guard: preemption.PreemptionGuard, step: int | None) -> dict[str, Any]:
+    logging.warning("Stopped by %s before the first step of this run; nothing new to save", guard.signal_name)
+    return {"preempted": True, "steps": step, "saved": False}
+
+
+def _prepare_and_run(
+    config: ml_collections.ConfigDict, workdir: str, guard: preemption.PreemptionGuard, start_time: float
+) -> dict[str, Any]:
+    workdir_path = epath.Path(workdir)
     is_primary = jax.process_index() == 0
     if is_primary:
         (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
@@ -121,6 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_primary:  # what the export needs to rebuild the model without the dataset
         text = json.dumps(dict(dataset_info), indent=2, sort_keys=True, default=_jsonable)
         (workdir_path / DATASET_INFO_FILE).write_text(text + "\n")
+    if guard.stop_requested:  # a signal during data preparation
+        return _stopped_before_training(guard, None)
     train_iter = input_pipeline.create_train_iterator(
         config.input, seed=config.seed, global_batch_size=config.batch_size
     )
@@ -138,22 +200,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         async_save=config.checkpoint.async_save,
     )
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_primary, asynchronous=True)
+    writer = WorkdirWriter(writer, workdir, ckpt)
     clock = StepClock()
     try:
-        with preemption.PreemptionGuard() as guard:
-            return _run(
-                config,
-                workdir_path,
-                setup,
-                ckpt,
-                writer,
-                train_iter,
-                clock,
-                total_steps,
-                steps_per_epoch,
-                start_time,
-                guard,
-            )
+        return _run(
+            config,
+            workdir_path,
+            setup,
+            ckpt,
+            writer,
+            train_iter,
+            clock,
+            total_steps,
+            steps_per_epoch,
+            start_time,
+            guard,
+        )
     finally:
         clock.close()
         ckpt.close()
@@ -179,6 +241,8 @@ def _run(
     is_primary = jax.process_index() == 0
     state, source = restore_or_init(config, setup, ckpt, train_iter)
     step = int(jax.device_get(state.step))
+    if guard.stop_requested:  # a signal while building, initialising or restoring
+        return _stopped_before_training(guard, step)
     logging.info(
         "Train state from %s; step %d of %d (%.1f steps per epoch)", source, step, total_steps, steps_per_epoch
     )
@@ -214,8 +278,12 @@ def _run(
         data_wait += wait_end - wait_start
         input_stall += clock.stall(step, wait_start, wait_end)
         if train_step is None:
+            logging.info("Compiling the train step")
             train_step = setup.train_step.lower(state, batch, acc).compile()
             logging.info("Compiled train step; memory: %s", progress.memory_report(train_step))
+            if guard.stop_requested:  # a signal while compiling: stop before the first step
+                return _stopped_before_training(guard, step)
+            guard.training = True  # from now on the first signal saves the step in flight
             log_time, data_wait, input_stall = time.time(), 0.0, 0.0  # keep compilation out of the rates
         state, acc = train_step(state, batch, acc)
         step += 1
