@@ -1,11 +1,14 @@
 r"""Exports a trained run for serving: parameters only, and a serialized inference function.
 
-  python -m clusterformer_jax.export --workdir=RUN --out=DIR [--ema] [--bf16] [--platforms=cpu,cuda,tpu]
+  python -m clusterformer_jax.export --workdir=RUN --out=DIR [--format=jax|saved_model] [--bf16]
+      [--platforms=cpu,cuda,tpu]
 
-Writes into DIR:
-- ``params/``: an Orbax checkpoint of {'params'[, 'batch_stats']} (the latest step of RUN; ``--ema`` the EMA
-  parameters when the run keeps them; ``--bf16`` floating leaves in bfloat16), with ``config.json`` and
-  ``dataset_info.json`` beside it;
+``--format=saved_model`` writes DIR as a TensorFlow SavedModel through Orbax Export (serving/saved_model.py:
+a ``serving_default`` signature on encoded images with the eval preprocessing in the graph, a
+``serving_preprocessed`` one on model inputs, the task's outputs in source pixels; docs/serving.md).
+The default ``--format=jax`` writes into DIR:
+- ``params/``: an Orbax checkpoint of {'params'[, 'batch_stats']} (the latest step of RUN; ``--bf16``
+  floating leaves in bfloat16), with ``config.json`` and ``dataset_info.json`` beside it;
 - ``model.jax_exported``: ``jax.export`` of the inference function (StableHLO, parameters embedded) with a
   symbolic batch dimension: {input name: array} -> the task's fixed-shape predictions (dense tasks: what
   ``task.predict`` hands the evaluator, e.g. top-k boxes / scores / labels / masks, or semantic logits) or,
@@ -34,7 +37,7 @@ def define_flags() -> None:
     """The command line (defined only when run as a script, so the module imports beside main and predict)."""
     flags.DEFINE_string("workdir", None, "A training run's workdir (config.json + checkpoints).")
     flags.DEFINE_string("out", None, "Directory to write the export into (created; must be empty).")
-    flags.DEFINE_bool("ema", False, "Export the EMA parameters (when the run's state keeps them).")
+    flags.DEFINE_enum("format", "jax", FORMATS, "jax: params + jax.export artifact; saved_model: TF SavedModel.")
     flags.DEFINE_bool("bf16", False, "Store floating parameters as bfloat16 (halves the size).")
     flags.DEFINE_list("platforms", [], "Platforms the function is lowered for (default: this one).")
 
@@ -47,6 +50,7 @@ PARAMS_DIR = "params"
 DATASET_INFO_FILE = "dataset_info.json"
 BATCH = "b"
 BATCH_DEPENDENT_FIELDS = ("group_chunk", "group_chunk_bytes")
+FORMATS = ("jax", "saved_model")
 
 LOADER = '''"""Runs an exported clusterformer_jax model with jax and numpy only.
 
@@ -100,18 +104,13 @@ def load_run(workdir: str) -> tuple[Any, dict[str, Any]]:
     return config, dict(task_registry.input_module(config).get_dataset_info(config.input))
 
 
-def load_variables(workdir: str, setup: Any, *, ema: bool = False) -> tuple[dict[str, Any], int]:
+def load_variables(workdir: str, setup: Any) -> tuple[dict[str, Any], int]:
     """({'params'[, 'batch_stats']} of the run's latest checkpoint, its step)."""
     from clusterformer_jax import checkpointing
     from clusterformer_jax.errors import ConfigError
 
     abstract = setup.abstract_with_shardings()
-    field = "params"
-    if ema:
-        field = next((f for f in ("ema_params", "params_ema") if hasattr(abstract, f)), None)
-        if field is None:
-            raise ConfigError("--ema: this run's train state keeps no EMA parameters; export without --ema")
-    wanted = {field: getattr(abstract, field)}
+    wanted = {"params": abstract.params}
     if abstract.batch_stats:
         wanted["batch_stats"] = abstract.batch_stats
     try:
@@ -120,7 +119,7 @@ def load_variables(workdir: str, setup: Any, *, ema: bool = False) -> tuple[dict
         raise ConfigError(f"{e}; train the run first") from None
     restored = ckpt.restore_subtree(wanted, step)
     ckpt.close()
-    variables = {"params": restored[field]}
+    variables = {"params": restored["params"]}
     if "batch_stats" in restored:
         variables["batch_stats"] = restored["batch_stats"]
     return variables, step
@@ -207,9 +206,10 @@ def _describe(tree: Any) -> dict[str, Any]:
 
 
 def export(
-    workdir: str, out: str, *, ema: bool = False, bf16: bool = False, platforms: Sequence[str] = ()
+    workdir: str, out: str, *, bf16: bool = False, platforms: Sequence[str] = (), format: str = "jax"
 ) -> dict[str, Any]:
-    """Writes the export of ``workdir`` into ``out``; returns the signature."""
+    """Writes the export of ``workdir`` into ``out``; returns the signature (``format='saved_model'``: the
+    SavedModel's serving.json)."""
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -223,11 +223,18 @@ def export(
         raise ConfigError(f"--out {out!r} exists and is not an empty directory; pass a new directory")
     mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
     setup = build(config, mesh, dataset_info, total_steps=1, steps_per_epoch=1.0)
-    variables, step = load_variables(workdir, setup, ema=ema)
+    if format not in FORMATS:
+        raise ConfigError(f"--format={format!r} is not one of {', '.join(FORMATS)}")
+    variables, step = load_variables(workdir, setup)
     if bf16:
         variables = jax.tree.map(
             lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, variables
         )
+    if format == "saved_model":
+        from clusterformer_jax.serving import saved_model
+
+        extra = {"task": config.task, "model": config.model.name, "step": step, "bf16": bf16}
+        return saved_model.save(setup, variables, config, dataset_info, out, extra)
     os.makedirs(out, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.abspath(os.path.join(out, PARAMS_DIR)), variables)
@@ -251,7 +258,6 @@ def export(
         "step": step,
         "model": config.model.name,
         "task": config.task,
-        "ema": ema,
         "bf16": bf16,
         "input_mean": list(config.input.get("mean") or ()),
         "input_std": list(config.input.get("std") or ()),
@@ -276,9 +282,9 @@ def main(argv: Sequence[str]) -> None:
         signature = export(
             flags.FLAGS.workdir,
             flags.FLAGS.out,
-            ema=flags.FLAGS.ema,
             bf16=flags.FLAGS.bf16,
             platforms=flags.FLAGS.platforms,
+            format=flags.FLAGS.format,
         )
     except ConfigError as e:
         _fail(str(e))

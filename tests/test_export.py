@@ -191,7 +191,7 @@ def test_export_round_trip_dense_task(tmp_path, filename):
                 np.testing.assert_array_equal(a, b, err_msg=key)
 
 
-def test_bf16_params_and_missing_ema_or_checkpoint(tmp_path):
+def test_bf16_params_and_bad_format_or_workdir(tmp_path):
     workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
     _, state = _trained_run(workdir, "test_export_net")
     export.export(workdir, out, bf16=True)
@@ -200,8 +200,8 @@ def test_bf16_params_and_missing_ema_or_checkpoint(tmp_path):
     kernel = stored["params"]["Dense_0"]["kernel"]
     assert kernel.dtype == jax.numpy.bfloat16
     np.testing.assert_array_equal(np.asarray(kernel), state.params["Dense_0"]["kernel"].astype(jax.numpy.bfloat16))
-    with pytest.raises(ConfigError, match="keeps no EMA parameters; export without --ema"):
-        export.export(workdir, str(tmp_path / "ema"), ema=True)
+    with pytest.raises(ConfigError, match="--format='onnx' is not one of jax, saved_model"):
+        export.export(workdir, str(tmp_path / "onnx"), format="onnx")
     with pytest.raises(ConfigError, match="exists and is not an empty directory"):
         export.export(workdir, out)
     with pytest.raises(ConfigError, match="holds no config.json"):

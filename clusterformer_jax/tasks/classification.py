@@ -179,6 +179,15 @@ class ClassificationTask:
             "top5": topk_correct(logits, batch["label"], self.top_k),
         }
 
+    def serving(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> Any:
+        """The task's JAX-free serving side: SavedModel outputs and prediction records (serving/)."""
+        from clusterformer_jax.data import pipeline
+        from clusterformer_jax.serving import classification, preprocess
+
+        names = dataset_info.get("class_names") or [str(c) for c in range(self.num_classes)]
+        steps = preprocess.ClassificationPreprocess.from_transform(pipeline.eval_transforms(config["input"]))
+        return classification.ClassificationServing(names, steps.constants(), top_k=self.top_k)
+
     def create_evaluator(self) -> ClassificationEvaluator:
         return ClassificationEvaluator(self.top_k)
 

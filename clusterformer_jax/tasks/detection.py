@@ -145,6 +145,17 @@ class DetectionTask(DenseInputs):
             result["masks"] = jnp.round(masks * 255.0).astype(jnp.uint8)
         return result
 
+    def serving(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> Any:
+        """The task's JAX-free serving side: SavedModel outputs and prediction records (serving/)."""
+        from clusterformer_jax.data import dense_pipeline
+        from clusterformer_jax.serving import instances, preprocess
+
+        steps = preprocess.DensePreprocess.from_transform(dense_pipeline.eval_transform(config["input"]))
+        return instances.InstanceServing(
+            self.class_names, self.category_ids, steps.constants(), self.with_masks, self.mask_threshold,
+            self.box_source,
+        )  # fmt: skip
+
     def create_evaluator(self) -> COCOEvaluator:
         if not self.instances_json:
             raise ConfigError(

@@ -124,6 +124,15 @@ class PanopticTask(DenseInputs):
             "segment_scores": result["segment_scores"].astype(jnp.float32),
         }
 
+    def serving(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> Any:
+        """The task's JAX-free serving side: SavedModel outputs and prediction records (serving/)."""
+        from clusterformer_jax.data import dense_pipeline
+        from clusterformer_jax.serving import preprocess, segmentation
+
+        steps = preprocess.DensePreprocess.from_transform(dense_pipeline.eval_transform(config["input"]))
+        names = dataset_info["class_names"]
+        return segmentation.PanopticServing(names, self.category_ids, self.is_thing, steps.constants())
+
     def create_evaluator(self) -> PanopticEvaluator:
         if not (self.panoptic_json and self.panoptic_png_dir):
             raise ConfigError(

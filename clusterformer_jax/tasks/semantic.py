@@ -213,6 +213,14 @@ class SemanticTask(DenseInputs):
             )
         return labels
 
+    def serving(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> Any:
+        """The task's JAX-free serving side: SavedModel outputs and prediction records (serving/)."""
+        from clusterformer_jax.data import dense_pipeline
+        from clusterformer_jax.serving import preprocess, segmentation
+
+        steps = preprocess.DensePreprocess.from_transform(dense_pipeline.eval_transform(config["input"]))
+        return segmentation.SemanticServing(self.class_names, steps.constants())
+
     def create_evaluator(self) -> SemanticEvaluator:
         return SemanticEvaluator(
             self.num_classes,
