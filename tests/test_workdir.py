@@ -356,8 +356,9 @@ def test_a_full_disk_at_a_checkpoint_ends_the_run_in_one_line(shared, tmp_path):
             subprocess.run(["umount", "-l", str(directory)])
 
 
-# The train step's compile blocks the main thread in C for STALL_S seconds with the GIL released, as a long XLA
-# compile does: Python-level signal handlers cannot run until it returns.
+# The train step's lowering and compilation start by blocking the main thread in C for STALL_S seconds with the
+# GIL released, as a long XLA compile does: Python-level signal handlers cannot run until it returns. The line
+# "stalled in C" is printed just before.
 STALLED_COMPILE = """
 import ctypes, os, time
 from clusterformer_jax.trainers import trainer as _trainer
@@ -368,18 +369,15 @@ class _Timespec(ctypes.Structure):
 def _stall_in_c(seconds):
     libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)
     libc.pthread_mutex_lock(mutex)  # timedlock never returns early for a signal (no EINTR)
+    print("stalled in C", flush=True)
     libc.pthread_mutex_timedlock(mutex, ctypes.byref(_Timespec(int(time.time() + seconds), 0)))
 
 class _Stalled:
     def __init__(self, inner):
         self._inner = inner
     def lower(self, *args):
-        lowered = self._inner.lower(*args)
-        class _Compile:
-            def compile(self):
-                _stall_in_c(float(os.environ["STALL_S"]))
-                return lowered.compile()
-        return _Compile()
+        _stall_in_c(float(os.environ["STALL_S"]))
+        return self._inner.lower(*args)
 
 _build = _trainer.build
 def _stalled_build(*args, **kwargs):
@@ -397,8 +395,7 @@ def _start_stalled(workdir: Path, shared, stall_s: float) -> subprocess.Popen:
 def test_two_sigterms_during_the_first_compile_exit_at_once(shared, tmp_path):
     proc = _start_stalled(tmp_path, shared, stall_s=60)
     lines: list[str] = []
-    tiny_run.wait_for(proc, "Compiling the train step", lines)
-    time.sleep(0.3)
+    tiny_run.wait_for(proc, "stalled in C", lines)
     proc.send_signal(signal.SIGTERM)
     tiny_run.wait_for(proc, "SIGTERM: stopping before the first step", lines, timeout=10)  # seen mid-compile
     sent = time.time()
@@ -417,7 +414,7 @@ def test_a_sigterm_during_the_first_compile_stops_before_any_step(shared, tmp_pa
     _write_lock(tmp_path, socket.gethostname(), _dead_pid(), 0.0)
     proc = _start_stalled(tmp_path, shared, stall_s=2)
     lines: list[str] = []
-    tiny_run.wait_for(proc, "Compiling the train step", lines)
+    tiny_run.wait_for(proc, "stalled in C", lines)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     out = "".join(lines) + out
