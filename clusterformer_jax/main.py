@@ -146,18 +146,17 @@ def maybe_initialize_distributed(config: Any) -> None:
 
 
 class _QuietLibraries:
-    """Drops INFO chatter from Orbax, grain, tfds and CLU (a few dozen lines per checkpoint) from the absl log,
-    and the tracebacks of their errors from background threads: those errors reach the run, which ends with
-    one line naming them (a full disk otherwise printed hundreds of tracebacks)."""
+    """Drops INFO chatter from Orbax, grain and tfds (a few dozen lines per checkpoint) from the absl log, and
+    the tracebacks of errors that they and CLU log from background threads: those errors reach the run, which
+    ends with one line naming them (a full disk otherwise printed hundreds of tracebacks)."""
 
-    _NOISY = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain", "tensorflow_datasets", "clu"))
+    _NOISY = tuple(f"{os.sep}{name}{os.sep}" for name in ("orbax", "grain", "tensorflow_datasets"))
+    _THREADED = _NOISY + (f"{os.sep}clu{os.sep}",)
 
     def filter(self, record: Any) -> bool:
-        if not any(part in record.pathname for part in self._NOISY):
-            return True
-        if record.levelno >= 40 and record.exc_info:
+        if record.levelno >= 40 and record.exc_info and any(part in record.pathname for part in self._THREADED):
             record.exc_info, record.exc_text = None, None
-        return record.levelno >= 30
+        return record.levelno >= 30 or not any(part in record.pathname for part in self._NOISY)
 
 
 def main(argv: Sequence[str]) -> None:
