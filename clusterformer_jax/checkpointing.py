@@ -11,7 +11,7 @@ A checkpoint saved on one mesh restores onto any other (the abstract state carri
 
 A save that cannot be written (no space left, permission lost, quota) raises ``CheckpointWriteError``: one
 line naming the step, the cause and the last committed step, which stays intact (Orbax writes each step into
-``<step>.orbax-checkpoint-tmp-*`` and renames it only once complete). Such partial directories are removed
+``<step>.orbax-checkpoint-tmp*`` and renames it only once complete). Such partial directories are removed
 when the next run opens the directory (``cleanup_tmp_directories``).
 """
 
@@ -82,7 +82,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
-            # Partial '<step>.orbax-checkpoint-tmp-*' directories of a run that died or failed mid-save go
+            # Partial "<step>.orbax-checkpoint-tmp*" directories of a run that died or failed mid-save go
             # when the next run opens the directory (it holds the workdir lock, so no save is in flight).
             cleanup_tmp_directories=not read_only,
         )
