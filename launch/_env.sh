@@ -64,6 +64,24 @@ cf_preload_tcmalloc() {
   export TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD="${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-1099511627776}"
 }
 
+# libtpu for the ahead-of-time compile check (clusterformer_jax/aot.py): the version jax[tpu] pins for the pinned
+# jax, installed without dependencies into its own folder inside the venv, which only the compile check puts on
+# sys.path (with it on the default path, jax would try to open a TPU on every start). ~700 MB.
+CF_LIBTPU_VERSION="0.0.42.1"
+
+cf_ensure_libtpu() {
+  local folder="${CLUSTERFORMER_LIBTPU_DIR:-${CLUSTERFORMER_VENV:-$REPO_ROOT/.venv}/libtpu_aot}"
+  local stamp="$folder/.libtpu-version"
+  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$CF_LIBTPU_VERSION" ]]; then
+    echo "[launch] installing libtpu $CF_LIBTPU_VERSION into $folder (TPU cross-compilation)" >&2
+    rm -rf "$folder"
+    "$PY" -m pip install --quiet --no-deps --target "$folder" "libtpu==$CF_LIBTPU_VERSION" || return 1
+    echo "$CF_LIBTPU_VERSION" > "$stamp"
+  fi
+  CLUSTERFORMER_LIBTPU_DIR="$folder"
+  export CLUSTERFORMER_LIBTPU_DIR
+}
+
 # The exit code of a run stopped by SIGTERM/SIGINT after it committed a checkpoint of its last step
 # (clusterformer_jax/preemption.py EXIT_PREEMPTED; tests/test_launch.py checks that both agree). Running the
 # same command again resumes bit for bit; slurm.sbatch requeues the job on it, tpu_pod.sh restarts.

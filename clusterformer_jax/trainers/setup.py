@@ -58,14 +58,16 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def resolve_model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def resolve_model_kwargs(config: ml_collections.ConfigDict, machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``model_kwargs(config)`` plus this machine's execution settings (``runtime``) for the fields the model
-    has and the config leaves unset. Resolved here, once, so the model never inspects the machine."""
+    has and the config leaves unset. Resolved here, once, so the model never inspects the machine.
+    ``machine`` (backend, num_devices, allocator) describes another machine, e.g. a TPU slice compiled for
+    ahead of time."""
     try:
         fields = model_registry.model_fields(config.model.name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return runtime.with_execution_settings(fields, model_kwargs(config))
+    return runtime.with_execution_settings(fields, model_kwargs(config), **(machine or {}))
 
 
 def execution_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,6 +110,20 @@ class Setup:
         )
 
 
+def split_micro_batches(array: jax.Array, num: int) -> jax.Array:
+    """(B, ...) -> (num, B / num, ...), micro-batch j taking rows j, j + num, ...: each device's contiguous
+    block of the batch splits evenly over the micro-batches, so no row moves between devices."""
+    return jnp.swapaxes(array.reshape(array.shape[0] // num, num, *array.shape[1:]), 0, 1)
+
+
+def merge_micro_values(values: jax.Array) -> jax.Array:
+    """A metric value stacked over micro-batches back to the full batch's: per-example arrays (num, B / num,
+    ...) to (B, ...) in batch order; per-micro-batch scalars (num,) to their mean."""
+    if values.ndim == 1:
+        return jnp.mean(values, axis=0)
+    return jnp.swapaxes(values, 0, 1).reshape(-1, *values.shape[2:])
+
+
 def build(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -115,10 +131,12 @@ def build(
     *,
     total_steps: int,
     steps_per_epoch: float,
+    machine: Mapping[str, Any] | None = None,
 ) -> Setup:
-    """Creates the model, task, optimizer, state shardings and the jitted init/train/predict functions."""
+    """Creates the model, task, optimizer, state shardings and the jitted init/train/predict functions
+    (with the execution settings of ``machine``, by default this process's)."""
     task = task_registry.create_task(config, dataset_info)
-    kwargs = resolve_model_kwargs(config)
+    kwargs = resolve_model_kwargs(config, machine)
     model = task.build_model(config.model.name, kwargs)
     tx, schedule = optim.create_optimizer_and_schedule(
         config.optim, total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch_size=config.batch_size
@@ -168,18 +186,45 @@ def build(
         rngs = {"dropout": rng} if train else {}
         return model.apply(variables, **inputs, train=train, rngs=rngs), batch_stats
 
+    def loss_fn(params, batch_stats, batch, dropout_rng, loss_rng):
+        outputs, new_batch_stats = apply(params, batch_stats, task.model_inputs(batch), True, dropout_rng)
+        loss, values = task.loss_fn(outputs, batch, loss_rng)
+        return loss, (values, new_batch_stats)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    accum_steps, shards = int(config.grad_accum_steps), sharding.batch_divisor(mesh)
+    if accum_steps < 1 or config.batch_size % (accum_steps * shards):
+        raise ConfigError(
+            f"grad_accum_steps={accum_steps} must be >= 1 and split batch_size={config.batch_size} into micro-batches "
+            f"that are multiples of the mesh's {shards} batch shards; pick a divisor of {config.batch_size // shards}"
+        )
+
+    def accumulated_grads(params, batch_stats, batch, dropout_rng, loss_rng):
+        """``grad_fn`` over ``accum_steps`` micro-batches, one at a time: the mean of their losses and
+        gradients (the full batch's for a per-example-mean loss), per-example metric values in batch order."""
+        micro = jax.tree.map(lambda a: split_micro_batches(a, accum_steps), batch)
+
+        def body(carry, xs):
+            grad_sum, loss_sum, batch_stats = carry
+            i, micro_batch = xs
+            rngs = (jax.random.fold_in(dropout_rng, i), jax.random.fold_in(loss_rng, i))
+            (loss, (values, batch_stats)), grads = grad_fn(params, batch_stats, micro_batch, *rngs)
+            return (jax.tree.map(jnp.add, grad_sum, grads), loss_sum + loss, batch_stats), values
+
+        init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32), batch_stats)
+        (grads, loss, batch_stats), values = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro))
+        grads = jax.tree.map(lambda g: g / accum_steps, grads)
+        return (loss / accum_steps, (jax.tree.map(merge_micro_values, values), batch_stats)), grads
+
     def train_step(state: TrainState, batch: dict[str, jax.Array], acc):
         metrics_acc, health = acc
         step_rng = jax.random.fold_in(state.rng, state.step)
         aug_rng, dropout_rng, loss_rng = jax.random.split(step_rng, 3)
         batch = task.prepare_train_batch(batch, aug_rng)
-
-        def loss_fn(params):
-            outputs, new_batch_stats = apply(params, state.batch_stats, task.model_inputs(batch), True, dropout_rng)
-            loss, values = task.loss_fn(outputs, batch, loss_rng)
-            return loss, (values, new_batch_stats)
-
-        (loss, (outputs, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        compute = grad_fn if accum_steps == 1 else accumulated_grads
+        (loss, (outputs, new_batch_stats)), grads = compute(
+            state.params, state.batch_stats, batch, dropout_rng, loss_rng
+        )
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -1,0 +1,113 @@
+"""The paper recipes on TPU slices, from this CPU: runs the ahead-of-time compile check (clusterformer_jax/aot.py)
+for every recipe under configs/ and prints the markdown table of benchmarks/RESULTS.md.
+
+  bash launch/python.sh benchmarks/aot_table.py --out=aot_results [--topologies=v5e-8,v5p-8] [--only=tiny]
+
+Each row is one ``python -m clusterformer_jax.aot`` process (train step only, at the recipe's global batch
+split over the slice's chips); its JSON lands in --out and a rerun skips rows whose JSON exists, so the table
+can be filled over several sessions. The largest per-chip batch that fits is estimated from two compiles
+(memory is affine in the batch: the compiler reports what a step needs even when it does not fit), then
+checked by compiling it and the next larger batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (label, config argument): the paper's and the released recipes, the peers' ImageNet recipes, the dense ones.
+RECIPES = (
+    ("CF-T paper ImageNet", "configs/clusterformer_tiny_imagenet.py"),
+    ("CF-T official ImageNet", "configs/clusterformer_tiny_imagenet.py:official"),
+    ("CF-S paper ImageNet", "configs/clusterformer_small_imagenet.py"),
+    ("CF-S official ImageNet", "configs/clusterformer_small_imagenet.py:official"),
+    ("Context Cluster coc_tiny ImageNet", "configs/coc_imagenet.py:coc_tiny"),
+    ("PaCa-ViT paca_tiny ImageNet", "configs/paca_imagenet.py:paca_tiny"),
+    ("GroupMixFormer gmf_miny ImageNet", "configs/gmf_imagenet.py:gmf_miny"),
+    ("CF-T COCO detection", "configs/clusterformer_tiny_coco_detection.py"),
+    ("CF-T COCO instance", "configs/clusterformer_tiny_coco_instance.py"),
+    ("CF-T COCO panoptic", "configs/clusterformer_tiny_coco_panoptic.py"),
+    ("CF-S COCO detection", "configs/clusterformer_small_coco_detection.py"),
+    ("CF-S COCO instance", "configs/clusterformer_small_coco_instance.py"),
+    ("CF-S COCO panoptic", "configs/clusterformer_small_coco_panoptic.py"),
+    ("CF-T ADE20K", "configs/clusterformer_tiny_ade20k.py"),
+    ("CF-S ADE20K", "configs/clusterformer_small_ade20k.py"),
+    ("PaCa-ViT paca_tiny ADE20K", "configs/paca_tiny_ade20k.py"),
+)
+
+
+def compile_check(config: str, topology: str, per_chip_batch: int, out: str, extra: list[str]) -> dict:
+    """One aot process; its JSON report (``train`` has 'fits', 'total_gib', ...)."""
+    path = os.path.join(out, f"{config.replace('/', '_').replace(':', '-')}_{topology}_{per_chip_batch}.json")
+    if not os.path.exists(path):
+        command = [sys.executable, "-m", "clusterformer_jax.aot", f"--config={config}", f"--topology={topology}"]
+        command += [f"--per_chip_batch={per_chip_batch}", "--predict=false", f"--json={path}", *extra]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if result.returncode not in (0, 1) or not os.path.exists(path):
+            tail = [line for line in result.stderr.splitlines() if line.startswith("error")] or ["(no error line)"]
+            raise RuntimeError(f"{config} on {topology}: exit {result.returncode}: {tail[-1]}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def max_batch(config: str, topology: str, first: dict, out: str, extra: list[str]) -> tuple[int, list[int]]:
+    """The largest per-chip batch that fits, from the affine fit of two compiles, checked by compiling it
+    and the next one; also the batches compiled."""
+    b1 = first["train"]["per_chip_batch"]
+    b2 = max(1, b1 // 2) if b1 > 1 else 2
+    second = compile_check(config, topology, b2, out, extra)
+    (x1, y1), (x2, y2) = ((r["train"]["per_chip_batch"], r["train"]["total_gib"]) for r in (first, second))
+    per_image = (y1 - y2) / (x1 - x2)
+    guess = max(0, int((first["hbm_gib"] - (y1 - per_image * x1)) // per_image))
+    tried = [b1, b2]
+    while guess > 0 and not compile_check(config, topology, guess, out, extra)["train"]["fits"]:
+        tried.append(guess)
+        guess -= 1
+    tried.append(guess)
+    while compile_check(config, topology, guess + 1, out, extra)["train"]["fits"]:
+        tried.append(guess + 1)
+        guess += 1
+    return guess, tried
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="aot_results")
+    parser.add_argument("--topologies", default="v5e-8")
+    parser.add_argument("--only", default="", help="rows whose label or config contains this text")
+    parser.add_argument("--max_batch", action="store_true", help="also the largest per-chip batch (3-4 compiles)")
+    parser.add_argument("extra", nargs="*", help="flags for every aot run, e.g. --config.model.kwargs.remat=True")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    print(
+        "| recipe | slice | batch/chip (global) | GiB/chip needed | fits | max batch/chip | TFLOP/step/chip "
+        "| roofline ms/step | compile s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, config in RECIPES:
+        if args.only and args.only not in label and args.only not in config:
+            continue
+        for topology in args.topologies.split(","):
+            try:
+                report = compile_check(config, topology, 0, args.out, args.extra)
+            except RuntimeError as e:
+                print(f"| {label} | {topology} | error: {e} |")
+                continue
+            t = report["train"]
+            best = max_batch(config, topology, report, args.out, args.extra)[0] if args.max_batch else "-"
+            flops = f"{t['tflop']:.2f}" if "tflop" in t else "-"
+            step = f"{t['roofline_step_s'] * 1e3:.0f}" if "roofline_step_s" in t else "-"
+            print(
+                f"| {label} | {topology} | {t['per_chip_batch']} ({t['global_batch']}) | {t['total_gib']:.2f} "
+                f"| {'yes' if t['fits'] else 'no'} | {best} | {flops} | {step} | {t['compile_s']:.0f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

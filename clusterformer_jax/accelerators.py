@@ -1,0 +1,85 @@
+"""Published accelerator figures and TPU slice topologies, for the ahead-of-time compile check (``aot.py``).
+
+A leaf: imports nothing of the package. Chip figures are the vendors' published per-chip peaks (dense bf16
+matmul, HBM capacity and bandwidth); the roofline step time built on them is a lower bound, not a forecast.
+
+TPU slices are named as Cloud TPU names them (``v5e-8``, ``v4-8``, ``v5p-16``, ``v6e-8``): for v4 and v5p the
+number counts TensorCores (two per chip, "megacore"), for v5e and v6e it counts chips. The chip grid of each
+slice and the chips per host follow the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4,
+v5e, v5p, v6e): v4/v5p hosts hold 2x2x1 chips; a v5e/v6e slice of 8 chips is one host, larger ones are
+hosts of 2x2 chips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator chip's published figures."""
+
+    name: str
+    hbm_gib: float  # memory per chip (GiB)
+    bf16_tflops: float  # dense bf16 peak per chip (TFLOP/s)
+    hbm_gbps: float  # memory bandwidth per chip (GB/s)
+
+
+CHIPS: dict[str, Chip] = {
+    # Cloud TPU docs, "TPU v4" / "TPU v5e" / "TPU v5p" / "TPU v6e" system-architecture tables.
+    "v4": Chip("TPU v4", 32.0, 275.0, 1200.0),
+    "v5e": Chip("TPU v5e", 15.75, 197.0, 819.0),  # 16 GiB; 15.75 GiB is what its compiler lets a program use
+    "v5p": Chip("TPU v5p", 95.0, 459.0, 2765.0),
+    "v6e": Chip("TPU v6e", 32.0, 918.0, 1640.0),
+    # NVIDIA A100 (SXM, 80 GB) and H100 (SXM) datasheets, dense (no sparsity) bf16 tensor-core peaks.
+    "a100": Chip("NVIDIA A100 80GB SXM", 80.0, 312.0, 2039.0),
+    "h100": Chip("NVIDIA H100 SXM", 80.0, 989.0, 3350.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice as ``jax.experimental.topologies.get_topology_desc`` takes it."""
+
+    name: str  # the user-facing name, e.g. 'v5e-8'
+    chip: str  # a key of CHIPS
+    topology_name: str  # e.g. 'v5e:2x4'
+    chip_config_name: str  # 'megacore' (v4, v5p: one device per chip) or 'default'
+    chips_per_host_bounds: tuple[int, int, int]
+    num_chips: int
+
+
+# Chip grids by slice size: v4/v5p by TensorCore count (3-D tori), v5e/v6e by chip count (2-D).
+_GRIDS_3D = {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8"}
+_GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+_PREFIX = {"v4": "v4", "v5p": "v5", "v5e": "v5e", "v6e": "v6e"}
+
+
+def topology_names() -> list[str]:
+    """Every slice name ``topology`` accepts."""
+    names = [f"{g}-{n}" for g in ("v4", "v5p") for n in _GRIDS_3D]
+    return names + [f"{g}-{n}" for g in ("v5e", "v6e") for n in _GRIDS_2D]
+
+
+def topology(name: str) -> Topology:
+    """The slice called ``name`` ('v5e-8', 'v4-8', ...); ValueError naming the known ones otherwise."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower())
+    grids = (_GRIDS_3D if match.group(1) in ("v4", "v5p") else _GRIDS_2D) if match else {}
+    if not match or int(match.group(2)) not in grids:
+        raise ValueError(f"unknown TPU topology {name!r}; known: {', '.join(topology_names())}")
+    generation, size = match.group(1), int(match.group(2))
+    grid = grids[size]
+    chips = 1
+    for side in grid.split("x"):
+        chips *= int(side)
+    if generation in ("v4", "v5p"):
+        per_host, config = (2, 2, 1), "megacore"
+    else:
+        per_host, config = ((2, 4, 1) if chips == 8 else (min(chips, 2), min(chips, 2), 1)), "default"
+    return Topology(name, generation, f"{_PREFIX[generation]}:{grid}", config, per_host, chips)
+
+
+def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float:
+    """The step time if the chip ran at its peak on the binding resource: max(compute, memory traffic)."""
+    return max(flops / (chip.bf16_tflops * 1e12), bytes_accessed / (chip.hbm_gbps * 1e9))

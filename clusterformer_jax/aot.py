@@ -1,0 +1,312 @@
+r"""Ahead-of-time compile check: does a recipe fit a TPU slice, and what does a step cost?
+
+  bash launch/aot.sh --config=configs/clusterformer_tiny_imagenet.py --topology=v5e-8 [--config.a=b ...]
+  python -m clusterformer_jax.aot --config=... --topology=v5e-8 [--per_chip_batch=64] [--max_batch] [--json=F]
+
+Builds the run's ``Setup`` (``trainers/setup.build``: the very jitted train and predict steps that training
+runs) on a mesh of the slice's devices, with that accelerator's execution settings, from abstract state and an
+abstract batch (shapes from the task and the input config: no data is read, no parameter is created), and
+compiles both steps with the real TPU compiler (libtpu, loaded on this CPU host; the approach of MaxText's
+``train_compile.py``). Per chip it prints the compiler's memory analysis (arguments / outputs / temporaries /
+total against the chip's HBM), its cost analysis (FLOPs and bytes accessed per step), a roofline step time at
+the chip's published bf16 peak and HBM bandwidth (``accelerators.py``), the compile time and the chip-hours
+of the config's schedule at that step time.
+
+Exit codes: 0 fits; 1 does not fit (one line: GiB needed vs available); 2 bad flags or config. ``--max_batch``
+finds the largest per-chip batch whose train step fits (doubling, then bisection on compiles).
+
+libtpu is not a dependency of training: ``launch/aot.sh`` installs it into ``.venv/libtpu_aot`` (or
+``$CLUSTERFORMER_LIBTPU_DIR``), and only this module puts that folder on ``sys.path``, with
+``JAX_PLATFORMS=cpu`` so that jax never tries to open a TPU on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+if __name__ == "__main__":  # before the config files import jax: this host has no TPU to open
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several checks (or test workers) at a time
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from clusterformer_jax import accelerators  # noqa: E402
+from clusterformer_jax import main as entry  # noqa: E402  # its --config flag and one-line flag errors (imports no jax)
+
+LIBTPU_DIR_ENV = "CLUSTERFORMER_LIBTPU_DIR"
+EXIT_DOES_NOT_FIT = 1
+EXIT_USAGE = 2
+GIB = 1024**3
+
+_CONFIG = entry._CONFIG  # pylint: disable=protected-access
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e-8", f"TPU slice: {', '.join(accelerators.topology_names())}.")
+_PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", 0, "Train batch per chip (0: the config's batch_size).")
+_MAX_BATCH = flags.DEFINE_boolean("max_batch", False, "Also find the largest per-chip train batch that fits.")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip to check against (0: the chip's published HBM).")
+_PREDICT = flags.DEFINE_boolean("predict", True, "Also compile the predict (eval) step.")
+_JSON = flags.DEFINE_string("json", "", "Write the report to this JSON file.")
+
+
+def libtpu_dir() -> str:
+    """Where launch/aot.sh installs libtpu (``$CLUSTERFORMER_LIBTPU_DIR``, else ``<venv>/libtpu_aot``)."""
+    return os.environ.get(LIBTPU_DIR_ENV) or os.path.join(sys.prefix, "libtpu_aot")
+
+
+def _use_libtpu() -> None:
+    """Puts libtpu on the import path of this process only (jax finds it when the topology is requested)."""
+    folder = libtpu_dir()
+    if not os.path.isfile(os.path.join(folder, "libtpu", "__init__.py")):
+        raise FileNotFoundError(
+            f"libtpu is not installed in {folder}; run the check through `bash launch/aot.sh ...` (installs it), "
+            f"or `pip install --no-deps --target DIR libtpu==VERSION` and set {LIBTPU_DIR_ENV}=DIR"
+        )
+    sys.path.insert(0, folder)
+
+
+def _abstract(tree: Any, sharding: Any) -> Any:
+    import jax
+
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def abstract_batch(module: Any, config: Any, global_batch: int, sharding: Any, eval_mode: bool) -> dict[str, Any]:
+    """A batch of ``global_batch`` rows shaped like the input pipeline's, as sharded ShapeDtypeStructs."""
+    import jax
+    import numpy as np
+
+    row = module.example_spec(config.input, eval_mode)
+    return {
+        k: jax.ShapeDtypeStruct((global_batch, *np.shape(v)), np.asarray(v).dtype, sharding=sharding)
+        for k, v in row.items()
+    }
+
+
+def _memory(compiled: Any) -> dict[str, float]:
+    stats = compiled.memory_analysis()
+    args, outs = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+    return {
+        "arguments_gib": args / GIB,
+        "outputs_gib": outs / GIB,
+        "aliased_gib": alias / GIB,  # donated inputs written in place: counted once
+        "temporaries_gib": temp / GIB,
+        "total_gib": (args + outs - alias + temp + stats.generated_code_size_in_bytes) / GIB,
+    }
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"tflop": float(cost.get("flops", 0.0)) / 1e12, "gb_accessed": float(cost.get("bytes accessed", 0.0)) / 1e9}
+
+
+_OOM = re.compile(r"(?:Ran out of memory|RESOURCE_EXHAUSTED)", re.I)
+_NEEDED = re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
+def _needed_gib(message: str) -> float | None:
+    match = _NEEDED.search(message)
+    if not match:
+        return None
+    scale = {"K": 2**-20, "M": 2**-10, "G": 1.0, "T": 1024.0}
+    return float(match.group(1)) * scale[match.group(2)]
+
+
+def compile_program(jitted: Any, args: Sequence[Any], hbm_gib: float) -> dict[str, Any]:
+    """Compiles ``jitted`` for ``args``; the memory and cost per chip, or fits=False with the GiB needed."""
+    start = time.perf_counter()
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as e:  # pylint: disable=broad-except  # the TPU compiler's OOM is an XlaRuntimeError
+        if not _OOM.search(str(e)):
+            raise
+        return {"fits": False, "total_gib": _needed_gib(str(e)), "compile_s": time.perf_counter() - start}
+    report = {**_memory(compiled), **_cost(compiled), "compile_s": time.perf_counter() - start}
+    report["fits"] = report["total_gib"] <= hbm_gib
+    return report
+
+
+class CompileCheck:
+    """One config on one slice: ``train(per_chip_batch)`` and ``predict()`` compile reports."""
+
+    def __init__(self, config: Any, topology: accelerators.Topology, hbm_gib: float | None = None):
+        import jax
+        from jax.experimental import topologies
+
+        from clusterformer_jax import sharding
+        from clusterformer_jax.tasks import registry as task_registry
+
+        self.config, self.topology = config, topology
+        self.chip = accelerators.CHIPS[topology.chip]
+        self.hbm_gib = hbm_gib or self.chip.hbm_gib
+        self.devices = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topology.topology_name,
+            chip_config_name=topology.chip_config_name,
+            chips_per_host_bounds=topology.chips_per_host_bounds,
+            num_slices=1,
+        ).devices
+        self.mesh = sharding.create_mesh(config.mesh, devices=self.devices)
+        self.module = task_registry.input_module(config)
+        self.dataset_info = self.module.offline_dataset_info(config.input)
+        self.machine = {"backend": "tpu", "num_devices": len(self.devices), "allocator": "none"}
+        self._jax = jax
+
+    def _setup(self, global_batch: int) -> Any:
+        from clusterformer_jax.trainers import setup as setup_lib
+        from clusterformer_jax.trainers import trainer
+
+        config = self.config.copy_and_resolve_references()
+        with config.unlocked():
+            config.batch_size = global_batch
+        trainer._validate(config, self.mesh)  # pylint: disable=protected-access
+        total_steps, per_epoch = trainer.resolve_run_lengths(config, int(self.dataset_info["num_train"]))
+        setup = setup_lib.build(
+            config,
+            self.mesh,
+            self.dataset_info,
+            total_steps=total_steps,
+            steps_per_epoch=per_epoch,
+            machine=self.machine,
+        )
+        return setup, total_steps
+
+    def train(self, per_chip_batch: int) -> dict[str, Any]:
+        """The train step at ``per_chip_batch`` images per chip."""
+        from clusterformer_jax import sharding
+        from clusterformer_jax.trainers.setup import Health
+
+        global_batch = per_chip_batch * len(self.devices)
+        setup, total_steps = self._setup(global_batch)
+        repl = sharding.replicated(self.mesh)
+        acc = _abstract(self._jax.eval_shape(lambda: (setup.train_metrics_cls.empty(), Health.empty())), repl)
+        batch = abstract_batch(self.module, setup.config, global_batch, setup.batch_sharding, eval_mode=False)
+        report = compile_program(setup.train_step, (setup.abstract_with_shardings(), batch, acc), self.hbm_gib)
+        report.update(per_chip_batch=per_chip_batch, global_batch=global_batch, total_steps=total_steps)
+        if "tflop" in report:
+            step_s = accelerators.roofline_seconds(report["tflop"] * 1e12, report["gb_accessed"] * 1e9, self.chip)
+            report["roofline_step_s"] = step_s
+            report["schedule_chip_hours"] = step_s * total_steps * len(self.devices) / 3600
+        return report
+
+    def predict(self) -> dict[str, Any]:
+        """The predict step at the config's eval batch."""
+        eval_batch = int(self.config.eval_batch_size) if self.config.eval_batch_size > 0 else self.config.batch_size
+        setup, _ = self._setup(int(self.config.batch_size))
+        batch = abstract_batch(self.module, setup.config, eval_batch, setup.batch_sharding, eval_mode=True)
+        report = compile_program(setup.predict_step, (setup.abstract_with_shardings(), batch), self.hbm_gib)
+        report.update(per_chip_batch=eval_batch // len(self.devices), global_batch=eval_batch)
+        return report
+
+    def max_batch(self, limit: int = 4096) -> int:
+        """The largest per-chip train batch that fits (0: not even one image): doubling, then bisection."""
+        fits = lambda b: self.train(b)["fits"]  # noqa: E731
+        low, high = 0, 1
+        while high <= limit and fits(high):
+            low, high = high, high * 2
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
+
+def _row(name: str, r: dict[str, Any], hbm: float) -> str:
+    if "temporaries_gib" not in r:
+        needed = f"{r['total_gib']:.2f}" if r.get("total_gib") else "?"
+        return f"{name:8s} batch/chip {r['per_chip_batch']:4d}: does not fit, needs {needed} GiB of {hbm:.2f}"
+    text = (
+        f"{name:8s} batch/chip {r['per_chip_batch']:4d}: args {r['arguments_gib']:.2f} + out {r['outputs_gib']:.2f}"
+        f" - aliased {r['aliased_gib']:.2f} + temp {r['temporaries_gib']:.2f} = {r['total_gib']:.2f} GiB of"
+        f" {hbm:.2f} ({'fits' if r['fits'] else 'DOES NOT FIT'}); {r['tflop']:.4g} TFLOP, {r['gb_accessed']:.1f} GB"
+        f" accessed; compile {r['compile_s']:.0f} s"
+    )
+    if "roofline_step_s" in r:
+        text += f"; roofline {r['roofline_step_s'] * 1e3:.0f} ms/step, schedule {r['schedule_chip_hours']:.0f} chip-h"
+    return text
+
+
+def run(config: Any, topology_name: str, per_chip_batch: int, hbm_gib: float, predict: bool, max_batch: bool):
+    """The whole check; returns (report dict, exit code)."""
+    topology = accelerators.topology(topology_name)
+    check = CompileCheck(config, topology, hbm_gib or None)
+    chips = len(check.devices)
+    if not per_chip_batch:
+        if config.batch_size % chips:
+            raise ValueError(f"batch_size={config.batch_size} does not split over {chips} chips; set --per_chip_batch")
+        per_chip_batch = config.batch_size // chips
+    report: dict[str, Any] = {
+        "config": config.model.name,
+        "task": config.task,
+        "topology": topology.name,
+        "chip": check.chip.name,
+        "chips": chips,
+        "hbm_gib": check.hbm_gib,
+        "dtype": config.model.kwargs.get("dtype"),
+        "train": check.train(per_chip_batch),
+    }
+    print(f"{topology.name} ({chips} x {check.chip.name}), model {config.model.name}, task {config.task}")
+    print(_row("train", report["train"], check.hbm_gib))
+    if predict:
+        report["predict"] = check.predict()
+        print(_row("predict", report["predict"], check.hbm_gib))
+    if max_batch:
+        report["max_per_chip_batch"] = check.max_batch()
+        print(f"largest per-chip train batch that fits: {report['max_per_chip_batch']}")
+    failed = [k for k in ("train", "predict") if k in report and not report[k]["fits"]]
+    if failed:
+        r = report[failed[0]]
+        needed = f"{r['total_gib']:.2f} GiB" if r.get("total_gib") else "more than the chip has"
+        print(
+            f"error: the {failed[0]} step does not fit on {topology.name}: needs {needed} per chip, "
+            f"{check.hbm_gib:.2f} GiB available; lower the per-chip batch (--max_batch finds the largest) or "
+            "turn on remat",
+            file=sys.stderr,
+        )
+    return report, EXIT_DOES_NOT_FIT if failed else 0
+
+
+def _parse(argv: list[str]) -> list[str]:
+    try:
+        remaining = flags.FLAGS(argv)
+        config = _CONFIG.value
+        if config is not None:
+            getattr(config, "task", None)
+    except SystemExit:
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        print(f"error: {entry._describe_flag_error(e, argv)}", file=sys.stderr)  # pylint: disable=protected-access
+        sys.exit(EXIT_USAGE)
+    if config is None:
+        print("error: --config is required, e.g. --config=configs/quickstart.py", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return remaining
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    try:
+        _use_libtpu()
+        report, code = run(
+            _CONFIG.value, _TOPOLOGY.value, _PER_CHIP_BATCH.value, _HBM_GIB.value, _PREDICT.value, _MAX_BATCH.value
+        )
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        print(f"error: {first}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True, default=lambda v: None if math.isnan(v) else v)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

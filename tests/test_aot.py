@@ -1,0 +1,97 @@
+"""The ahead-of-time compile check: slice table, offline dataset facts, and a real TPU cross-compile of the
+quickstart (libtpu, installed by launch/test.sh) with its report and its one-line "does not fit" exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from clusterformer_jax import accelerators
+from clusterformer_jax.data import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_topology_table():
+    v5e = accelerators.topology("v5e-8")
+    assert (v5e.topology_name, v5e.chip_config_name, v5e.num_chips, v5e.chips_per_host_bounds) == (
+        "v5e:2x4",
+        "default",
+        8,
+        (2, 4, 1),
+    )
+    v4 = accelerators.topology("v4-8")  # 8 TensorCores = 4 megacore chips on one host
+    assert (v4.topology_name, v4.chip_config_name, v4.num_chips) == ("v4:2x2x1", "megacore", 4)
+    assert accelerators.topology("v5p-16").topology_name == "v5:2x2x2"
+    assert accelerators.topology("v5e-16").chips_per_host_bounds == (2, 2, 1)
+    with pytest.raises(ValueError, match="unknown TPU topology 'v5e-7'; known: v4-8"):
+        accelerators.topology("v5e-7")
+
+
+def test_roofline_takes_the_binding_resource():
+    chip = accelerators.CHIPS["v5e"]
+    assert accelerators.roofline_seconds(197e12, 0.0, chip) == pytest.approx(1.0)
+    assert accelerators.roofline_seconds(1.0, 819e9 * 2, chip) == pytest.approx(2.0)
+
+
+def test_offline_facts_equal_the_prepared_dataset(tmp_path):
+    cfg = ml_collections.ConfigDict({"dataset": "digits", "data_dir": str(tmp_path)})
+    assert pipeline.offline_dataset_info(cfg) == pipeline.get_dataset_info(cfg)
+    row = pipeline.example_spec(cfg, eval_mode=False)
+    batch = next(pipeline.create_train_iterator(cfg, seed=0, global_batch_size=4))
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
+        k: ((4, *np.shape(v)), np.asarray(v).dtype) for k, v in row.items()
+    }
+    eval_batch = next(iter(pipeline.create_eval_iterator(cfg, global_batch_size=4)))
+    eval_row = pipeline.example_spec(cfg, eval_mode=True)
+    assert {k: (v.shape[1:], v.dtype) for k, v in eval_batch.items()} == {
+        k: (np.shape(v), np.asarray(v).dtype) for k, v in eval_row.items()
+    }
+
+
+def _libtpu_installed() -> bool:
+    from clusterformer_jax.aot import libtpu_dir
+
+    return os.path.isfile(os.path.join(libtpu_dir(), "libtpu", "__init__.py"))
+
+
+@pytest.mark.skipif(not _libtpu_installed(), reason="libtpu not installed (launch/test.sh installs it)")
+def test_quickstart_cross_compiles_for_v5e_and_a_small_chip_exits_with_one_line(tmp_path):
+    """One real compile for an 8-chip v5e slice: the report's numbers are the compiler's, and checked against
+    a memory cap between the predict and the train step's needs, the run exits 1 with one line."""
+    report_file = tmp_path / "aot.json"
+    command = [
+        sys.executable,
+        "-m",
+        "clusterformer_jax.aot",
+        "--config=configs/quickstart.py",
+        "--topology=v5e-8",
+        f"--json={report_file}",
+        "--hbm_gib=0.03",
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    report = json.loads(report_file.read_text())
+    train, predict = report["train"], report["predict"]
+    assert (report["chips"], report["chip"], report["topology"]) == (8, "TPU v5e", "v5e-8")
+    assert (train["per_chip_batch"], train["global_batch"], predict["per_chip_batch"]) == (8, 64, 8)
+    for step in (train, predict):
+        parts = step["arguments_gib"] + step["outputs_gib"] - step["aliased_gib"] + step["temporaries_gib"]
+        assert 0 < parts <= step["total_gib"] < parts + 0.01  # plus the program's code
+        assert step["tflop"] > 0 and step["gb_accessed"] > 0 and step["compile_s"] > 0
+    # donation: the train state is written in place, so most of the arguments alias the outputs
+    assert train["aliased_gib"] > 0.5 * train["arguments_gib"]
+    expected_step = max(train["tflop"] / 197.0, train["gb_accessed"] / 819.0)
+    assert train["roofline_step_s"] == pytest.approx(expected_step, rel=1e-6)
+    assert train["schedule_chip_hours"] == pytest.approx(expected_step * train["total_steps"] * 8 / 3600, rel=1e-6)
+    assert predict["total_gib"] < 0.03 < train["total_gib"]  # the cap sits between the two
+    assert (predict["fits"], train["fits"]) == (True, False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: the train step does not fit on v5e-8: needs 0.")
+    assert "0.03 GiB available" in errors[0]
