@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.kwargs.group_chunk_bytes = placeholder(int)  # ClusterFormer: clustering chunks of about this size
     config.model.kwargs.depthwise_impl = placeholder(str)  # 'shifted' (fast on XLA CPU) | 'grouped' (cuDNN, TPU)
     config.model.kwargs.remat_impl = placeholder(str)  # 'tied' (XLA CPU) | 'barrier' (nn.remat); with remat=True
+    # What a rematerialised block keeps for its backward pass (models/remat.py REMAT_POLICIES), with remat=True.
+    config.model.kwargs.remat_policy = placeholder(str)
 
     config.input = ml_collections.ConfigDict()
     config.input.dataset = "digits"  # 'digits' | 'imagenet2012'
@@ -61,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.input.batch_prefetch = 2  # train batches stacked ahead in a background thread (0: off)
 
     config.batch_size = 1024  # global, over all processes
+    # Micro-batches per step: the step averages the gradients of batch_size / grad_accum_steps rows at a time
+    # (the global batch on fewer chips, in the same jitted step; BatchNorm then normalises per micro-batch).
+    config.grad_accum_steps = 1
     config.eval_batch_size = -1  # -1: batch_size
     config.num_epochs = 300.0
     config.num_train_steps = -1  # > 0 overrides num_epochs

@@ -20,11 +20,9 @@ from clusterformer_jax.models.decoder import (
     ClusterEMStep,
     DecoderConfig,
     decoder_fields,
-    e_step,
-    em_scan,
-    m_step,
     mask_boxes,
 )
+from clusterformer_jax.models import em
 from clusterformer_jax.models.dense_model import DenseModel
 from clusterformer_jax.models.pixel_decoder import PixelDecoder, mask_to_grid
 from clusterformer_jax.models.queries import QUERY_INITS, QueryInit, pool_centers, query_grid
@@ -194,6 +192,17 @@ def test_mask_boxes_hand_example_and_mask_referenced_refinement():
 # ----------------------------------------------------------------------------- E / M steps
 
 
+def e_step(q, k, valid=None, prior=None):
+    """The decoder's E-step: softmax over the queries of q.k / sqrt(e), for every head."""
+    valid = None if valid is None else valid[:, None]
+    prior = None if prior is None else prior[:, None]
+    return em.e_step(q, k, "clusters", q.shape[-1] ** -0.5, valid, prior)
+
+
+def m_step(assign, values):
+    return em.m_step(assign, values, mean=True)
+
+
 def test_e_and_m_step_hand_example():
     # 1 head, K=2 queries, N=3 pixels, e=4: logits = q.k / sqrt(4) = +-n for pixel n
     q = jnp.zeros((1, 1, 2, 4)).at[0, 0, :, 0].set(jnp.asarray([2.0, -2.0]))
@@ -268,7 +277,7 @@ def test_scan_equals_unrolled_loop(layer_setup):
     prior = jnp.asarray(rng.randn(2, 5, 12), jnp.float32)  # the mask prior, broadcast to every iteration
     args = (pos, keys, values, valid, prior)
     for unroll in (1, 3):
-        scanned = em_scan(3, unroll, dim=16, heads=2)
+        scanned = em.em_scan(ClusterEMStep, 3, num_broadcast=5, remat=True, unroll=unroll, dim=16, heads=2)
         params = random_like(abstract_params(scanned, queries, *args), seed=7)
         out, _ = scanned.apply({"params": params}, queries, *args)
         step, loop = ClusterEMStep(dim=16, heads=2), queries

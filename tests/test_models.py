@@ -7,10 +7,10 @@ import pytest
 
 from clusterformer_jax import runtime
 from clusterformer_jax.errors import ModelConfigError
-from clusterformer_jax.models import clustering, dispatch, kernels, layers, layout
+from clusterformer_jax.models import clustering, dispatch, em, kernels, layers, layout
 from clusterformer_jax.models.clustering import MixerConfig
 from clusterformer_jax.models.clusterformer import ClusterFormerBackbone
-from clusterformer_jax.models.registry import create_model, list_models
+from clusterformer_jax.models.registry import create_backbone, create_model, list_models
 from tests import reference_numpy as ref
 
 
@@ -54,13 +54,17 @@ def test_adaptive_avg_pool_values(in_hw, out_hw):
 # ----------------------------------------------------------------------------- EM step (Eq. 3)
 
 
+def _em_scan(num_iters, **kwargs):
+    return em.em_scan(clustering.EMStep, num_iters, num_broadcast=2, remat=True, unroll=1, **kwargs)
+
+
 @pytest.mark.parametrize("axis", ["clusters", "tokens"])
 @pytest.mark.parametrize("num_iters", [1, 3])
 def test_em_matches_numpy_eq3(axis, num_iters):
     rng = np.random.RandomState(1)
     g, k, n, e = 3, 5, 11, 8
     centers, keys, values = (rng.randn(g, m, e).astype(np.float32) for m in (k, n, n))
-    module = clustering.em_scan(num_iters, head_dim=e, heads=1, estep_axis=axis)
+    module = _em_scan(num_iters, head_dim=e, heads=1, estep_axis=axis)
     params = module.init(jax.random.PRNGKey(0), centers, keys, values)
     got, _ = module.apply(params, centers, keys, values)
     w = np.asarray(params["params"]["conv_c"]["kernel"])
@@ -76,7 +80,7 @@ def test_em_mean_mstep_normalises_by_mass():
     rng = np.random.RandomState(2)
     centers, keys = rng.randn(2, 4, 6).astype(np.float32), rng.randn(2, 9, 6).astype(np.float32)
     values = np.ones((2, 9, 6), np.float32)  # a mass-normalised mean of ones is exactly one
-    module = clustering.em_scan(2, head_dim=6, heads=1, mstep="mean", query_proj=False)
+    module = _em_scan(2, head_dim=6, heads=1, mstep="mean", query_proj=False)
     params = module.init(jax.random.PRNGKey(0), centers, keys, values)
     out, _ = module.apply(params, centers, keys, values)
     np.testing.assert_allclose(np.asarray(out), 1.0, rtol=1e-5)
@@ -86,7 +90,7 @@ def test_scan_equals_unrolled_loop_and_params_do_not_grow_with_t():
     rng = np.random.RandomState(3)
     centers, keys, values = (rng.randn(2, m, 8).astype(np.float32) for m in (4, 10, 10))
     kwargs = dict(head_dim=8, heads=1, estep_axis="clusters")
-    scanned = clustering.em_scan(4, **kwargs)
+    scanned = _em_scan(4, **kwargs)
     params = scanned.init(jax.random.PRNGKey(5), centers, keys, values)
     got, _ = scanned.apply(params, centers, keys, values)
     step = clustering.EMStep(**kwargs)
@@ -285,6 +289,18 @@ def test_execution_settings_are_resolved_from_the_machine_not_the_model():
         {"remat_impl", "em_unroll", "num_iters"}, {"em_unroll": 2, "num_iters": None}, backend="cpu", num_devices=1
     )
     assert resolved == {"em_unroll": 2, "num_iters": None, "remat_impl": "tied"}
+
+
+def test_create_model_takes_this_machines_execution_settings_unless_passed():
+    here = runtime.execution_settings()  # the test process: CPU, 8 virtual devices
+    assert create_model("gmf_miny").depthwise_impl == here["depthwise_impl"] == "shifted"
+    assert create_backbone("paca_tiny").remat_impl == here["remat_impl"] == "tied"
+    mixer = create_model("clusterformer_nano").backbone["mixer"]
+    assert (mixer.em_unroll, mixer.group_chunk_bytes) == (here["em_unroll"], here["group_chunk_bytes"])
+    # what the caller passes wins, None included (the trainer passes settings resolved for its target machine)
+    assert create_model("gmf_miny", depthwise_impl="grouped").depthwise_impl == "grouped"
+    assert create_backbone("paca_tiny", remat_impl="barrier").remat_impl == "barrier"
+    assert create_model("clusterformer_nano", em_unroll=None).backbone["mixer"].em_unroll is None
 
 
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (5, 1), (7, 1), (3, 2)])

@@ -67,6 +67,7 @@ class ClusterFormerBackbone(nn.Module):
     layer_scale_init: float = 1e-5
     remat: bool = False
     remat_impl: str = "barrier"
+    remat_policy: str = "nothing_saveable"  # remat.REMAT_POLICIES
     dtype: Dtype = jnp.float32
 
     def _validate(self, images: jax.Array) -> None:
@@ -93,7 +94,7 @@ class ClusterFormerBackbone(nn.Module):
         x = position_channels(images.astype(self.dtype))
         x = conv(self.dims[0], 5, 4, 4, 0, "patch_embed", self.dtype)(x)
         total = sum(self.depths)
-        block_cls = remat(ClusterBlock, (2,), self.remat_impl) if self.remat else ClusterBlock
+        block_cls = remat(ClusterBlock, (2,), self.remat_impl, self.remat_policy) if self.remat else ClusterBlock
         stages, centers, index = [], None, 0
         for stage, depth in enumerate(self.depths):
             if stage:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterformer_jax.errors import ModelConfigError
+from clusterformer_jax.models.em import ESTEP_AXES, e_step, em_scan, m_step
 from clusterformer_jax.models.dispatch import confidence_dispatch, hard_dispatch, similarity_dispatch
 from clusterformer_jax.models.kernels import assignment_logits, soft_assign_sum
 from clusterformer_jax.models.layers import (
@@ -40,7 +41,7 @@ Dtype = Any
 
 
 class EMStep(nn.Module):
-    """One EM iteration of recurrent cross-attention (Eq. 3), the body of an ``nn.scan`` with shared weights:
+    """One EM iteration of recurrent cross-attention (Eq. 3, ``em.py``), the body of ``em.em_scan``:
 
         E-step:  M = softmax(C W_q K^T)          (softmax over the K centers of each token)
         M-step:  C <- M V
@@ -50,7 +51,8 @@ class EMStep(nn.Module):
     1/sqrt(e)); ``mstep='mean'`` divides each center by its assignment mass. Table 6c's parameter-free
     ``update='cosine'`` takes M = softmax_K(cos(C, K)); ``update='kmeans'`` (kMaX) a hard M = one-hot
     argmax_K(C W_q K^T) and a residual C <- C + M V. With the ``intermediates`` collection mutable, M is sown
-    as ``assignment`` (G, K, N).
+    as ``assignment`` (G, K, N). Eq. 3 itself runs as ``kernels.soft_assign_sum``, whose backward pass
+    recomputes M from (C, K, V) instead of storing it.
     """
 
     head_dim: int
@@ -67,36 +69,28 @@ class EMStep(nn.Module):
         projected = self.query_proj and self.update != "cosine"
         q = pointwise(self.head_dim, self.head_dim, "conv_c", self.dtype)(centers) if projected else centers
         q = self._to_estep(q)
-        over_clusters = self.estep_axis == "clusters"
-        scale = 1.0 if over_clusters else self.head_dim**-0.5
-        capture = self.is_mutable_collection("intermediates")
-        if self.update == "recurrent" and self.mstep == "sum":
-            if capture:
-                self.sow("intermediates", "assignment", self._assignment(q, keys, scale, over_clusters))
-            new = soft_assign_sum(q, keys, values, over_clusters, scale)  # softmax(scale Q K^T) V, custom VJP
+        scale = 1.0 if self.estep_axis == "clusters" else self.head_dim**-0.5
+        eq3 = self.update == "recurrent" and self.mstep == "sum"
+        assign = None if eq3 else self._assignment(q, keys, scale)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "assignment", self._assignment(q, keys, scale) if eq3 else assign)
+        if eq3:
+            new = soft_assign_sum(q, keys, values, self.estep_axis == "clusters", scale)
         else:
-            assign = self._assignment(q, keys, scale, over_clusters)
-            if capture:
-                self.sow("intermediates", "assignment", assign)
-            new = jnp.einsum("gkn,gne->gke", assign.astype(values.dtype), values)
-            if self.mstep == "mean":
-                new = new / jnp.maximum(jnp.sum(assign, axis=2, keepdims=True), 1e-6).astype(new.dtype)
+            new = m_step(assign, values, mean=self.mstep == "mean").astype(values.dtype)
             if self.update == "kmeans":
                 new = self._to_estep(centers) + new
         return self._from_estep(new), None
 
-    def _assignment(self, q, keys, scale, over_clusters) -> jax.Array:
+    def _assignment(self, q, keys, scale) -> jax.Array:
         """The E-step's (G, K, N) assignment M."""
-        axis = 1 if over_clusters else 2
         if self.update == "cosine":
-            cos = jnp.einsum(
-                "gke,gne->gkn", l2_normalize(q.astype(jnp.float32)), l2_normalize(keys.astype(jnp.float32))
-            )
-            return jax.nn.softmax(cos, axis=axis)
-        logits = assignment_logits(q, keys, scale, False)
+            unit = (l2_normalize(a.astype(jnp.float32)) for a in (q, keys))
+            return e_step(*unit, self.estep_axis)
         if self.update == "kmeans":
+            logits = assignment_logits(q, keys, scale, False)
             return jax.nn.one_hot(first_argmax(logits, axis=1), logits.shape[1], axis=1, dtype=logits.dtype)
-        return jax.nn.softmax(logits, axis=axis)
+        return e_step(q, keys, self.estep_axis, scale)
 
     def _to_estep(self, c: jax.Array) -> jax.Array:
         if not self.raw_layout:
@@ -153,7 +147,6 @@ def criss_cross_mask(grid: Tuple[int, int], centers: Tuple[int, int]) -> np.ndar
     return (token_row[None] == center_row[:, None]) | (token_col[None] == center_col[:, None])
 
 
-ESTEP_AXES = ("clusters", "tokens")
 MSTEPS = ("sum", "mean")
 # Table 6c / 6e: every option but the first two of each runs only with partition='spatial'
 CENTER_UPDATES = ("recurrent", "none", "cosine", "kmeans", "vanilla", "criss_cross")
@@ -231,24 +224,6 @@ class MixerConfig:
         return fits[-1] if fits else groups
 
 
-def em_scan(num_iters: int, remat: bool = True, unroll: int = 1, **step_kwargs) -> nn.Module:
-    """T EM steps as one ``nn.scan`` sharing a single set of weights across iterations.
-
-    ``remat`` keeps only each step's input centers as scan residuals: it matters for ``mstep='mean'``, whose
-    (G, K, N) assignment autodiff would stack T times (the 'sum' step's own VJP recomputes it either way).
-    """
-    scanned = nn.scan(
-        nn.remat(EMStep, prevent_cse=False) if remat else EMStep,
-        variable_broadcast="params",
-        variable_axes={"intermediates": 0},
-        split_rngs={"params": False},
-        in_axes=(nn.broadcast, nn.broadcast),
-        length=num_iters,
-        unroll=unroll,
-    )
-    return scanned(**step_kwargs)
-
-
 class ClusteringMixer(nn.Module):
     """Clustering token mixer: (B, H, W, dim) -> ((B, H, W, dim), centers (B, windows**2 * K, heads*e)).
 
@@ -286,7 +261,9 @@ class ClusteringMixer(nn.Module):
             )
         elif cfg.center_update != "none":
             centers, _ = em_scan(
+                EMStep,
                 cfg.num_iters,
+                num_broadcast=2,
                 remat=cfg.em_remat,
                 unroll=cfg.unroll(),
                 head_dim=cfg.head_dim,

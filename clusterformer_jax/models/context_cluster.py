@@ -173,6 +173,7 @@ class _ContextClusterFields(nn.Module):
     layer_scale_init: float = 1e-5
     remat: bool = False
     remat_impl: str = "barrier"
+    remat_policy: str = "nothing_saveable"  # remat.REMAT_POLICIES
     dtype: Dtype = jnp.float32
 
 
@@ -208,7 +209,9 @@ class ContextClusterBackbone(_ContextClusterFields):
         self._validate(images)
         x = position_channels(images.astype(self.dtype))
         x = conv(self.dims[0], 5, 4, 4, 0, "patch_embed", self.dtype)(x)
-        block_cls = remat(ContextClusterBlock, (2,), self.remat_impl) if self.remat else ContextClusterBlock
+        block_cls = (
+            remat(ContextClusterBlock, (2,), self.remat_impl, self.remat_policy) if self.remat else ContextClusterBlock
+        )
         total, index, stages = sum(self.depths), 0, []
         for stage, depth in enumerate(self.depths):
             if stage:

@@ -1,8 +1,9 @@
-"""The cluster decoder for dense tasks (paper §3.3, §4.1.2; seed_systems §2.9 and §6): queries are cluster
+"""The cluster decoder for dense tasks (paper §3.3, §4.1.2): queries are cluster
 centers that each decoder layer refines by T shared-weight EM steps of recurrent cross-attention over one
 pixel-decoder level, followed by query self-attention and an FFN; class, box and mask heads after every layer.
 
-Design (the paper releases no decoder code; [ASSUMPTION]s follow seed_systems §2.9):
+Design (the paper releases no decoder code; the choices below follow Mask2Former, kMaX-DeepLab and
+Deformable DETR where the paper is silent):
   * Pixel features: ``pixel_decoder.PixelDecoder`` (an FPN) at strides 32/16/8 plus a stride-4 mask feature;
     the layers visit them kMaX-style, two layers per stride 32 -> 16 -> 8 (``layer_strides``).
   * E-step (Eq. 3/4): M = softmax over the Q queries of (Q^C K^I^T)/sqrt(e) per head; pixels outside the
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from clusterformer_jax.errors import ModelConfigError
+from clusterformer_jax.models.em import e_step, em_scan, m_step
 from clusterformer_jax.models.layers import gelu
 from clusterformer_jax.models.pixel_decoder import PixelDecoder, check_blocks, mask_to_grid, sine_positions
 from clusterformer_jax.models.queries import QUERY_INITS, QueryInit
@@ -61,7 +63,10 @@ class DecoderConfig:
     mask_prior: each layer's E-step adds the previous prediction's mask logits (detached, resized to the
     layer's grid) to its query-pixel logits, so a pixel joins the cluster whose mask claims it (Mask2Former's
     masked attention as a soft bias; kMaX's clusters-as-masks); layer 0 uses the masks of the initial queries.
-    dropout: self-attention and FFN dropout. em_unroll: EM steps per scan-loop iteration (None: all T).
+    dropout: self-attention and FFN dropout. em_remat: the backward pass recomputes each EM step from its
+    input queries instead of storing its (B, heads, Q, N) assignment (6 layers x T of them at stride 8 are
+    most of a 1024^2 step's decoder memory); same values. em_unroll: EM steps per scan-loop iteration
+    (None: all T).
     pixel_blocks: the pixel decoder's bottleneck blocks at strides (32, 16, 8, 4) (kMaX: 1, 5, 1, 1); zeros: FPN.
     """
 
@@ -78,6 +83,7 @@ class DecoderConfig:
     mask_pooling: bool = False
     mask_prior: bool = False
     dropout: float = 0.0
+    em_remat: bool = True
     em_unroll: Optional[int] = None
     pixel_blocks: Tuple[int, ...] = (0, 0, 0, 0)
 
@@ -135,31 +141,6 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3).reshape(b, n, h * e)
 
 
-def e_step(
-    queries: jax.Array, keys: jax.Array, valid: Optional[jax.Array] = None, prior: Optional[jax.Array] = None
-) -> jax.Array:
-    """Soft assignment M (B, h, Q, N) float32 = softmax over the Q queries of (q . k) / sqrt(e) [+ prior].
-
-    queries (B, h, Q, e), keys (B, h, N, e), valid (B, N) bool or None, prior (B, Q, N) logits added for every
-    head or None. Every real pixel's column sums to 1 over the queries; pixels with ``valid`` False get an
-    all-zero column.
-    """
-    scale = 1.0 / math.sqrt(queries.shape[-1])
-    logits = jnp.einsum("bhqe,bhne->bhqn", queries, keys, preferred_element_type=jnp.float32) * scale
-    if prior is not None:
-        logits = logits + prior[:, None].astype(jnp.float32)
-    assign = jax.nn.softmax(logits, axis=2)
-    if valid is not None:
-        assign = jnp.where(valid[:, None, None, :], assign, 0.0)
-    return assign
-
-
-def m_step(assign: jax.Array, values: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """Per-query assignment-weighted mean of the values: (B, h, Q, N) x (B, h, N, e) -> (B, h, Q, e) float32."""
-    total = jnp.einsum("bhqn,bhne->bhqe", assign, values.astype(jnp.float32))
-    return total / jnp.maximum(jnp.sum(assign, axis=-1, keepdims=True), eps)
-
-
 class ClusterEMStep(nn.Module):
     """One EM iteration, the body of the layer's ``nn.scan`` (weights shared across the T iterations).
 
@@ -176,26 +157,14 @@ class ClusterEMStep(nn.Module):
     def __call__(self, queries, pos, keys, values, valid, prior=None):
         x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(queries) + pos
         q = split_heads(nn.Dense(self.dim, dtype=self.dtype, name="query")(x), self.heads)
-        assign = e_step(q, keys, valid, prior)
+        # every head: valid (B, 1, N), prior (B, 1, Q, N)
+        prior = None if prior is None else prior[:, None]
+        assign = e_step(q, keys, "clusters", q.shape[-1] ** -0.5, valid[:, None], prior)
         if self.is_mutable_collection("intermediates"):  # the cluster maps (visualize.py), as the encoder's EMStep
             self.sow("intermediates", "assignment", assign)
-        update = merge_heads(m_step(assign, values))
+        update = merge_heads(m_step(assign, values, mean=True))
         queries = queries + nn.Dense(self.dim, dtype=self.dtype, name="out")(update.astype(self.dtype))
         return queries, None
-
-
-def em_scan(num_iters: int, unroll: int, **step_kwargs) -> nn.Module:
-    """T ``ClusterEMStep``s as one ``nn.scan`` with a single set of weights (as the encoder's ``em_scan``)."""
-    scanned = nn.scan(
-        ClusterEMStep,
-        variable_broadcast="params",
-        variable_axes={"intermediates": 0},  # the T steps' sown assignments, stacked
-        split_rngs={"params": False},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=num_iters,
-        unroll=unroll,
-    )
-    return scanned(**step_kwargs)
 
 
 class ClusterDecoderLayer(nn.Module):
@@ -217,7 +186,17 @@ class ClusterDecoderLayer(nn.Module):
         sine = sine_positions(valid, d).reshape(b, h * w, d).astype(self.dtype)
         keys = split_heads(nn.Dense(cfg.dim, dtype=self.dtype, name="key")(tokens + sine), cfg.num_heads)
         values = split_heads(nn.Dense(cfg.dim, dtype=self.dtype, name="value")(tokens), cfg.num_heads)
-        em = em_scan(cfg.num_iters, cfg.unroll(), dim=cfg.dim, heads=cfg.num_heads, dtype=self.dtype, name="em")
+        em = em_scan(
+            ClusterEMStep,
+            cfg.num_iters,
+            num_broadcast=5,
+            remat=cfg.em_remat,
+            unroll=cfg.unroll(),
+            dim=cfg.dim,
+            heads=cfg.num_heads,
+            dtype=self.dtype,
+            name="em",
+        )
         queries, _ = em(
             queries.astype(self.dtype), pos.astype(self.dtype), keys, values, valid.reshape(b, h * w), prior
         )

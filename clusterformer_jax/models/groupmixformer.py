@@ -279,6 +279,7 @@ class GroupMixFormerBackbone(nn.Module):
     drop_path_rate: float = 0.0
     remat: bool = False
     remat_impl: str = "barrier"
+    remat_policy: str = "nothing_saveable"  # remat.REMAT_POLICIES
     depthwise_impl: str = "grouped"
     dtype: Dtype = jnp.float32
 
@@ -288,7 +289,7 @@ class GroupMixFormerBackbone(nn.Module):
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ModelConfigError(f"expected NHWC RGB images, got shape {tuple(images.shape)}")
         x = ConvStem(self.dims[0], self.dtype, name="conv_stem")(images.astype(self.dtype), train)
-        block_cls = remat(GMABlock, (2,), self.remat_impl) if self.remat else GMABlock
+        block_cls = remat(GMABlock, (2,), self.remat_impl, self.remat_policy) if self.remat else GMABlock
         total = sum(self.depths)
         stages, index = [], 0
         for stage, (dim, depth) in enumerate(zip(self.dims, self.depths)):
@@ -329,6 +330,7 @@ class GroupMixFormer(nn.Module):
     drop_path_rate: float = 0.0
     remat: bool = False
     remat_impl: str = "barrier"
+    remat_policy: str = "nothing_saveable"  # remat.REMAT_POLICIES
     depthwise_impl: str = "grouped"
     dtype: Dtype = jnp.float32
 
@@ -344,6 +346,7 @@ class GroupMixFormer(nn.Module):
             drop_path_rate=self.drop_path_rate,
             remat=self.remat,
             remat_impl=self.remat_impl,
+            remat_policy=self.remat_policy,
             depthwise_impl=self.depthwise_impl,
             dtype=self.dtype,
             name="backbone",

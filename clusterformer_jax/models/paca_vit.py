@@ -258,6 +258,7 @@ class _PaCaFields(nn.Module):
     drop_path_rate: float = 0.1
     remat: bool = False
     remat_impl: str = "barrier"
+    remat_policy: str = "nothing_saveable"  # remat.REMAT_POLICIES
     depthwise_impl: str = "grouped"
     dtype: Dtype = jnp.float32
 
@@ -292,7 +293,7 @@ class PaCaViTBackbone(_PaCaFields):
         x = _conv(self.dims[0] // 2, 3, 2, "patch_embed_conv_0", self.dtype)(x)
         x = _conv(self.dims[0], 3, 2, "patch_embed_conv_1", self.dtype)(x)
         x = _layer_norm("patch_embed_norm", self.dtype)(x)
-        block_cls = remat(PaCaBlock, (3, 4), self.remat_impl) if self.remat else PaCaBlock
+        block_cls = remat(PaCaBlock, (3, 4), self.remat_impl, self.remat_policy) if self.remat else PaCaBlock
         total, index, stages = sum(self.depths), 0, []
         for stage, depth in enumerate(self.depths):
             if stage:

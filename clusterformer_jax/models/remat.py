@@ -107,17 +107,32 @@ def _lift_tied_checkpoint(fn, variables=True, rngs=True, static_argnums=()):
 
 
 REMAT_IMPLS = ("barrier", "tied")
+# What a rematerialised block keeps for its backward pass (``jax.checkpoint_policies``): 'nothing_saveable'
+# only the block's inputs; 'dots_saveable' also every matmul result; 'dots_with_no_batch_dims_saveable' the
+# results of the matmuls without batch dimensions (the projections and MLPs, not the per-group clustering).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
-def remat(module_cls: type, static_argnums: Sequence[int] = (), impl: str = "barrier") -> type:
-    """``module_cls`` rematerialised by ``nn.remat`` (``impl='barrier'``) or ``tied_checkpoint`` (``'tied'``).
+def remat(
+    module_cls: type, static_argnums: Sequence[int] = (), impl: str = "barrier", policy: str = "nothing_saveable"
+) -> type:
+    """``module_cls`` rematerialised by ``nn.remat`` (``impl='barrier'``) or ``tied_checkpoint`` (``'tied'``),
+    keeping what ``policy`` (one of ``REMAT_POLICIES``) saves.
 
     ``static_argnums`` count ``self`` as 0, as in ``nn.remat``; ``__call__`` takes positional arguments only.
     """
     if impl not in REMAT_IMPLS:
         raise ModelConfigError(f"model field remat_impl={impl!r} is not one of {REMAT_IMPLS}")
+    if policy not in REMAT_POLICIES:
+        raise ModelConfigError(f"model field remat_policy={policy!r} is not one of {REMAT_POLICIES}")
     if impl == "barrier":
-        return nn.remat(module_cls, static_argnums=tuple(static_argnums))
+        saveable = None if policy == "nothing_saveable" else getattr(jax.checkpoint_policies, policy)
+        return nn.remat(module_cls, static_argnums=tuple(static_argnums), policy=saveable)
+    if policy != "nothing_saveable":
+        raise ModelConfigError(
+            f"model field remat_policy={policy!r} needs remat_impl='barrier' (the 'tied' CPU form keeps only the "
+            "block inputs)"
+        )
     return nn.transforms.lift_transform(
         _lift_tied_checkpoint, module_cls, static_argnums=tuple(i - 1 for i in static_argnums)
     )
