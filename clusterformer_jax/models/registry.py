@@ -3,6 +3,11 @@
 Every family's module lists its presets (``PRESETS``: name -> constructor fields); this table is the one
 place that collects them, so model modules never import the registry. Overrides are checked against the
 model's fields, so a typo in ``config.model.kwargs`` fails with one line naming the field.
+
+``create_model`` and ``create_backbone`` fill the execution fields the model has (``runtime.EXECUTION_FIELDS``:
+depthwise_impl, remat_impl, em_unroll, group_chunk_bytes; same numbers, different speed) with this machine's
+settings unless the caller passes them (None included), so ``create_model(name)`` in a notebook runs as fast
+as through the trainer; the module classes themselves never read the machine.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any, Callable, Dict, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clusterformer_jax import runtime
 from clusterformer_jax.errors import ModelConfigError
 from clusterformer_jax.models import clusterformer, context_cluster, groupmixformer, paca_vit
 
@@ -54,10 +60,21 @@ def model_fields(name: str) -> frozenset[str]:
     return _entry(name)[1]
 
 
+def with_machine_settings(fields: frozenset[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` plus this machine's execution settings (``runtime.execution_settings``) for the execution
+    fields among ``fields`` that ``overrides`` does not name; a named one, even None, is the caller's choice
+    (the trainer passes the settings it resolved, possibly for another machine)."""
+    missing = [k for k in runtime.EXECUTION_FIELDS if k in fields and k not in overrides]
+    if not missing:
+        return overrides
+    return {**runtime.with_execution_settings(missing, {}), **overrides}
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Builds preset ``name`` with ``overrides`` (e.g. num_classes=10, num_iters=1, dtype='bfloat16')."""
+    """Builds preset ``name`` with ``overrides`` (e.g. num_classes=10, num_iters=1, dtype='bfloat16') and this
+    machine's execution settings for the execution fields that ``overrides`` leaves out."""
     builder, accepted, preset = _entry(name)
-    fields = dict(preset, **overrides)
+    fields = dict(preset, **with_machine_settings(accepted, overrides))
     unknown = sorted(set(fields) - accepted)
     if unknown:
         raise ModelConfigError(f"model {name!r} has no field {unknown[0]!r}; valid: {sorted(accepted)}")
@@ -117,12 +134,14 @@ def backbone_fields(name: str) -> frozenset[str]:
 def create_backbone(name: str, **overrides: Any) -> nn.Module:
     """The backbone module of preset ``name`` (the one its classifier builds as 'backbone', so the parameter
     trees match): the preset's fields plus ``overrides``, minus the classifier-only fields (num_classes,
-    head). Used by ``DenseModel(backbone=...)``; name it 'backbone' by passing it as that field."""
+    head), with this machine's execution settings as in ``create_model``. Used by ``DenseModel(backbone=...)``;
+    name it 'backbone' by passing it as that field."""
     builder, accepted, classifier_only, preset = _backbone_entry(name)
     for key in sorted(overrides):
         if key not in accepted:
             why = "is a classifier-only field" if key in classifier_only else "is not a field"
             raise ModelConfigError(f"backbone of {name!r}: {key!r} {why}; valid: {sorted(accepted)}")
+    overrides = with_machine_settings(accepted, overrides)
     fields = {k: v for k, v in dict(preset, **overrides).items() if k not in classifier_only}
     if isinstance(fields.get("dtype"), str):
         if fields["dtype"] not in _DTYPES:
