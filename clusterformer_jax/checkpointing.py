@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from clusterformer_jax.errors import ConfigError
+from clusterformer_jax.errors import ConfigError, one_line
 
 STATE = "state"
 DATA = "data"
@@ -47,13 +47,6 @@ class CheckpointWriteError(WorkdirWriteError):
 
 # Errors of the code rather than of the files: never a reason to move a checkpoint aside.
 _PROGRAMMING_ERRORS = (AttributeError, TypeError, NameError, ImportError, AssertionError)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    text = text if len(text) <= 300 else text[:297] + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -152,8 +145,9 @@ class Checkpointer:
         self._pending = None
         good = self.last_good_step()
         last = f"the last good checkpoint is step {good}" if good is not None else "there is no good checkpoint"
+        problem = one_line(error, with_type=True, max_chars=300)
         return CheckpointWriteError(
-            f"saving checkpoint step {step} in {self.directory} failed ({_one_line(error)}); {last} (a rerun "
+            f"saving checkpoint step {step} in {self.directory} failed ({problem}); {last} (a rerun "
             "resumes from it and removes the partial save): free space, fix permissions or quota there, then "
             "rerun the same command"
         )
@@ -178,7 +172,7 @@ class Checkpointer:
             except (CheckpointError, *_PROGRAMMING_ERRORS):
                 raise  # a readable checkpoint of another model, or a bug: nothing to move aside
             except Exception as e:  # pylint: disable=broad-except  # any read error: try the next older step
-                problem = _one_line(e)
+                problem = one_line(e, with_type=True, max_chars=300)
                 moved = self.move_aside(latest)
                 logging.error("Checkpoint step %d is unreadable (%s); moved to %s", latest, problem, moved)
                 problems.append(f"step {latest}: {problem}")
