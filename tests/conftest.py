@@ -19,6 +19,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest  # noqa: E402
 
+# The costliest files first (by the CPU time of their compiles and training subprocesses, measured one file
+# at a time): launch/test.sh schedules pytest-xdist work units (a file's xdist_group, or one test) in
+# collection order (--no-loadscope-reorder), so the long units start first and the many short ones fill in
+# behind them on whichever worker frees up; the two workers then finish within a short unit of each other.
+COSTLIEST_FIRST = (
+    "test_preemption.py",
+    "test_checkpoint_integrity.py",
+    "test_multihost.py",
+    "test_dense_trainer.py",
+    "test_trainer.py",
+    "test_remat.py",
+    "test_export.py",
+    "test_restore_mesh.py",
+    "test_visualize.py",
+    "test_decoder.py",
+    "test_models.py",
+    "test_groupmixformer.py",
+    "test_paca_vit.py",
+    "test_context_cluster.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Orders the collected tests by ``COSTLIEST_FIRST`` (a stable sort: the rest keep their order after)."""
+    rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+
 
 @pytest.fixture(scope="module")
 def persistent_compilation_cache(tmp_path_factory):
@@ -38,3 +65,66 @@ def persistent_compilation_cache(tmp_path_factory):
     jax.config.update("jax_compilation_cache_dir", previous[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
     compilation_cache.reset_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Session fixtures shared by the test files (one per pytest-xdist worker). What they return is read-only:
+# a test that changes a dataset or a workdir makes its own copy.
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> str:
+    """The prepared scikit-learn digits (TFDS layout), prepared once per worker."""
+    from clusterformer_jax.data import digits as digits_lib
+
+    data_dir = str(tmp_path_factory.mktemp("shared_digits"))
+    digits_lib.prepare_digits(data_dir)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+    """The prepared small synthetic shapes (48 train / 16 validation images), prepared once per worker."""
+    from clusterformer_jax.data import shapes as shapes_lib
+
+    data_dir = str(tmp_path_factory.mktemp("shared_shapes"))
+    shapes_lib.prepare_shapes(data_dir, "small")
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run_shared(tmp_path_factory, digits_dir):
+    """(data dir, compilation cache dir) for every ``tests.tiny_run`` subprocess of the session: the prepared
+    digits, and the run-wide XLA cache where launch/test.sh set one (else one for this worker)."""
+    from pathlib import Path
+
+    cache = os.environ.get("CF_TEST_XLA_CACHE") or str(tmp_path_factory.mktemp("tiny_run_xla_cache"))
+    return Path(digits_dir), Path(cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_run_shared, tmp_path_factory):
+    """One uninterrupted ``tests.tiny_run`` run (30 steps, checkpoints at 10/20/30) of one process with two CPU
+    devices (a 2-way data mesh), shared by the preemption, checkpoint-integrity and multi-host tests: the run
+    every interrupted, damaged or multi-process run must end bitwise equal to. Returns its workdir."""
+    from tests import tiny_run
+
+    workdir = tmp_path_factory.mktemp("tiny_reference")
+    code, out = tiny_run.run(tiny_run.args(workdir, *tiny_run_shared), JAX_NUM_CPU_DEVICES="2")
+    assert code == 0, out[-3000:]
+    assert tiny_run.steps(workdir) == [10, 20, 30]
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_reference_two_processes(tiny_run_shared, tmp_path_factory):
+    """The same run as ``tiny_reference`` by two processes of one CPU device each (jax.distributed on
+    127.0.0.1), uninterrupted. Returns its workdir."""
+    from tests import tiny_run
+
+    workdir = tmp_path_factory.mktemp("tiny_reference_two_processes")
+    procs = tiny_run.start_processes(tiny_run.args(workdir, *tiny_run_shared), 2)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert tiny_run.steps(workdir) == [10, 20, 30]
+    return workdir
