@@ -11,7 +11,7 @@ COCO RLE masks; semantic / panoptic the names of the PNGs written beside it), pl
 images (``predictions.json`` COCO results; ``panoptic.json``). Images go through the eval preprocessing in
 batches (the last one padded); a file that does not decode is skipped with one line naming it and counted.
 Without ``--images`` the run's eval split is drawn: each image's predictions beside its ground truth (PNG).
-The task's serving side (``task.serving``, serving/) writes and draws everything: no task names here.
+The task's serving side (``task.serving``, serving/) writes and draws everything: no task branches here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags

@@ -119,9 +119,9 @@ class InstanceServing:
 
     def record(self, row: Mapping[str, np.ndarray], out_dir: str, stem: str) -> dict[str, Any]:
         keep, boxes, masks = self._kept(row)
-        rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8))) if keep.size and (
-            masks is not None
-        ) else []  # fmt: skip
+        rles = []
+        if keep.size and masks is not None:
+            rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
         detections = []
         for i, k in enumerate(keep):
             c = int(row["classes"][k])
@@ -136,11 +136,12 @@ class InstanceServing:
     def finish(self, out_dir: str, records: list[dict[str, Any]]) -> None:
         """``predictions.json``: every kept detection in COCO results format (image_id, category_id, bbox, score,
         segmentation), readable by pycocotools' ``loadRes``."""
-        results = []
-        for record in records:
-            for d in record["detections"]:
-                entry = {"image_id": record["image_id"], "category_id": d["category_id"], "bbox": d["bbox"]}
-                results.append(entry | {"score": d["score"]} | ({"segmentation": d["segmentation"]} if "segmentation" in d else {}))  # fmt: skip
+        keys = ("category_id", "bbox", "score", "segmentation")
+        results = [
+            {"image_id": record["image_id"], **{k: d[k] for k in keys if k in d}}
+            for record in records
+            for d in record["detections"]
+        ]
         with open(os.path.join(out_dir, "predictions.json"), "w") as f:
             json.dump(results, f)
 

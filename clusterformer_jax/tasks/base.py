@@ -59,6 +59,12 @@ class Task(Protocol):
         """A fresh host-side evaluator for one pass over the eval split."""
         ...
 
+    def serving(self, config: Mapping[str, Any], dataset_info: Mapping[str, Any]) -> Any:
+        """The task's JAX-free serving side (serving/base.py): the SavedModel's in-graph preprocessing and
+        postprocessing to source pixels, and the prediction records and drawings, so that export and predict
+        never branch on the task."""
+        ...
+
     def summary(self, eval_metrics: Mapping[str, Any]) -> dict[str, float]:
         """The headline numbers for results.json (e.g. top1/top5/loss, or COCO bbox/segm AP)."""
         ...
