@@ -1,4 +1,5 @@
-"""SavedModel export (Orbax Export) and batch prediction: the quickstart classifier and a tiny instance run.
+"""SavedModel export (Orbax Export) and batch prediction: the quickstart classifier and a tiny instance run
+(tests/presets.py).
 
 Both runs carry random weights (tests/test_export.py's ``_trained_run``: a checkpoint as training leaves it),
 are exported once per module and loaded in one subprocess that keeps JAX out (``client.block_jax``).
@@ -21,13 +22,11 @@ from tensorflow.python.tools import saved_model_cli
 
 from clusterformer_jax import export, predict
 from clusterformer_jax.data import dense_pipeline, pipeline
-from clusterformer_jax.data import digits as digits_lib
-from clusterformer_jax.data import shapes as shapes_lib
 from clusterformer_jax.evaluation import coco
 from clusterformer_jax.serving import preprocess
 from clusterformer_jax.trainers import trainer
-from tests import REPO, load_config
-from tests.test_export import _tiny_dense_config, _trained_run
+from tests import REPO, presets
+from tests.test_export import _trained_run
 
 LOADER = r"""
 import json, sys
@@ -76,16 +75,13 @@ def _variables(state):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """Both runs, their SavedModels, the requests (3 PNGs each and their eval-pipeline inputs), the loader's
-    outputs, and the 360 digits test images as PNG files (plus one corrupt file)."""
+def served(tmp_path_factory, digits_dir, shapes_dir):
+    """Both runs (the shared tiny presets: the quickstart's clusterformer_nano, and ClusterFormer-nano behind a
+    cluster decoder), their SavedModels, the requests (3 PNGs each and their eval-pipeline inputs), the
+    loader's outputs, and the 360 digits test images as PNG files (plus one corrupt file)."""
     root = tmp_path_factory.mktemp("serving")
-    digits_lib.prepare_digits(str(root / "tfds"))
-    shapes_lib.prepare_shapes(str(root / "tfds"), "small")
-    cls_config = load_config("quickstart.py")
-    cls_config.model.name = "test_export_net"
-    cls_config.input.data_dir = str(root / "tfds")
-    inst_config = _tiny_dense_config("shapes_instance.py", str(root / "tfds"))
+    cls_config = presets.tiny_classification_config(digits_dir)
+    inst_config = presets.tiny_dense_config(shapes_dir)
     runs = {
         "classifier": (cls_config, pipeline.get_dataset_info(cls_config.input), pipeline._open_split),
         "instance": (inst_config, dense_pipeline.get_dataset_info(inst_config.input), dense_pipeline._open_split),
@@ -116,7 +112,7 @@ def served(tmp_path_factory):
     done = subprocess.run(
         [sys.executable, "-c", LOADER, json.dumps(exports), str(root / "outputs.npz"),
          f"--export={exports['classifier']}", f"--images={images_dir}", f"--out={root / 'predict_export'}",
-         "--batch_size=64"],
+         "--batch_size=3"],  # the shape the loader compiled
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0 and "no jax" in done.stdout, done.stderr[-3000:]
