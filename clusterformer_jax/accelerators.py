@@ -35,7 +35,17 @@ CHIPS: dict[str, Chip] = {
     # NVIDIA A100 (SXM, 80 GB) and H100 (SXM) datasheets, dense (no sparsity) bf16 tensor-core peaks.
     "a100": Chip("NVIDIA A100 80GB SXM", 80.0, 312.0, 2039.0),
     "h100": Chip("NVIDIA H100 SXM", 80.0, 989.0, 3350.0),
+    "h200": Chip("NVIDIA H200 SXM", 141.0, 989.0, 4800.0),
 }
+
+
+# jax's device_kind -> CHIPS key, for --topology=local.
+_DEVICE_KINDS = {"NVIDIA A100": "a100", "NVIDIA H100": "h100", "NVIDIA H200": "h200"}
+
+
+def chip_of(device_kind: str) -> str | None:
+    """The CHIPS key of a jax ``device_kind`` ('NVIDIA H100 80GB HBM3' -> 'h100'), or None."""
+    return next((key for prefix, key in _DEVICE_KINDS.items() if device_kind.startswith(prefix)), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +90,9 @@ def topology(name: str) -> Topology:
     return Topology(name, generation, f"{_PREFIX[generation]}:{grid}", config, per_host, chips)
 
 
-def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float:
-    """The step time if the chip ran at its peak on the binding resource: max(compute, memory traffic)."""
+def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float | None:
+    """The step time if the chip ran at its peak on the binding resource: max(compute, memory traffic); None
+    for a chip without published peaks (a host CPU)."""
+    if not chip.bf16_tflops or not chip.hbm_gbps:
+        return None
     return max(flops / (chip.bf16_tflops * 1e12), bytes_accessed / (chip.hbm_gbps * 1e9))

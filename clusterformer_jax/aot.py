@@ -12,6 +12,9 @@ total against the chip's HBM), its cost analysis (FLOPs and bytes accessed per s
 the chip's published bf16 peak and HBM bandwidth (``accelerators.py``), the compile time and the chip-hours
 of the config's schedule at that step time.
 
+``--topology=local`` compiles for this process's own devices instead (a GPU where one is attached: jax 0.10
+cannot compile for a GPU that is absent; or the CPU, whose figures are the host's).
+
 Exit codes: 0 fits; 1 does not fit (one line: GiB needed vs available); 2 bad flags or config. ``--max_batch``
 finds the largest per-chip batch whose train step fits (doubling, then bisection on compiles).
 
@@ -31,7 +34,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-if __name__ == "__main__":  # before the config files import jax: this host has no TPU to open
+if __name__ == "__main__" and "--topology=local" not in sys.argv:  # before the configs import jax: no TPU here
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several checks (or test workers) at a time
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -48,7 +51,9 @@ EXIT_USAGE = 2
 GIB = 1024**3
 
 _CONFIG = entry._CONFIG  # pylint: disable=protected-access
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e-8", f"TPU slice: {', '.join(accelerators.topology_names())}.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", "v5e-8", f"TPU slice ({', '.join(accelerators.topology_names())}) or 'local' (this process's devices)."
+)
 _PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", 0, "Train batch per chip (0: the config's batch_size).")
 _MAX_BATCH = flags.DEFINE_boolean("max_batch", False, "Also find the largest per-chip train batch that fits.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip to check against (0: the chip's published HBM).")
@@ -138,7 +143,7 @@ def compile_program(jitted: Any, args: Sequence[Any], hbm_gib: float) -> dict[st
 class CompileCheck:
     """One config on one slice: ``train(per_chip_batch)`` and ``predict()`` compile reports."""
 
-    def __init__(self, config: Any, topology: accelerators.Topology, hbm_gib: float | None = None):
+    def __init__(self, config: Any, topology: accelerators.Topology, chip: accelerators.Chip, hbm_gib: float):
         import jax
         from jax.experimental import topologies
 
@@ -146,19 +151,21 @@ class CompileCheck:
         from clusterformer_jax.tasks import registry as task_registry
 
         self.config, self.topology = config, topology
-        self.chip = accelerators.CHIPS[topology.chip]
-        self.hbm_gib = hbm_gib or self.chip.hbm_gib
-        self.devices = topologies.get_topology_desc(
-            platform="tpu",
-            topology_name=topology.topology_name,
-            chip_config_name=topology.chip_config_name,
-            chips_per_host_bounds=topology.chips_per_host_bounds,
-            num_slices=1,
-        ).devices
+        self.chip, self.hbm_gib = chip, hbm_gib
+        if topology.name == "local":  # this process's own devices (a lent GPU, or the CPU), its own settings
+            self.devices, self.machine = jax.devices(), None
+        else:
+            self.devices = topologies.get_topology_desc(
+                platform="tpu",
+                topology_name=topology.topology_name,
+                chip_config_name=topology.chip_config_name,
+                chips_per_host_bounds=topology.chips_per_host_bounds,
+                num_slices=1,
+            ).devices
+            self.machine = {"backend": "tpu", "num_devices": len(self.devices), "allocator": "none"}
         self.mesh = sharding.create_mesh(config.mesh, devices=self.devices)
         self.module = task_registry.input_module(config)
         self.dataset_info = self.module.offline_dataset_info(config.input)
-        self.machine = {"backend": "tpu", "num_devices": len(self.devices), "allocator": "none"}
         self._jax = jax
 
     def _setup(self, global_batch: int) -> Any:
@@ -192,8 +199,10 @@ class CompileCheck:
         batch = abstract_batch(self.module, setup.config, global_batch, setup.batch_sharding, eval_mode=False)
         report = compile_program(setup.train_step, (setup.abstract_with_shardings(), batch, acc), self.hbm_gib)
         report.update(per_chip_batch=per_chip_batch, global_batch=global_batch, total_steps=total_steps)
+        step_s = None
         if "tflop" in report:
             step_s = accelerators.roofline_seconds(report["tflop"] * 1e12, report["gb_accessed"] * 1e9, self.chip)
+        if step_s is not None:
             report["roofline_step_s"] = step_s
             report["schedule_chip_hours"] = step_s * total_steps * len(self.devices) / 3600
         return report
@@ -236,8 +245,24 @@ def _row(name: str, r: dict[str, Any], hbm: float) -> str:
 
 def run(config: Any, topology_name: str, per_chip_batch: int, hbm_gib: float, predict: bool, max_batch: bool):
     """The whole check; returns (report dict, exit code)."""
-    topology = accelerators.topology(topology_name)
-    check = CompileCheck(config, topology, hbm_gib or None)
+    if topology_name == "local":
+        import jax
+
+        kind = jax.devices()[0].device_kind
+        key = accelerators.chip_of(kind)
+        if key:
+            chip = accelerators.CHIPS[key]
+        else:  # the host CPU (its memory), or a device without published figures
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB if kind == "cpu" else 0.0
+            chip = accelerators.Chip(kind, hbm_gib or total, 0.0, 0.0)
+        topology = accelerators.Topology("local", key or kind, "", "", (1, 1, 1), jax.device_count())
+    else:
+        _use_libtpu()
+        topology = accelerators.topology(topology_name)
+        chip = accelerators.CHIPS[topology.chip]
+    if not (hbm_gib or chip.hbm_gib):
+        raise ValueError(f"no memory size known for device {chip.name!r}; pass --hbm_gib")
+    check = CompileCheck(config, topology, chip, hbm_gib or chip.hbm_gib)
     chips = len(check.devices)
     if not per_chip_batch:
         if config.batch_size % chips:
@@ -294,7 +319,6 @@ def _parse(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str]) -> None:
     del argv
     try:
-        _use_libtpu()
         report, code = run(
             _CONFIG.value, _TOPOLOGY.value, _PER_CHIP_BATCH.value, _HBM_GIB.value, _PREDICT.value, _MAX_BATCH.value
         )
