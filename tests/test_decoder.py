@@ -114,6 +114,7 @@ def test_decoder_config_from_dict():
         "mask_pooling",
         "mask_prior",
         "dropout",
+        "em_remat",
         "em_unroll",
         "pixel_blocks",
     }
