@@ -165,13 +165,8 @@ def depth_config(data_dir: str) -> ml_collections.ConfigDict:
     return config
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("shapes_depth"))
-
-
-def test_the_dataset_table_renders_a_new_per_pixel_map_aligned_with_the_labels(data_dir):
-    cfg = depth_config(data_dir).input
+def test_the_dataset_table_renders_a_new_per_pixel_map_aligned_with_the_labels(shapes_dir):
+    cfg = depth_config(shapes_dir).input
     batch = next(dense_pipeline.create_train_iterator(cfg, seed=0, global_batch_size=8))  # scale, crop, flip
     image, semantic, depth = batch["image_mask"], batch["semantic"], batch["depth"]
     assert depth.shape == (8, 64, 64) and depth.dtype == np.float32
@@ -181,9 +176,9 @@ def test_the_dataset_table_renders_a_new_per_pixel_map_aligned_with_the_labels(d
     assert dense_pipeline.example_spec(cfg, eval_mode=True)["depth"].shape == (64, 64)
 
 
-def test_a_task_defined_outside_the_package_trains_and_evaluates(data_dir, tmp_path):
+def test_a_task_defined_outside_the_package_trains_and_evaluates(shapes_dir, tmp_path):
     DepthEvaluator.HISTORY.clear()
-    result = trainer.train_and_evaluate(depth_config(data_dir), str(tmp_path / "run"))
+    result = trainer.train_and_evaluate(depth_config(shapes_dir), str(tmp_path / "run"))
 
     assert result["steps"] == STEPS and result["eval_num_examples"] == 16  # the small variant's validation split
     history = DepthEvaluator.HISTORY
