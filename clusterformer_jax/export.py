@@ -32,6 +32,10 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from clusterformer_jax.serving.inference import BATCH_DEPENDENT_FIELDS
+from clusterformer_jax.serving.inference import ReadsBeyondInputs as _ReadsBeyondInputs
+from clusterformer_jax.serving.inference import batch_from_inputs as _batch_from_inputs
+
 
 def define_flags() -> None:
     """The command line (defined only when run as a script, so the module imports beside main and predict)."""
@@ -49,7 +53,6 @@ PARAMS_DIR = "params"
 # trainers.trainer.DATASET_INFO_FILE, not imported from there: the trainer loads TensorFlow (CLU's writers).
 DATASET_INFO_FILE = "dataset_info.json"
 BATCH = "b"
-BATCH_DEPENDENT_FIELDS = ("group_chunk", "group_chunk_bytes")
 FORMATS = ("jax", "saved_model")
 
 LOADER = '''"""Runs an exported clusterformer_jax model with jax and numpy only.
@@ -123,30 +126,6 @@ def load_variables(workdir: str, setup: Any) -> tuple[dict[str, Any], int]:
     if "batch_stats" in restored:
         variables["batch_stats"] = restored["batch_stats"]
     return variables, step
-
-
-class _Names(dict):
-    """A stand-in batch whose every key reads as its own name (to see which batch keys feed which input)."""
-
-    def __missing__(self, key: str) -> str:
-        return key
-
-
-class _ReadsBeyondInputs(LookupError):
-    """``task.predict`` read a batch key the model's inputs do not provide (classification: the labels)."""
-
-
-class _InputsBatch(dict):
-    """The batch of the model's inputs; reading any other key raises `_ReadsBeyondInputs` (not KeyError, so a
-    KeyError from a bug inside ``predict`` is not mistaken for it)."""
-
-    def __missing__(self, key: str):
-        raise _ReadsBeyondInputs(key)
-
-
-def _batch_from_inputs(task: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-    """The batch that ``task.model_inputs`` maps onto ``inputs`` (e.g. 'pixel_mask' <- 'image_mask')."""
-    return _InputsBatch({source: inputs[name] for name, source in task.model_inputs(_Names()).items()})
 
 
 def inference_functions(setup: Any, variables: dict[str, Any]):

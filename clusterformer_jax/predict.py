@@ -143,7 +143,7 @@ class RunPredictor:
         import jax
 
         from clusterformer_jax import export, sharding
-        from clusterformer_jax.serving import saved_model
+        from clusterformer_jax.serving.inference import serving_apply
         from clusterformer_jax.trainers.restore import init_params_from
         from clusterformer_jax.trainers.setup import build
 
@@ -155,7 +155,7 @@ class RunPredictor:
         self.serving = self.setup.task.serving(self.config, self.dataset_info)
         self.serving.score_threshold = score_threshold
         self.transform = self.serving.preprocess.host_transform(self.config.input)
-        self._apply = jax.jit(saved_model.serving_apply(self.setup))
+        self._apply = jax.jit(serving_apply(self.setup))
 
     def outputs(self, inputs: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """Model inputs (numpy, batch-major) -> the task's named outputs (``meta`` overrides placement)."""

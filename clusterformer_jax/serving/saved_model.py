@@ -24,50 +24,6 @@ PREPROCESSED_SIGNATURE = "serving_preprocessed"
 BYTES_INPUT = "image_bytes"  # TF Serving's REST API base64-decodes inputs whose name ends in "_bytes"
 
 
-def serving_apply(setup: Any, per_example: bool = False):
-    """``apply(variables, inputs) -> outputs``: the model in evaluation mode and the task's fixed-shape
-    ``predict`` (or ``{'logits': ...}`` when ``predict`` needs labels), plus every input that is not a model
-    input (the image placement the postprocessing reads), passed through.
-
-    ``per_example``: a ``lax.map`` over the batch, each image at batch size 1, so only the loop's trip count
-    depends on the symbolic batch. TF 2.21 cannot refine the shapes inside the decompositions of CHLO ops
-    (``chlo.erf`` of the exact GELU, ``chlo.top_k``) when their operands carry the symbolic batch ("op has
-    dynamic shapes" at run time); with static shapes inside the loop it runs them."""
-    import jax
-    import jax.numpy as jnp
-
-    from clusterformer_jax import export
-
-    kwargs = dict(setup.model_kwargs)
-    for field in export.BATCH_DEPENDENT_FIELDS:  # one loop-free program for the symbolic batch
-        if field in kwargs:
-            kwargs[field] = None
-    task = setup.task
-    model = task.build_model(setup.config.model.name, kwargs)
-    reference = jax.tree.map(lambda a: a.dtype, setup.abstract_state.params)
-    model_keys = tuple(task.dummy_inputs(1))
-
-    def apply(variables, inputs):
-        params = jax.tree.map(lambda p, dtype: jnp.asarray(p).astype(dtype), variables["params"], reference)
-        full = {"params": params, **{k: v for k, v in variables.items() if k != "params"}}
-        model_inputs = {k: inputs[k] for k in model_keys}
-        outputs = model.apply(full, **model_inputs, train=False)
-        try:
-            predictions = dict(task.predict(outputs, export._batch_from_inputs(task, model_inputs)))
-        except export._ReadsBeyondInputs:
-            predictions = {"logits": outputs}
-        return predictions | {k: v for k, v in inputs.items() if k not in model_keys}
-
-    def one_by_one(variables, inputs):
-        def one(example):
-            out = apply(variables, jax.tree.map(lambda x: x[None], example))
-            return jax.tree.map(lambda x: x[0], out)
-
-        return jax.lax.map(one, inputs)
-
-    return one_by_one if per_example else apply
-
-
 # TF 2.21's XlaCallModule reads StableHLO up to 1.13.7; jax 0.10.2 writes its 4-week compatibility target
 # (1.15.0), whose composite ops (e.g. chlo.erf of the exact GELU) TF cannot read ("unregistered operation
 # 'vhlo.composite_v2'"). jax's 12-week target is 1.13.7 (https://openxla.org/stablehlo/compatibility).
@@ -118,6 +74,7 @@ def save(setup: Any, variables: Any, config: Any, dataset_info: Any, out: str, e
     from orbax.export import ExportManager, JaxModule, ServingConfig
 
     from clusterformer_jax.serving import preprocess
+    from clusterformer_jax.serving.inference import serving_apply
 
     serving = setup.task.serving(config, dataset_info)
     steps = serving.preprocess
