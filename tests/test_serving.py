@@ -206,3 +206,50 @@ def test_predict_images_reproduces_the_evaluator_top1_and_skips_a_corrupt_file(s
     assert "999_corrupt.png: not a readable image" in served["stderr"]
     exported = (served["root"] / "predict_export" / predict.RESULTS_FILE).read_text().splitlines()
     assert [json.loads(line)["top_k"][0]["class"] for line in exported] == top1.tolist()
+
+
+def test_dense_postprocessing_matches_the_evaluators_at_other_image_sizes(tmp_path):
+    """The TF mapping back to source pixels against the evaluators' numpy (evaluation/coco.py, semantic.py) for
+    images that the eval transform shrank or grew (the shapes runs above keep their 64 px); no model needed."""
+    import tensorflow as tf
+
+    from clusterformer_jax.evaluation.semantic import map_prediction
+    from clusterformer_jax.serving import instances, segmentation
+
+    canvas, rng = 64, np.random.default_rng(4)
+    steps = preprocess.DensePreprocess(canvas, 48, 64, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    sizes = np.asarray([[50, 70], [90, 37]], np.int32)
+    scale64 = [min(48 / min(h, w), 64 / max(h, w), canvas / h, canvas / w) for h, w in sizes]
+    scale = np.asarray([np.floor(s * hw + 0.5) / hw for s, hw in zip(scale64, sizes)], np.float32)
+    meta = {"orig_size": sizes, "scale": scale, "image_mask": np.zeros((2, canvas, canvas), bool)}
+    grid = rng.integers(0, 256, (2, 5, 16, 16)).astype(np.uint8)
+    outputs = {"boxes": rng.uniform(0, 64, (2, 5, 4)).astype(np.float32), "scores": rng.random((2, 5), np.float32),
+               "labels": rng.integers(0, 3, (2, 5)).astype(np.int32), "masks": grid,
+               "semantic_logits": rng.normal(size=(2, 16, 16, 4)).astype(np.float32),
+               "panoptic": rng.integers(0, 4, (2, 32, 32)).astype(np.int32),
+               "segment_classes": np.asarray([[0, 2, -1], [1, 1, 3]], np.int32),
+               "segment_scores": rng.random((2, 3), np.float32)} | meta  # fmt: skip
+    feed = {k: tf.constant(v) for k, v in outputs.items() if k != "image_mask"}
+    names = ["a", "b", "c", "d"]
+    inst = instances.InstanceServing(names[:3], [1, 2, 3], steps.constants(), True, 0.5, "head", 0.0)
+    sem = segmentation.SemanticServing(names, steps.constants())
+    pan = segmentation.PanopticServing(names, [1, 2, 3, 4], [True, True, False, False], steps.constants())
+    got = {k: v.numpy() for s in (inst, sem, pan) for k, v in s.postprocess(feed).items()}
+    for r, (h, w) in enumerate(sizes):
+        assert got["masks"].shape[2:] == (90, 70) and not got["masks"][r, :, h:].any()
+        want = coco.masks_to_source(grid[r], (h, w), scale[r]) >= 0.5
+        assert (got["masks"][r][:, :h, :w] == want).mean() >= 0.999 and want.any()
+        boxes = np.clip(outputs["boxes"][r] / np.tile(scale[r], 2), 0, np.tile([h, w], 2))
+        np.testing.assert_allclose(got["boxes"][r], boxes, rtol=1e-6, atol=1e-4)
+        logits = map_prediction(outputs["semantic_logits"][r], meta, r, (h, w), True, bilinear=True)
+        assert (got["semantic"][r][:h, :w] == np.argmax(logits, -1)).mean() >= 0.999
+        assert (got["semantic"][r][h:] == segmentation.IGNORE).all()
+        ids = map_prediction(outputs["panoptic"][r], meta, r, (h, w), True)
+        np.testing.assert_array_equal(got["panoptic"][r][:h, :w], ids)
+    row = {k: got[k][1] for k in ("panoptic", "segment_classes", "segment_scores", "image_size")}
+    record = pan.record(row, str(tmp_path), "000002")
+    with Image.open(tmp_path / record["panoptic_png"]) as png:
+        assert png.size == (37, 90)
+    ids = got["panoptic"][1][:90, :37]
+    assert [s["id"] for s in record["segments_info"]] == [k for k in (1, 2, 3) if (ids == k).any()]
+    assert {s["name"] for s in record["segments_info"]} <= {"b", "d"}
