@@ -60,16 +60,22 @@ def image_files(spec: str) -> list[str]:
     return files
 
 
-def read_image(path: str) -> tuple[bytes, Any]:
-    """(file bytes, uint8 RGB array); raises OSError / ValueError for a file Pillow cannot decode."""
+def read_image_bytes(data: bytes) -> Any:
+    """Encoded image -> uint8 RGB array, as the trainer reads files (Pillow, ``convert('RGB')``); raises
+    OSError / ValueError for bytes Pillow cannot decode."""
     import numpy as np
     from PIL import Image
 
-    with open(path, "rb") as f:
-        data = f.read()
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        return data, np.asarray(image.convert("RGB"))
+        return np.asarray(image.convert("RGB"))
+
+
+def read_image(path: str) -> tuple[bytes, Any]:
+    """(file bytes, uint8 RGB array); raises OSError / ValueError for a file Pillow cannot decode."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return data, read_image_bytes(data)
 
 
 def _progress(done: int, total: int, start: float) -> None:

@@ -2,8 +2,8 @@
 
 Each class holds the constants of one eval transform (``from_transform`` reads them off the trainer's
 transform object) and builds, in TF: decode (JPEG/PNG/GIF/BMP bytes -> uint8 RGB), resize, crop or pad to the
-model's canvas, normalise. The resize reproduces Pillow's ``Image.resize`` (Pillow ``libImaging/Resample.c``:
-separable passes, horizontal first, each rounded to uint8, coefficients in 22-bit fixed point, antialiased
+model's canvas, normalise. The resize reproduces Pillow 13's ``Image.resize`` (``libImaging/Resample.c``:
+separable passes, each rounded to uint8, in Pillow's order; coefficients in 22-bit fixed point; antialiased
 when shrinking) so the SavedModel sees the pixels the trainer's eval pipeline sees. JPEGs are decoded with
 libjpeg's accurate integer DCT, as Pillow does; decoders may still differ by one level on some pixels.
 
@@ -72,19 +72,11 @@ def pil_resize(image: tf.Tensor, out_h: tf.Tensor, out_w: tf.Tensor, method: str
     def vertical_first():
         return _round_fixed(tf.einsum("ywc,xw->yxc", _round_fixed(tf.einsum("hwc,yh->ywc", pixels, wy)), wx))
 
-    # Pillow <= 12 (Resample.c) always runs the horizontal pass first; Pillow 13 picks the order, which this
-    # matches on 141 of 148 random shapes (upscaling both ways: horizontal first; otherwise the cheaper
-    # order by taps x output pixels); a mismatched order moves a few pixels by one or two levels.
-    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
-    oh, ow = tf.cast(out_h, tf.float64), tf.cast(out_w, tf.float64)
-
-    def taps(n, o):
-        return tf.math.ceil(_SUPPORT[method] * tf.maximum(n / o, 1.0)) * 2.0 + 1.0
-
-    first_h = h * ow * taps(w, ow) + oh * ow * taps(h, oh)
-    first_v = oh * w * taps(h, oh) + oh * ow * taps(w, ow)
-    smaller = ((h <= oh) & (w <= ow)) | (first_h <= first_v)
-    return tf.cast(tf.cond(smaller, horizontal_first, vertical_first), tf.uint8)
+    # Pillow 13 (libImaging/Resample.c, ImagingResampleInner) runs the vertical pass first when the height
+    # shrinks by more than twice as many pixels as the width; before 13 it always ran the horizontal one first.
+    shrink_h, shrink_w = shape[0] - out_h, shape[1] - out_w
+    horizontal = tf.logical_not((shrink_h > 0) & (shrink_h > shrink_w * 2))
+    return tf.cast(tf.cond(horizontal, horizontal_first, vertical_first), tf.uint8)
 
 
 def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
