@@ -3,8 +3,6 @@ table that the entry point validates ``config.task`` against."""
 
 import ast
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -15,6 +13,7 @@ import pytest
 from clusterformer_jax.tasks import classification as cls
 from clusterformer_jax.tasks import registry
 from clusterformer_jax.errors import ConfigError
+from tests import entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 # Modules below the trainer in the import graph (directories or files).
@@ -125,22 +124,12 @@ def test_unknown_task_is_a_config_error():
 
 
 def test_entry_point_checks_the_task_against_the_task_table(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clusterformer_jax.main",
-            "--config=configs/quickstart.py",
-            "--config.task=segmentation",
-            f"--workdir={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    """Through the entry point's own parsing and checks, in this process (tests/entry_point.py)."""
+    code, stderr = entry_point.run_main(
+        [f"--config={REPO / 'configs' / 'quickstart.py'}", "--config.task=segmentation", f"--workdir={tmp_path}"]
     )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    assert code == 2
+    assert stderr.strip().splitlines() == [
         f"error: unknown config.task 'segmentation'; available: {', '.join(sorted(registry.TASKS))}"
     ]
 
