@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,20 +31,20 @@ from clusterformer_jax.models import registry
 from clusterformer_jax.trainers import trainer
 from clusterformer_jax.trainers.restore import init_params_from, restore_or_init
 from clusterformer_jax.trainers.setup import build
-from tests import load_config
+from tests import presets
 
 # one worker runs this file: its module fixtures are built once
 pytestmark = [pytest.mark.xdist_group("dense_trainer"), pytest.mark.usefixtures("persistent_compilation_cache")]
 
 REPO = Path(__file__).resolve().parents[1]
-NUM_STEPS = 6  # the whole run's length; the sharding test takes the first 5 of its batches
-BATCH = 8
+NUM_STEPS = presets.DENSE_STEPS  # the whole run's length; the sharding test takes the first 5 of its batches
+BATCH = presets.DENSE_BATCH
 SEGM_KEYS = tuple(f"{t}_{s}" for t in ("bbox", "segm") for s in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("shapes_data"))
+def data_dir(shapes_dir):
+    return shapes_dir  # the session's prepared small shapes (tests/conftest.py)
 
 
 def _tree_pairs(a, b):
@@ -63,40 +62,13 @@ def _tree_pairs_with_paths(a, b):
 
 
 def _config(data_dir: str):
-    """A tiny ClusterFormer-nano instance segmenter on the 64 px shapes (stage maps 16/8/4/2).
+    """The shared tiny dense preset (tests/presets.py): a ClusterFormer-nano instance segmenter on the 64 px
+    shapes, on the 2x4 data x fsdp mesh.
 
-    The sharding test builds exactly the program the whole run compiles on the 2x4 data x fsdp mesh (same
-    config, total_steps and steps_per_epoch), so the persistent compilation cache serves it to the run.
+    The sharding test builds exactly the program the whole run compiles on that mesh (same config,
+    total_steps and steps_per_epoch), so the persistent compilation cache serves it to the run.
     """
-    config = load_config("shapes_instance.py", "clusterformer")
-    config.input.data_dir = data_dir
-    config.input.shapes_variant = "small"  # 48 train / 16 validation images
-    config.input.train_crop_size = 64
-    config.input.eval_pad_size = 64
-    config.input.eval_short_side = 64
-    config.input.eval_max_size = 64
-    config.input.max_instances = 4
-    config.model.decoder.update(dim=32, num_queries=8, num_layers=2, layer_strides=(32, 16), num_heads=2, ffn_dim=64)
-    config.detection.num_points = 256
-    config.batch_size = BATCH
-    config.num_train_steps = NUM_STEPS
-    config.log_every_steps = 3
-    config.eval_every_steps = 3  # one eval mid-run, one at the end
-    config.checkpoint.every_steps = NUM_STEPS
-    config.sharding.fsdp_min_size = 1024  # splits the decoder's 32x32 kernels over fsdp=4
-    config.mesh = ml_collections.ConfigDict({"data": 2, "fsdp": 4})  # data parallel and FSDP at once
-    config.optim.warmup_steps = 0  # the full learning rate from the first step
-    # Adam's step is lr * g / (|g| + eps): for a gradient that is pure roundoff or near eps (e.g. a bias
-    # right before a normalisation), summation-order noise of ~1e-8 between meshes would move the parameter
-    # by ~lr * 1e-8 / eps. eps = 1e-4 keeps that far below the tolerances.
-    config.optim.eps = 1e-4
-    # Two discrete choices would turn last-bit differences between meshes into different losses: the most
-    # uncertain mask points (a top-k over |logit|) and the box of each mask (logit > 0). Uniform points and
-    # boxes refined from the previous layer keep every step a continuous function of the parameters, so the
-    # meshes can be compared at 1e-5; both choices have their own value tests.
-    config.detection.importance_ratio = 0.0
-    config.model.decoder.box_reference = "previous"
-    return config
+    return presets.tiny_dense_config(data_dir)
 
 
 def _build(config, mesh):

@@ -17,7 +17,7 @@ from clusterformer_jax.models import registry
 from clusterformer_jax.models.context_cluster import stage_sizes
 from clusterformer_jax.trainers.setup import build
 from clusterformer_jax.trainers.trainer import DATASET_INFO_FILE, _jsonable
-from tests import load_config
+from tests import presets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,17 +90,13 @@ def test_visualize_writes_a_strip(tmp_path, nano):
 
 
 @pytest.fixture(scope="module")
-def dense_run(tmp_path_factory, persistent_compilation_cache):
+def dense_run(tmp_path_factory, shapes_dir, persistent_compilation_cache):
     """A tiny instance-segmentation workdir as the trainer leaves one (config.json, dataset_info.json, a
     checkpoint), its checkpoint the fresh init: the maps need the run's model and weights, not training.
-    ClusterFormer nano on the 64 px small shapes; decoder: 2 layers (strides 32, 16), 4 queries, 2 heads."""
+    The shared tiny dense preset (tests/presets.py: ClusterFormer nano on the 64 px small shapes; decoder: 2
+    layers (strides 32, 16), 8 queries, 2 heads), whose one-device init ``predict`` compiles too."""
     workdir = tmp_path_factory.mktemp("dense_run")
-    config = load_config("shapes_instance.py", "clusterformer")
-    config.input.data_dir = str(tmp_path_factory.mktemp("shapes_data"))
-    config.input.shapes_variant = "small"
-    for key in ("train_crop_size", "eval_pad_size", "eval_short_side", "eval_max_size"):
-        config.input[key] = 64
-    config.model.decoder.update(dim=16, num_queries=4, num_layers=2, layer_strides=(32, 16), num_heads=2, ffn_dim=16)
+    config = presets.tiny_dense_config(shapes_dir)
     info = dense_pipeline.get_dataset_info(config.input)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     (workdir / DATASET_INFO_FILE).write_text(json.dumps(dict(info), default=_jsonable))
@@ -121,11 +117,11 @@ def test_decoder_maps_are_the_argmax_of_each_layers_sown_assignment(dense_run):
     for layer, (h, w) in ((0, (2, 2)), (1, (4, 4))):  # strides 32 and 16 of 64 px
         assignment = found[layer]
         assert visualize.decoder_grid(model, layer, size) == (h, w)
-        assert assignment.shape == (3, 1, 2, 4, h * w)  # T=3 EM steps, 1 image, 2 heads, 4 queries, pixels
+        assert assignment.shape == (3, 1, 2, 8, h * w)  # T=3 EM steps, 1 image, 2 heads, 8 queries, pixels
         np.testing.assert_allclose(assignment.sum(axis=3), 1.0, rtol=1e-5)  # E-step softmax over the queries
         labels, centers = visualize.decoder_maps(assignment, (h, w), head=1)
-        assert labels.shape == (3, h, w) and centers.shape == (3, 4, 2)
-        assert labels.min() >= 0 and labels.max() < 4  # every pixel holds a query
+        assert labels.shape == (3, h, w) and centers.shape == (3, 8, 2)
+        assert labels.min() >= 0 and labels.max() < 8  # every pixel holds a query
         np.testing.assert_array_equal(labels, assignment[:, 0, 1].argmax(axis=1).reshape(3, h, w))
     assert not np.array_equal(found[1][0].argmax(2), found[1][2].argmax(2))  # the EM steps move the clusters
 
