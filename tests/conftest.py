@@ -20,30 +20,43 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 
 # The costliest files first (by the CPU time of their compiles and training subprocesses, measured one file
-# at a time): launch/test.sh schedules pytest-xdist work units (a file's xdist_group, or one test) in
-# collection order (--no-loadscope-reorder), so the long units start first and the many short ones fill in
-# behind them on whichever worker frees up; the two workers then finish within a short unit of each other.
+# at a time): launch/test.sh schedules pytest-xdist work units (an xdist_group, or one test) in collection
+# order (--no-loadscope-reorder), so the long units start first and the many short ones fill in behind them
+# on whichever worker frees up; the two workers then finish within a short unit of each other.
 COSTLIEST_FIRST = (
-    "test_preemption.py",
+    "test_preemption.py",  # with test_checkpoint_integrity's and test_multihost's runs: group 'tiny_run'
     "test_checkpoint_integrity.py",
     "test_multihost.py",
-    "test_dense_trainer.py",
-    "test_trainer.py",
     "test_remat.py",
+    "test_trainer.py",
+    "test_dense_trainer.py",
     "test_export.py",
-    "test_restore_mesh.py",
-    "test_visualize.py",
-    "test_decoder.py",
+    "test_serving.py",
+    "test_open_seam.py",
     "test_models.py",
+    "test_visualize.py",
+    "test_workdir.py",
+    "test_memory_options.py",
     "test_groupmixformer.py",
+    "test_decoder.py",
+    "test_benchmarks.py",
     "test_paca_vit.py",
-    "test_context_cluster.py",
+    "test_restore_mesh.py",
 )
+# Files whose module fixtures compile (a model init, a workdir): one worker runs each (an xdist_group named
+# after the file, unless its tests name a group of their own), so the fixture is built once.
+ONE_WORKER = ("test_visualize.py", "test_serving.py", "test_workdir.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    """Orders the collected tests by ``COSTLIEST_FIRST`` (a stable sort: the rest keep their order after)."""
+    """Groups the ``ONE_WORKER`` files and orders the tests by ``COSTLIEST_FIRST`` (a stable sort: the rest
+    keep their order after)."""
     rank = {name: i for i, name in enumerate(COSTLIEST_FIRST)}
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        if name in ONE_WORKER and not any(item.iter_markers("xdist_group")):
+            item.add_marker(pytest.mark.xdist_group(name.removesuffix(".py")))
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
 
 

@@ -7,8 +7,6 @@ compile the nano model once.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from clusterformer_jax.trainers import trainer
 from clusterformer_jax.trainers.progress import StepClock
 from clusterformer_jax.trainers.restore import init_params_from
 from clusterformer_jax.trainers.setup import build
-from tests import load_config, presets
+from tests import entry_point, load_config, presets
 
 # one worker runs this file: its module fixtures are built once
 pytestmark = [pytest.mark.xdist_group("trainer"), pytest.mark.usefixtures("persistent_compilation_cache")]
@@ -409,24 +407,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     ],
 )
 def test_bad_config_override_is_one_line_error(tmp_path, override, key):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clusterformer_jax.main",
-            "--config=configs/quickstart.py",
-            override,
-            f"--workdir={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    """Through the entry point's own parsing and checks, in this process (tests/entry_point.py; test_errors
+    runs the one real ``python -m clusterformer_jax.main``)."""
+    code, stderr = entry_point.run_main(
+        [f"--config={REPO / 'configs' / 'quickstart.py'}", override, f"--workdir={tmp_path}"]
     )
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
+    assert code != 0
+    lines = stderr.strip().splitlines()
     assert lines and key in lines[-1]
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
 
 
 def test_imagenet_configs_follow_the_recipes():
