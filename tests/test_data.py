@@ -34,11 +34,7 @@ def _take(it, n: int) -> list[dict[str, np.ndarray]]:
     return [next(it) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> str:
-    data_dir = str(tmp_path_factory.mktemp("tfds_digits"))
-    digits_lib.prepare_digits(data_dir)
-    return data_dir
+# digits_dir: the session's prepared digits (tests/conftest.py), read-only here
 
 
 @pytest.fixture(scope="module")
