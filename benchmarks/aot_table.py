@@ -5,9 +5,8 @@ for every recipe under configs/ and prints the markdown table of benchmarks/RESU
 
 Each row is one ``python -m clusterformer_jax.aot`` process (train step only, at the recipe's global batch
 split over the slice's chips); its JSON lands in --out and a rerun skips rows whose JSON exists, so the table
-can be filled over several sessions. The largest per-chip batch that fits is estimated from two compiles
-(memory is affine in the batch: the compiler reports what a step needs even when it does not fit), then
-checked by compiling it and the next larger batch.
+can be filled over several sessions. ``--max_batch`` adds the largest per-chip batch that fits (aot.py's
+affine fit of two compiles, checked at the boundary: 3-5 compiles a row).
 """
 
 from __future__ import annotations
@@ -41,38 +40,18 @@ RECIPES = (
 )
 
 
-def compile_check(config: str, topology: str, per_chip_batch: int, out: str, extra: list[str]) -> dict:
-    """One aot process; its JSON report (``train`` has 'fits', 'total_gib', ...)."""
-    path = os.path.join(out, f"{config.replace('/', '_').replace(':', '-')}_{topology}_{per_chip_batch}.json")
+def compile_check(config: str, topology: str, out: str, max_batch: bool, extra: list[str]) -> dict:
+    """One aot process (train step at the recipe's batch, optionally --max_batch); its JSON report."""
+    path = os.path.join(out, f"{config.replace('/', '_').replace(':', '-')}_{topology}.json")
     if not os.path.exists(path):
         command = [sys.executable, "-m", "clusterformer_jax.aot", f"--config={config}", f"--topology={topology}"]
-        command += [f"--per_chip_batch={per_chip_batch}", "--predict=false", f"--json={path}", *extra]
+        command += ["--predict=false", f"--max_batch={max_batch}", f"--json={path}", *extra]
         result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         if result.returncode not in (0, 1) or not os.path.exists(path):
             tail = [line for line in result.stderr.splitlines() if line.startswith("error")] or ["(no error line)"]
-            raise RuntimeError(f"{config} on {topology}: exit {result.returncode}: {tail[-1]}")
+            raise RuntimeError(f"exit {result.returncode}: {tail[-1]}")
     with open(path) as f:
         return json.load(f)
-
-
-def max_batch(config: str, topology: str, first: dict, out: str, extra: list[str]) -> tuple[int, list[int]]:
-    """The largest per-chip batch that fits, from the affine fit of two compiles, checked by compiling it
-    and the next one; also the batches compiled."""
-    b1 = first["train"]["per_chip_batch"]
-    b2 = max(1, b1 // 2) if b1 > 1 else 2
-    second = compile_check(config, topology, b2, out, extra)
-    (x1, y1), (x2, y2) = ((r["train"]["per_chip_batch"], r["train"]["total_gib"]) for r in (first, second))
-    per_image = (y1 - y2) / (x1 - x2)
-    guess = max(0, int((first["hbm_gib"] - (y1 - per_image * x1)) // per_image))
-    tried = [b1, b2]
-    while guess > 0 and not compile_check(config, topology, guess, out, extra)["train"]["fits"]:
-        tried.append(guess)
-        guess -= 1
-    tried.append(guess)
-    while compile_check(config, topology, guess + 1, out, extra)["train"]["fits"]:
-        tried.append(guess + 1)
-        guess += 1
-    return guess, tried
 
 
 def main() -> None:
@@ -94,17 +73,18 @@ def main() -> None:
             continue
         for topology in args.topologies.split(","):
             try:
-                report = compile_check(config, topology, 0, args.out, args.extra)
+                report = compile_check(config, topology, args.out, args.max_batch, args.extra)
             except RuntimeError as e:
                 print(f"| {label} | {topology} | error: {e} |")
                 continue
             t = report["train"]
-            best = max_batch(config, topology, report, args.out, args.extra)[0] if args.max_batch else "-"
+            needed = f"{t['total_gib']:.2f}" if t.get("total_gib") else "?"
             flops = f"{t['tflop']:.2f}" if "tflop" in t else "-"
             step = f"{t['roofline_step_s'] * 1e3:.0f}" if "roofline_step_s" in t else "-"
             print(
-                f"| {label} | {topology} | {t['per_chip_batch']} ({t['global_batch']}) | {t['total_gib']:.2f} "
-                f"| {'yes' if t['fits'] else 'no'} | {best} | {flops} | {step} | {t['compile_s']:.0f} |",
+                f"| {label} | {topology} | {t['per_chip_batch']} ({t['global_batch']}) | {needed} "
+                f"| {'yes' if t['fits'] else 'no'} | {report.get('max_per_chip_batch', '-')} | {flops} | {step} "
+                f"| {t['compile_s']:.0f} |",
                 flush=True,
             )
 

@@ -16,7 +16,8 @@ of the config's schedule at that step time.
 cannot compile for a GPU that is absent; or the CPU, whose figures are the host's).
 
 Exit codes: 0 fits; 1 does not fit (one line: GiB needed vs available); 2 bad flags or config. ``--max_batch``
-finds the largest per-chip batch whose train step fits (doubling, then bisection on compiles).
+finds the largest per-chip batch whose train step fits (an affine fit of two compiles, then checked by
+compiling the boundary).
 
 libtpu is not a dependency of training: ``launch/aot.sh`` installs it into ``.venv/libtpu_aot`` (or
 ``$CLUSTERFORMER_LIBTPU_DIR``), and only this module puts that folder on ``sys.path``, with
@@ -216,16 +217,33 @@ class CompileCheck:
         report.update(per_chip_batch=eval_batch // len(self.devices), global_batch=eval_batch)
         return report
 
-    def max_batch(self, limit: int = 4096) -> int:
-        """The largest per-chip train batch that fits (0: not even one image): doubling, then bisection."""
-        fits = lambda b: self.train(b)["fits"]  # noqa: E731
-        low, high = 0, 1
-        while high <= limit and fits(high):
-            low, high = high, high * 2
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid)
-        return low
+    def max_batch(self, first: dict[str, Any]) -> tuple[int, list[int]]:
+        """The largest per-chip train batch that fits (0: not even one image) and the batches compiled.
+
+        A step's memory is affine in the batch (the compiler reports what a step needs even when it does not
+        fit), so a second compile beside ``first`` (the train report at some batch) gives the line; its
+        prediction is then checked by compiling it and its neighbour, stepping by one until the boundary
+        is found (each compile of a paper-size model takes minutes, so a plain bisection would take hours)."""
+        cache: dict[int, dict[str, Any]] = {first["per_chip_batch"]: first}
+
+        def report(batch: int) -> dict[str, Any]:
+            if batch not in cache:
+                cache[batch] = self.train(batch)
+            return cache[batch]
+
+        b1 = first["per_chip_batch"]
+        b2 = b1 // 2 if b1 > 1 else 2
+        (x1, y1), (x2, y2) = ((b, report(b)["total_gib"]) for b in (b1, b2))
+        if y1 is None or y2 is None or y1 == y2:
+            guess = b1 if first["fits"] else 1
+        else:
+            per_image = (y1 - y2) / (x1 - x2)
+            guess = max(1, int((self.hbm_gib - (y1 - per_image * x1)) // per_image))
+        while guess > 0 and not report(guess)["fits"]:
+            guess -= 1
+        while guess > 0 and report(guess + 1)["fits"]:
+            guess += 1
+        return guess, sorted(cache)
 
 
 def _row(name: str, r: dict[str, Any], hbm: float) -> str:
@@ -284,7 +302,7 @@ def run(config: Any, topology_name: str, per_chip_batch: int, hbm_gib: float, pr
         report["predict"] = check.predict()
         print(_row("predict", report["predict"], check.hbm_gib))
     if max_batch:
-        report["max_per_chip_batch"] = check.max_batch()
+        report["max_per_chip_batch"], report["max_batch_compiled"] = check.max_batch(report["train"])
         print(f"largest per-chip train batch that fits: {report['max_per_chip_batch']}")
     failed = [k for k in ("train", "predict") if k in report and not report[k]["fits"]]
     if failed:
