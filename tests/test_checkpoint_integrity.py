@@ -124,18 +124,15 @@ def test_checkpoint_of_another_model_is_reported_and_kept(saved):
 
 
 @pytest.mark.slow
-def test_run_with_truncated_latest_checkpoint_falls_back_and_finishes(tmp_path_factory):
+@pytest.mark.xdist_group("tiny_run")  # beside the other users of the session's reference run
+def test_run_with_truncated_latest_checkpoint_falls_back_and_finishes(tiny_reference, tiny_run_shared, tmp_path):
     """A whole run: its step-30 checkpoint truncated, the rerun restores 20, trains to 30 and ends bitwise
-    where the undamaged run ended."""
-    root = tmp_path_factory.mktemp("integrity")
-    shared = (root / "tfds", root / "xla_cache")
-    reference = root / "reference"
-    code, out = tiny_run.run(tiny_run.args(reference, *shared))
-    assert code == 0, out[-3000:]
-    workdir = root / "damaged"
+    where the undamaged run ended (the session's reference run, tests/conftest.py: one process, two devices)."""
+    reference, shared = tiny_reference, tiny_run_shared
+    workdir = tmp_path / "damaged"
     shutil.copytree(reference / "checkpoints", workdir / "checkpoints")
     _truncate_array_file(workdir / "checkpoints" / "30")
-    code, out = tiny_run.run(tiny_run.args(workdir, *shared))
+    code, out = tiny_run.run(tiny_run.args(workdir, *shared), JAX_NUM_CPU_DEVICES="2")
     assert code == 0, out[-3000:]
     assert "Checkpoint step 30 is unreadable (" in out
     assert "Train state from workdir checkpoint (step 20)" in out

@@ -23,8 +23,6 @@ from clusterformer_jax.data import pipeline
 from clusterformer_jax.data import shapes as shapes_lib
 from tests import tiny_run
 
-STEPS = 6
-
 
 def _global_batches(create, cfg, process_count: int, num_batches: int, global_batch: int) -> list[dict]:
     """The first global batches as P processes read them, local batches concatenated in process order."""
@@ -81,26 +79,21 @@ def test_local_rows_replace_unreadable_elements_alike_for_every_process_count():
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    """2 processes x 1 device vs 1 process x 2 devices: same mesh, same global batches, 6 steps + final eval.
+@pytest.mark.xdist_group("tiny_run")  # beside the other users of the session's reference runs
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_reference, tiny_reference_two_processes):
+    """2 processes x 1 device vs 1 process x 2 devices: same mesh, same global batches, 30 steps + final eval
+    (the session's two uninterrupted reference runs, tests/conftest.py; test_preemption resumes against them).
 
     Bitwise equal: the programs are the same and the only cross-device reduction (the gradient and metric
     all-reduce over the 2-device data axis, through the cross-process CPU collectives in one run and
     in-process in the other) adds two partial sums, which is commutative. With more devices on a reduced
     axis the reduction order could differ between the two and change the last bits.
     """
-    data_dir, cache_dir = tmp_path / "tfds", tmp_path / "xla_cache"
-    extra = (f"--config.num_train_steps={STEPS}", f"--config.checkpoint.every_steps={STEPS}")
-    single, multi = tmp_path / "one_process", tmp_path / "two_processes"
-    code, out = tiny_run.run(tiny_run.args(single, data_dir, cache_dir, *extra), JAX_NUM_CPU_DEVICES="2")
-    assert code == 0, out[-3000:]
-    procs = tiny_run.start_processes(tiny_run.args(multi, data_dir, cache_dir, *extra), 2)
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-
+    single, multi = tiny_reference, tiny_reference_two_processes
+    steps = tiny_run.TOTAL_STEPS
     losses = [[v for _, v in plot.read_scalars(str(w))["train_loss"]] for w in (multi, single)]
-    assert len(losses[0]) == STEPS and losses[0] == losses[1]
-    tiny_run.assert_states_equal(tiny_run.stored_state(multi, STEPS), tiny_run.stored_state(single, STEPS))
+    assert len(losses[0]) == steps and losses[0] == losses[1]
+    tiny_run.assert_states_equal(tiny_run.stored_state(multi, steps), tiny_run.stored_state(single, steps))
     results = [json.loads((w / "results.json").read_text()) for w in (multi, single)]
     assert results[0]["mesh"] == results[1]["mesh"] == {"data": 2, "fsdp": 1}
     assert results[0]["eval_num_examples"] == results[1]["eval_num_examples"] == 360  # gathered over processes

@@ -13,23 +13,21 @@ import pytest
 from clusterformer_jax import preemption
 from tests import tiny_run
 
-pytestmark = pytest.mark.xdist_group("preemption")
+# one worker runs the tiny-run tests of this file, test_checkpoint_integrity and test_multihost: they share
+# the session's reference runs (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("tiny_run")
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """(data dir, compilation cache dir) shared by every run of this module."""
-    root = tmp_path_factory.mktemp("preemption")
-    return root / "tfds", root / "xla_cache"
+def shared(tiny_run_shared):
+    """(data dir, compilation cache dir) shared by every tiny run of the session (tests/conftest.py)."""
+    return tiny_run_shared
 
 
 @pytest.fixture(scope="module")
-def reference(shared, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    code, out = tiny_run.run(tiny_run.args(workdir, *shared))
-    assert code == 0, out[-3000:]
-    assert tiny_run.steps(workdir) == [10, 20, 30]
-    return workdir
+def reference(tiny_reference):
+    """The session's uninterrupted 30-step run, one process with two CPU devices (tests/conftest.py)."""
+    return tiny_reference
 
 
 def test_exit_code_is_distinct():
@@ -76,13 +74,14 @@ def test_second_signal_exits_at_once(shared, tmp_path):
 @pytest.mark.slow
 def test_sigterm_at_a_random_step_then_restart_is_bitwise_identical(reference, shared, tmp_path):
     at_step = random.randint(2, tiny_run.TOTAL_STEPS - 5)
-    code, out = tiny_run.interrupt(tiny_run.start(tiny_run.args(tmp_path, *shared), sleep=0.1), at_step)
+    two_devices = {"JAX_NUM_CPU_DEVICES": "2"}  # as the reference ran
+    code, out = tiny_run.interrupt(tiny_run.start(tiny_run.args(tmp_path, *shared), sleep=0.1, **two_devices), at_step)
     assert code == preemption.EXIT_PREEMPTED, f"signal at step {at_step}:\n{out[-3000:]}"
     saved = tiny_run.steps(tmp_path)[-1]
     assert at_step <= saved < tiny_run.TOTAL_STEPS, (at_step, saved)
     assert f"preempted at step {saved}: checkpoint saved" in out
     assert not (tmp_path / "results.json").exists()
-    code, out = tiny_run.run(tiny_run.args(tmp_path, *shared))
+    code, out = tiny_run.run(tiny_run.args(tmp_path, *shared), **two_devices)
     assert code == 0, out[-3000:]
     assert f"Train state from workdir checkpoint (step {saved})" in out
     final = tiny_run.stored_state(tmp_path, tiny_run.TOTAL_STEPS)
@@ -94,13 +93,11 @@ def _two_processes(workdir, shared, sleep: float = 0.0) -> list[subprocess.Popen
 
 
 @pytest.mark.slow
-def test_two_processes_sigterm_one_then_restart_is_bitwise_identical(reference, shared, tmp_path_factory):
+def test_two_processes_sigterm_one_then_restart_is_bitwise_identical(
+    tiny_reference_two_processes, shared, tmp_path_factory
+):
     """jax.distributed on 127.0.0.1: SIGTERM reaches only process 1, both stop at the same step and exit 75."""
-    del reference  # the data dir is prepared
-    uninterrupted = tmp_path_factory.mktemp("mp_reference")
-    procs = _two_processes(uninterrupted, shared)
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    uninterrupted = tiny_reference_two_processes  # the session's uninterrupted 2-process run (tests/conftest.py)
 
     workdir = tmp_path_factory.mktemp("mp_interrupted")
     procs = _two_processes(workdir, shared, sleep=0.1)
