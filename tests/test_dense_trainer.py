@@ -220,8 +220,24 @@ def test_init_from_classifier_loads_backbone_and_keeps_fresh_decoder(stepped, tm
 # Per-group learning-rate multipliers (optimizer updates only: no train step to compile).
 
 
+def _first_update(tx, grads, params):
+    return jax.device_get(jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params))
+
+
+@pytest.fixture(scope="module")
+def unscaled_update(stepped):
+    """(gradients, the reference optimizer's first update of them) for the multiplier cases: random gradients,
+    but none for one backbone leaf, which then moves by weight decay alone (the multiplier scales that too)."""
+    reference_setup, _, _, _ = stepped["one_device"]
+    params = stepped["initial"].params
+    rng = np.random.default_rng(3)
+    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), params)
+    grads["backbone"]["patch_embed"]["kernel"] = np.zeros_like(params["backbone"]["patch_embed"]["kernel"])
+    return grads, _first_update(reference_setup.tx, grads, params)
+
+
 @pytest.mark.parametrize("factor", [0.1, 0.0])
-def test_backbone_lr_multiplier_scales_its_updates_and_weight_decay(stepped, factor):
+def test_backbone_lr_multiplier_scales_its_updates_and_weight_decay(stepped, unscaled_update, factor):
     reference_setup, _, _, _ = stepped["one_device"]
     initial = stepped["initial"]
     config = stepped["config"].copy_and_resolve_references()
@@ -229,15 +245,8 @@ def test_backbone_lr_multiplier_scales_its_updates_and_weight_decay(stepped, fac
     config.optim.lr_multipliers.backbone = factor
     setup = _build(config, reference_setup.mesh)
     params = initial.params
-    rng = np.random.default_rng(3)
-    grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), params)
-    # A backbone leaf without gradient moves by weight decay alone: the multiplier scales that too.
-    grads["backbone"]["patch_embed"]["kernel"] = np.zeros_like(params["backbone"]["patch_embed"]["kernel"])
-
-    def first_update(tx):
-        return jax.device_get(jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params))
-
-    ref, scaled = first_update(reference_setup.tx), first_update(setup.tx)
+    grads, ref = unscaled_update
+    scaled = _first_update(setup.tx, grads, params)
     for got, want in _tree_pairs(scaled["decoder"], ref["decoder"]):
         np.testing.assert_array_equal(got, want)
     pairs = _tree_pairs(scaled["backbone"], ref["backbone"])
