@@ -195,14 +195,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory) -> str:
-    """A prepared digits dataset shared by the cases (preparing it is the data pipeline's, not the case's)."""
-    from clusterformer_jax.data import pipeline
-
-    data = str(tmp_path_factory.mktemp("digits"))
-    pipeline.get_dataset_info({"dataset": "digits", "data_dir": data})
-    return data
+# digits_dir: the session's prepared digits (tests/conftest.py), shared by the cases (preparing it is the data
+# pipeline's, not the case's)
 
 
 def _argv(name: str, case_argv: list[str], case: str, data: str) -> list[str]:
