@@ -105,6 +105,7 @@ def _memory(compiled: Any) -> dict[str, float]:
         "outputs_gib": outs / GIB,
         "aliased_gib": alias / GIB,  # donated inputs written in place: counted once
         "temporaries_gib": temp / GIB,
+        "code_gib": stats.generated_code_size_in_bytes / GIB,
         "total_gib": (args + outs - alias + temp + stats.generated_code_size_in_bytes) / GIB,
     }
 

@@ -326,8 +326,11 @@ class ClusteringMixer(nn.Module):
             # conv1 / conv_v / conv_f as one matmul, split into groups by one layout change
             qvf = jnp.dot(x.astype(self.dtype), jnp.concatenate(kernels, axis=1).astype(self.dtype))
             qvf = qvf + jnp.concatenate(biases).astype(self.dtype)
-            stacked = qvf.reshape(b, h, w, 3, inner).transpose(3, 0, 1, 2, 4).reshape(3 * b, h, w, inner)
-            q_tok, keys, values = window_partition(stacked, heads, windows, "spatial").reshape(3, g, n, e)
+            # the batch stays the major axis of every merged axis: a device mesh splits the batch, and a merge
+            # that put q/k/v before it made XLA's partitioner gather the whole global batch on every device
+            stacked = qvf.reshape(b, h, w, 3, inner).transpose(0, 3, 1, 2, 4).reshape(b * 3, h, w, inner)
+            parts = window_partition(stacked, heads, windows, "spatial").reshape(b, 3, g // b, n, e)
+            q_tok, keys, values = (parts[:, i].reshape(g, n, e) for i in range(3))
             center_values = jnp.einsum("kn,gne->gke", pool, values)
         centers = jnp.einsum("kn,gne->gke", pool, q_tok)
         if cfg.center_ffn:  # Eq. 5: C0 = FFN(AdaptivePool_K(I))
