@@ -116,6 +116,24 @@ def _cost(compiled: Any) -> dict[str, float]:
     return {"tflop": float(cost.get("flops", 0.0)) / 1e12, "gb_accessed": float(cost.get("bytes accessed", 0.0)) / 1e9}
 
 
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|all-to-all)(?:-start)?\(")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pred": 1, "s8": 1, "u8": 1, "f64": 8, "s64": 8}
+
+
+def collectives(hlo_text: str) -> dict[str, float]:
+    """GiB per chip that each kind of collective produces in a compiled module's text (tuple results
+    summed). Under data parallelism with replicated parameters an all-gather means the partitioner gathered
+    activations (a merged axis that hides the batch), which costs memory and interconnect."""
+    totals: dict[str, float] = {}
+    for result, op in _COLLECTIVE.findall(hlo_text):
+        size = sum(
+            _BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",") if d) for t, dims in _ARRAY.findall(result)
+        )
+        totals[op] = totals.get(op, 0.0) + size / GIB
+    return totals
+
+
 _OOM = re.compile(r"(?:Ran out of memory|RESOURCE_EXHAUSTED)", re.I)
 _NEEDED = re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 
@@ -138,6 +156,7 @@ def compile_program(jitted: Any, args: Sequence[Any], hbm_gib: float) -> dict[st
             raise
         return {"fits": False, "total_gib": _needed_gib(str(e)), "compile_s": time.perf_counter() - start}
     report = {**_memory(compiled), **_cost(compiled), "compile_s": time.perf_counter() - start}
+    report["collectives_gib"] = collectives(compiled.as_text())
     report["fits"] = report["total_gib"] <= hbm_gib
     return report
 

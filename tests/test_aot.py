@@ -84,6 +84,8 @@ def test_quickstart_cross_compiles_for_v5e_and_a_small_chip_exits_with_one_line(
         parts = step["arguments_gib"] + step["outputs_gib"] - step["aliased_gib"] + step["temporaries_gib"]
         assert 0 < parts and step["total_gib"] == pytest.approx(parts + step["code_gib"], rel=1e-9)
         assert step["tflop"] > 0 and step["gb_accessed"] > 0 and step["compile_s"] > 0
+    # data parallel with replicated parameters: gradients are all-reduced, no activation is ever all-gathered
+    assert train["collectives_gib"]["all-reduce"] > 0 and "all-gather" not in train["collectives_gib"]
     # donation: the train state is written in place, so most of the arguments alias the outputs
     assert train["aliased_gib"] > 0.5 * train["arguments_gib"]
     expected_step = max(train["tflop"] / 197.0, train["gb_accessed"] / 819.0)
