@@ -12,8 +12,8 @@ total against the chip's HBM), its cost analysis (FLOPs and bytes accessed per s
 the chip's published bf16 peak and HBM bandwidth (``accelerators.py``), the compile time and the chip-hours
 of the config's schedule at that step time.
 
-``--topology=local`` compiles for this process's own devices instead (a GPU where one is attached: jax 0.10
-cannot compile for a GPU that is absent; or the CPU, whose figures are the host's).
+``--topology=local`` compiles for this process's own devices instead (a GPU where one is attached, or the CPU
+against the host's memory); compiling for an absent GPU is not supported here.
 
 Exit codes: 0 fits; 1 does not fit (one line: GiB needed vs available); 2 bad flags or config. ``--max_batch``
 finds the largest per-chip batch whose train step fits (an affine fit of two compiles, then checked by
