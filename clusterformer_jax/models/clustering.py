@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterformer_jax.errors import ModelConfigError
-from clusterformer_jax.models.em import ESTEP_AXES, e_step, em_scan, m_step
 from clusterformer_jax.models.dispatch import confidence_dispatch, hard_dispatch, similarity_dispatch
+from clusterformer_jax.models.em import ESTEP_AXES, e_step, em_scan, m_step
 from clusterformer_jax.models.kernels import assignment_logits, soft_assign_sum
 from clusterformer_jax.models.layers import (
     PointwiseParams,
