@@ -10,6 +10,7 @@ figures, which the TPU compile check relies on, describe what a step really take
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import resource
 import sys
@@ -19,7 +20,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clusterformer_jax import aot  # noqa: E402
@@ -31,8 +31,11 @@ from clusterformer_jax.trainers import trainer  # noqa: E402
 GIB = 1024**3
 
 
-def _config(path: str, batch: int):
-    config = config_flags.load_config_file(path)
+def _config(spec: str, batch: int):
+    """``configs/NAME.py[:arg]`` -> the locked config with ``batch`` on one device."""
+    path, _, arg = spec.partition(":")
+    module = importlib.import_module("configs." + os.path.splitext(os.path.basename(path))[0])
+    config = module.get_config(*([arg] if arg else []))
     with config.unlocked():
         config.batch_size = batch
         config.mesh = {"data": 1, "fsdp": 1}
