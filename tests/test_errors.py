@@ -7,19 +7,16 @@ case's directory (the workdir and its neighbours) was created, changed or remove
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
 import subprocess
 import sys
-from unittest import mock
 
 import numpy as np
 import pytest
-from absl import flags
 
 from tests import REPO
+from tests.entry_point import run_main
 
 pytestmark = pytest.mark.xdist_group("errors")
 
@@ -42,40 +39,6 @@ def _snapshot(root: str) -> dict[str, tuple]:
                     digest = hashlib.sha256(f.read()).hexdigest()
             found[os.path.relpath(path, root)] = (stat.st_mode, digest)
     return found
-
-
-def _reset_flags() -> None:
-    """Forgets the last parse: values, and the ``--config.*`` override flags config_flags defined for it."""
-    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-        delattr(flags.FLAGS, name)
-    flags.FLAGS.unparse_flags()
-
-
-def _run_in_process(argv: list[str]) -> tuple[int, str]:
-    """(exit code, stderr) of the entry point on ``argv``, as ``app.run`` would call it."""
-    from clusterformer_jax import main as main_lib
-
-    _reset_flags()
-    err = io.StringIO()
-    code = 0
-    from clusterformer_jax.trainers import trainer
-
-    def no_training(config, workdir):
-        raise AssertionError("the input passed every check and training started")
-
-    # config_flags reads its overrides from sys.argv, as under app.run.
-    with (
-        contextlib.redirect_stderr(err),
-        mock.patch.object(sys, "argv", ["main"] + argv),
-        mock.patch.object(trainer, "train_and_evaluate", no_training),
-    ):
-        try:
-            main_lib.parse_flags(["main"] + argv)
-            main_lib.main([])
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    _reset_flags()
-    return code, err.getvalue()
 
 
 def _safetensors(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -224,7 +187,7 @@ def test_bad_input_is_one_line_exit_2_workdir_untouched(name, case_argv, setup, 
     case = str(tmp_path)
     setup(case)
     before = _snapshot(case)
-    code, stderr = _run_in_process(_argv(name, case_argv, case, digits_dir))
+    code, stderr = run_main(_argv(name, case_argv, case, digits_dir))
     _assert_one_line(code, stderr, words)
     assert _snapshot(case) == before
 
@@ -237,7 +200,7 @@ def test_read_only_workdir_chmod(tmp_path, digits_dir):
     run.chmod(0o555)
     try:
         before = _snapshot(str(tmp_path))
-        code, stderr = _run_in_process(Q + [f"--workdir={run}"] + [f"--config.input.data_dir={digits_dir}"])
+        code, stderr = run_main(Q + [f"--workdir={run}"] + [f"--config.input.data_dir={digits_dir}"])
         _assert_one_line(code, stderr, ["not writable"])
         assert _snapshot(str(tmp_path)) == before
     finally:
