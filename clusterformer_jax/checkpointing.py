@@ -80,6 +80,9 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+        # Orbax removes them on a background thread that only its next save waits for; wait here, so that
+        # a run or tool that opens the directory sees it clean (orbax 0.12 has no public call for this).
+        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._pending: int | None = None  # the step whose asynchronous save may still be running
         self._failed = False
 

@@ -123,6 +123,19 @@ def test_checkpoint_of_another_model_is_reported_and_kept(saved):
     ckpt.close()
 
 
+def test_opening_removes_a_partial_save_before_it_returns(saved):
+    """Orbax deletes "<step>.orbax-checkpoint-tmp" directories on a background thread; the constructor waits
+    for it, so a large partial save is gone at once and closing right away raises nothing."""
+    directory, _ = saved
+    partial = directory / "4.orbax-checkpoint-tmp"
+    partial.mkdir()
+    for i in range(3000):
+        (partial / f"shard-{i}").touch()
+    ckpt = checkpointing.Checkpointer(str(directory), max_to_keep=None)
+    assert sorted(p.name for p in directory.iterdir()) == ["1", "2", "3"]
+    ckpt.close()
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("tiny_run")  # beside the other users of the session's reference run
 def test_run_with_truncated_latest_checkpoint_falls_back_and_finishes(tiny_reference, tiny_run_shared, tmp_path):
