@@ -86,6 +86,8 @@ def instance_segmentation(backbone: str) -> ml_collections.ConfigDict:
     # faintly on other objects of its class).
     config.detection.box_source = "mask"
     config.optim.base_lr = 2e-3
+    if backbone == "clusterformer":  # 2000 steps met box AP50 0.8 in one of two runs (0.843 / 0.792)
+        config.num_train_steps = 3000
     config.eval_every_steps = 500
     return config
 
