@@ -33,10 +33,18 @@ SMALL = {  # every backbone family at a few thousand parameters; GroupMixFormer 
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _variables(name: str):
+    """The plain model's initial variables, shared by its rematted variants (remat changes no variable).
+    Compiled like the trainer's init (op by op, the bigger models cost 2-3x compiling it)."""
+    model = create_model(name, num_classes=5, **SMALL[name], drop_path_rate=0.0, **_execution(name, "cpu"))
+    rng, images = jax.random.PRNGKey(0), _inputs()[0][:1]
+    return jax.jit(model.init).lower(rng, images).compile(runtime.one_shot_compiler_options("cpu"))(rng, images)
+
+
 def _grads(name, remat_blocks, images, labels, **overrides):
     model = create_model(name, num_classes=5, remat=remat_blocks, **SMALL[name], **overrides)
-    # compiled: op by op, initialising the bigger models costs 2-3x compiling their init
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
+    variables = _variables(name)
     params, extra = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
     def loss(p):
