@@ -17,9 +17,9 @@ DENSE_STEPS = 6  # the whole dense run's length
 
 
 def tiny_dense_config(data_dir: str, filename: str = "shapes_instance.py") -> ml_collections.ConfigDict:
-    """ClusterFormer-nano behind a two-layer cluster decoder (dim 32, 8 queries, strides 32 and 16, 2 heads) on
-    the 64 px small shapes (48 train / 16 validation images; stage maps 16/8/4/2), batch 8 for 6 steps on
-    the 2x4 data x fsdp mesh.
+    """ClusterFormer-nano behind a two-layer cluster decoder (dim 32, 8 queries, strides 32 and 16, 2 heads, no
+    pixel-decoder blocks) on the 64 px small shapes (48 train / 16 validation images; stage maps 16/8/4/2),
+    batch 8 for 6 steps on the 2x4 data x fsdp mesh.
 
     The decoder's 32x32 kernels are split over fsdp=4 (``fsdp_min_size`` 1024). Adam's eps and two discrete
     choices are set so that different meshes can be compared at 1e-5:
@@ -41,6 +41,7 @@ def tiny_dense_config(data_dir: str, filename: str = "shapes_instance.py") -> ml
     config.input.eval_max_size = 64
     config.input.max_instances = 4
     config.model.decoder.update(dim=32, num_queries=8, num_layers=2, layer_strides=(32, 16), num_heads=2, ffn_dim=64)
+    config.model.decoder.pixel_blocks = (0, 0, 0, 0)  # the plain FPN (the blocks have their own tests)
     config.detection.num_points = 256
     config.batch_size = DENSE_BATCH
     config.num_train_steps = DENSE_STEPS
