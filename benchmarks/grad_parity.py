@@ -3,8 +3,9 @@
   bash launch/python.sh benchmarks/grad_parity.py --baseline c8c399e
   bash launch/python.sh benchmarks/grad_parity.py --baseline c8c399e --models clusterformer_tiny --size 224 --batch 2
 
-For each model: parameters initialised here (seed 0) and random images, the gradient of a softmax cross-entropy
-(eval mode: no dropout or stochastic depth) computed with this tree's code, with the execution settings the
+For each model (ClusterFormer presets: models with BatchNorm statistics are not handled): parameters
+initialised here (seed 0) and random images, the gradient of a softmax cross-entropy (eval mode: no
+dropout or stochastic depth) computed with this tree's code, with the execution settings the
 trainer resolves on one device of each ``--settings`` backend (default: cpu and tpu; tpu runs the
 accelerator's path, unrolled EM and one-pass clustering, here on the CPU); ``--baseline REV`` checks REV out
 into a temporary git worktree and computes the same gradient there in a subprocess, from the same parameters
