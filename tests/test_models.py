@@ -464,3 +464,24 @@ def test_gelu_is_the_exact_erf_form():
     x = np.linspace(-6, 6, 25).astype(np.float32)
     want = [0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.astype(np.float64)]
     np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_group_norm1_equals_flax_group_norm_with_one_group():
+    """GroupNorm1's flat reduction: the parameters, values and gradients of ``nn.GroupNorm(num_groups=1)`` (the
+    PyTorch GroupNorm(1, C) the released models use), on inputs far from zero mean and unit variance."""
+    import flax.linen as nn
+
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 7))
+    ours, flax_norm = layers.GroupNorm1(), nn.GroupNorm(num_groups=1, epsilon=1e-5)
+    variables = flax_norm.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, variables)
+    variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.PRNGKey(2), v.shape), variables)
+    np.testing.assert_allclose(ours.apply(variables, x), flax_norm.apply(variables, x), rtol=1e-6, atol=1e-6)
+    y = ours.apply(variables, x) - variables["params"]["bias"]
+    np.testing.assert_allclose(np.mean(y / variables["params"]["scale"], axis=(1, 2, 3)), 0.0, atol=1e-5)
+
+    def grads(module):
+        return jax.grad(lambda v, x: jnp.sum(jnp.sin(module.apply(v, x))), argnums=(0, 1))(variables, x)
+
+    for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(flax_norm))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

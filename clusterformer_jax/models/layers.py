@@ -185,7 +185,8 @@ class GroupNorm1(nn.Module):
     """GroupNorm(1, C): normalises NHWC ``x`` over (H, W, C) per sample (statistics in float32), then a
     per-channel scale and bias. The same parameters ('scale', 'bias') and values as ``nn.GroupNorm(1)``,
     computed without its (..., groups, C / groups) reshape, whose size-1 group axis a TPU tiles as 8 rows
-    (8x the activation's memory in what the backward pass keeps)."""
+    (8x the activation's memory in what the backward pass keeps). The statistics reduce one flat (B, H*W*C)
+    axis: XLA's CPU backend runs a train step of CF-T ~10% slower when they reduce the axes (1, 2, 3)."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -195,12 +196,13 @@ class GroupNorm1(nn.Module):
         channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
-        axes = tuple(range(1, x.ndim))
         x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=axes, keepdims=True)
-        var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) - jnp.square(mean), 0.0)
-        mul = jax.lax.rsqrt(var + self.epsilon) * scale
-        return ((x32 - mean) * mul + bias).astype(self.dtype)
+        flat = x32.reshape(x.shape[0], -1)
+        mean = jnp.mean(flat, axis=1)
+        var = jnp.maximum(jnp.mean(jnp.square(flat), axis=1) - jnp.square(mean), 0.0)
+        per_sample = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mul = jax.lax.rsqrt(var + self.epsilon).reshape(per_sample) * scale
+        return ((x32 - mean.reshape(per_sample)) * mul + bias).astype(self.dtype)
 
 
 def group_norm(name: str, dtype: Dtype) -> GroupNorm1:
