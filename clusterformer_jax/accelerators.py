@@ -1,4 +1,4 @@
-"""Published accelerator figures and TPU slice topologies, for the ahead-of-time compile check (``aot.py``).
+"""Published accelerator figures, TPU slice and GPU node topologies, for the ahead-of-time compile check (``aot.py``).
 
 A leaf: imports nothing of the package. Chip figures are the vendors' published per-chip peaks (dense bf16
 matmul, HBM capacity and bandwidth); the roofline step time built on them is a lower bound, not a forecast.
@@ -8,6 +8,11 @@ number counts TensorCores (two per chip, "megacore"), for v5e and v6e it counts 
 slice and the chips per host follow the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4,
 v5e, v5p, v6e): v4/v5p hosts hold 2x2x1 chips; a v5e/v6e slice of 8 chips is one host, larger ones are
 hosts of 2x2 chips.
+
+GPU nodes are named ``h100-8``, ``a100-8``, ``h200-8`` (GPUs in all; 8 per host from 16 on). XLA compiles for
+an absent GPU from a target description (its ``GpuTargetConfigProto`` text: the device figures the compiler
+tunes for), which ``gpu_target_config`` writes from the NVIDIA datasheets and CUDA programming guide's
+per-architecture limits (compute capability, SMs, shared memory per SM, L2, clock, memory).
 """
 
 from __future__ import annotations
@@ -49,15 +54,67 @@ def chip_of(device_kind: str) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Topology:
-    """A TPU slice as ``jax.experimental.topologies.get_topology_desc`` takes it."""
+class _Gpu:
+    """What XLA's GPU compiler reads of a device (``GpuDeviceInfoProto``): compute capability, streaming
+    multiprocessors (SMs), shared memory per SM and per block (opt-in), L2, boost clock, memory."""
 
-    name: str  # the user-facing name, e.g. 'v5e-8'
+    capability: tuple[int, int]
+    sms: int
+    shared_per_sm_kib: int
+    shared_per_block_optin_kib: int
+    l2_mib: int
+    clock_ghz: float
+    memory_gib: float
+
+
+_GPUS = {
+    "a100": _Gpu((8, 0), 108, 164, 163, 40, 1.41, 80.0),  # A100 SXM4 80GB
+    "h100": _Gpu((9, 0), 132, 228, 227, 50, 1.98, 80.0),  # H100 SXM5 80GB
+    "h200": _Gpu((9, 0), 132, 228, 227, 50, 1.98, 141.0),  # H200 SXM 141GB
+}
+
+
+def gpu_target_config(chip: str) -> str:
+    """The ``GpuTargetConfigProto`` text XLA compiles for GPU ``chip`` ('h100', ...) without the device."""
+    gpu, figures = _GPUS[chip], CHIPS[chip]
+    info = {
+        "threads_per_block_limit": 1024,
+        "threads_per_warp": 32,
+        "shared_memory_per_block": 48 * 1024,
+        "shared_memory_per_core": gpu.shared_per_sm_kib * 1024,
+        "threads_per_core_limit": 2048,
+        "core_count": gpu.sms,
+        "fpus_per_core": 128 if gpu.capability[0] >= 9 else 64,
+        "block_dim_limit_x": 2**31 - 1,
+        "block_dim_limit_y": 65535,
+        "block_dim_limit_z": 65535,
+        "memory_bandwidth": int(figures.hbm_gbps * 1e9),
+        "l2_cache_size": gpu.l2_mib * 2**20,
+        "clock_rate_ghz": gpu.clock_ghz,
+        "device_memory_size": int(gpu.memory_gib * 2**30),
+        "shared_memory_per_block_optin": gpu.shared_per_block_optin_kib * 1024,
+        "registers_per_core_limit": 65536,
+        "registers_per_block_limit": 65536,
+    }
+    lines = [f"  {key}: {value}" for key, value in info.items()]
+    major, minor = gpu.capability
+    return "\n".join(
+        ["gpu_device_info {", *lines, f"  cuda_compute_capability {{ major: {major} minor: {minor} }}", "}"]
+        + ['platform_name: "CUDA"', f'device_description_str: "{figures.name}"']
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice or GPU node as ``jax.experimental.topologies.get_topology_desc`` takes it."""
+
+    name: str  # the user-facing name, e.g. 'v5e-8', 'h100-8'
     chip: str  # a key of CHIPS
-    topology_name: str  # e.g. 'v5e:2x4'
-    chip_config_name: str  # 'megacore' (v4, v5p: one device per chip) or 'default'
+    topology_name: str  # e.g. 'v5e:2x4'; for a GPU node 'slices x hosts x GPUs per host', e.g. '1x1x8'
+    chip_config_name: str  # 'megacore' (v4, v5p: one device per chip) or 'default'; '' for GPUs
     chips_per_host_bounds: tuple[int, int, int]
     num_chips: int
+    platform: str = "tpu"  # or 'cuda'
 
 
 # Chip grids by slice size: v4/v5p by TensorCore count (3-D tori), v5e/v6e by chip count (2-D).
@@ -66,18 +123,29 @@ _GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128:
 _PREFIX = {"v4": "v4", "v5p": "v5", "v5e": "v5e", "v6e": "v6e"}
 
 
+_GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
 def topology_names() -> list[str]:
-    """Every slice name ``topology`` accepts."""
+    """Every slice and node name ``topology`` accepts."""
     names = [f"{g}-{n}" for g in ("v4", "v5p") for n in _GRIDS_3D]
-    return names + [f"{g}-{n}" for g in ("v5e", "v6e") for n in _GRIDS_2D]
+    names += [f"{g}-{n}" for g in ("v5e", "v6e") for n in _GRIDS_2D]
+    return names + [f"{g}-{n}" for g in _GPUS for n in _GPU_COUNTS]
 
 
 def topology(name: str) -> Topology:
-    """The slice called ``name`` ('v5e-8', 'v4-8', ...); ValueError naming the known ones otherwise."""
+    """The slice or node called ``name`` ('v5e-8', 'v4-8', 'h100-8', ...); ValueError naming the known ones
+    otherwise."""
+    gpu = re.fullmatch(r"(a100|h100|h200)-(\d+)", name.strip().lower())
+    if gpu and int(gpu.group(2)) in _GPU_COUNTS:
+        count = int(gpu.group(2))
+        per_host = min(count, 8)
+        grid = f"1x{count // per_host}x{per_host}"
+        return Topology(name, gpu.group(1), grid, "", (per_host, 1, 1), count, platform="cuda")
     match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)", name.strip().lower())
     grids = (_GRIDS_3D if match.group(1) in ("v4", "v5p") else _GRIDS_2D) if match else {}
     if not match or int(match.group(2)) not in grids:
-        raise ValueError(f"unknown TPU topology {name!r}; known: {', '.join(topology_names())}")
+        raise ValueError(f"unknown topology {name!r}; known: {', '.join(topology_names())}")
     generation, size = match.group(1), int(match.group(2))
     grid = grids[size]
     chips = 1

@@ -1,4 +1,4 @@
-r"""Ahead-of-time compile check: does a recipe fit a TPU slice, and what does a step cost?
+r"""Ahead-of-time compile check: does a recipe fit a TPU slice or GPU node, and what does a step cost?
 
   bash launch/aot.sh --config=configs/clusterformer_tiny_imagenet.py --topology=v5e-8 [--config.a=b ...]
   python -m clusterformer_jax.aot --config=... --topology=v5e-8 [--per_chip_batch=64] [--max_batch] [--json=F]
@@ -12,16 +12,20 @@ total against the chip's HBM), its cost analysis (FLOPs and bytes accessed per s
 the chip's published bf16 peak and HBM bandwidth (``accelerators.py``), the compile time and the chip-hours
 of the config's schedule at that step time.
 
+``--topology=h100-8`` (a100-N, h100-N, h200-N) compiles with XLA's GPU compiler for a node of absent GPUs,
+described by ``accelerators.gpu_target_config`` (jax's CUDA plugin in compile-only mode); that compiler gives
+memory but no cost analysis (jax 0.10.2), so a GPU report has no FLOPs, bytes or roofline.
 ``--topology=local`` compiles for this process's own devices instead (a GPU where one is attached, or the CPU
-against the host's memory); compiling for an absent GPU is not supported here.
+against the host's memory).
 
 Exit codes: 0 fits; 1 does not fit (one line: GiB needed vs available); 2 bad flags or config. ``--max_batch``
 finds the largest per-chip batch whose train step fits (an affine fit of two compiles, then checked by
 compiling the boundary).
 
-libtpu is not a dependency of training: ``launch/aot.sh`` installs it into ``.venv/libtpu_aot`` (or
-``$CLUSTERFORMER_LIBTPU_DIR``), and only this module puts that folder on ``sys.path``, with
-``JAX_PLATFORMS=cpu`` so that jax never tries to open a TPU on the host.
+The compilers are not dependencies of training: ``launch/aot.sh`` installs libtpu into ``.venv/libtpu_aot``
+(or ``$CLUSTERFORMER_LIBTPU_DIR``) and, for GPU nodes, jax's CUDA plugin with CUDA's compiler parts into
+``.venv/cuda_aot`` (or ``$CLUSTERFORMER_CUDA_AOT_DIR``); only this module puts those folders on ``sys.path``,
+with ``JAX_PLATFORMS=cpu`` so that jax never tries to open a TPU or GPU on the host.
 """
 
 from __future__ import annotations
@@ -47,13 +51,16 @@ from clusterformer_jax import accelerators  # noqa: E402
 from clusterformer_jax import main as entry  # noqa: E402  # its --config flag and one-line flag errors (imports no jax)
 
 LIBTPU_DIR_ENV = "CLUSTERFORMER_LIBTPU_DIR"
+CUDA_DIR_ENV = "CLUSTERFORMER_CUDA_AOT_DIR"
 EXIT_DOES_NOT_FIT = 1
 EXIT_USAGE = 2
 GIB = 1024**3
 
 _CONFIG = entry._CONFIG  # pylint: disable=protected-access
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", "v5e-8", f"TPU slice ({', '.join(accelerators.topology_names())}) or 'local' (this process's devices)."
+    "topology",
+    "v5e-8",
+    f"TPU slice or GPU node ({', '.join(accelerators.topology_names())}) or 'local' (this process's devices).",
 )
 _PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", 0, "Train batch per chip (0: the config's batch_size).")
 _MAX_BATCH = flags.DEFINE_boolean("max_batch", False, "Also find the largest per-chip train batch that fits.")
@@ -62,18 +69,24 @@ _PREDICT = flags.DEFINE_boolean("predict", True, "Also compile the predict (eval
 _JSON = flags.DEFINE_string("json", "", "Write the report to this JSON file.")
 
 
-def libtpu_dir() -> str:
-    """Where launch/aot.sh installs libtpu (``$CLUSTERFORMER_LIBTPU_DIR``, else ``<venv>/libtpu_aot``)."""
-    return os.environ.get(LIBTPU_DIR_ENV) or os.path.join(sys.prefix, "libtpu_aot")
+def compiler_dir(platform: str) -> str:
+    """Where launch/aot.sh installs the compiler for ``platform`` ('tpu': libtpu, 'cuda': jax's CUDA plugin):
+    the folder its environment variable names, else one inside the venv."""
+    env, default = (LIBTPU_DIR_ENV, "libtpu_aot") if platform == "tpu" else (CUDA_DIR_ENV, "cuda_aot")
+    return os.environ.get(env) or os.path.join(sys.prefix, default)
 
 
-def _use_libtpu() -> None:
-    """Puts libtpu on the import path of this process only (jax finds it when the topology is requested)."""
-    folder = libtpu_dir()
-    if not os.path.isfile(os.path.join(folder, "libtpu", "__init__.py")):
+def _use_compiler(platform: str) -> None:
+    """Puts the platform's compiler on the import path of this process only (jax finds it when the topology is
+    requested)."""
+    folder = compiler_dir(platform)
+    marker = os.path.join("libtpu", "__init__.py") if platform == "tpu" else "jax_plugins"
+    if not os.path.exists(os.path.join(folder, marker)):
+        package = "libtpu==VERSION" if platform == "tpu" else "jax-cuda13-plugin jax-cuda13-pjrt (jax's version)"
+        env = LIBTPU_DIR_ENV if platform == "tpu" else CUDA_DIR_ENV
         raise FileNotFoundError(
-            f"libtpu is not installed in {folder}; run the check through `bash launch/aot.sh ...` (installs it), "
-            f"or `pip install --no-deps --target DIR libtpu==VERSION` and set {LIBTPU_DIR_ENV}=DIR"
+            f"the {platform} compiler is not installed in {folder}; run the check through `bash launch/aot.sh "
+            f"...` (installs it), or `pip install --no-deps --target DIR {package}` and set {env}=DIR"
         )
     sys.path.insert(0, folder)
 
@@ -111,7 +124,10 @@ def _memory(compiled: Any) -> dict[str, float]:
 
 
 def _cost(compiled: Any) -> dict[str, float]:
+    """FLOPs and bytes accessed per chip; empty where the compiler gives none (XLA GPU without a device)."""
     cost = compiled.cost_analysis()
+    if not cost:
+        return {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"tflop": float(cost.get("flops", 0.0)) / 1e12, "gb_accessed": float(cost.get("bytes accessed", 0.0)) / 1e9}
 
@@ -176,14 +192,23 @@ class CompileCheck:
         if topology.name == "local":  # this process's own devices (a lent GPU, or the CPU), its own settings
             self.devices, self.machine = jax.devices(), None
         else:
-            self.devices = topologies.get_topology_desc(
-                platform="tpu",
-                topology_name=topology.topology_name,
-                chip_config_name=topology.chip_config_name,
-                chips_per_host_bounds=topology.chips_per_host_bounds,
-                num_slices=1,
-            ).devices
-            self.machine = {"backend": "tpu", "num_devices": len(self.devices), "allocator": "none"}
+            if topology.platform == "cuda":
+                described = topologies.get_topology_desc(
+                    platform="cuda",
+                    target_config=accelerators.gpu_target_config(topology.chip),
+                    topology=topology.topology_name,
+                )
+            else:
+                described = topologies.get_topology_desc(
+                    platform="tpu",
+                    topology_name=topology.topology_name,
+                    chip_config_name=topology.chip_config_name,
+                    chips_per_host_bounds=topology.chips_per_host_bounds,
+                    num_slices=1,
+                )
+            self.devices = described.devices
+            backend = "gpu" if topology.platform == "cuda" else "tpu"
+            self.machine = {"backend": backend, "num_devices": len(self.devices), "allocator": "none"}
         self.mesh = sharding.create_mesh(config.mesh, devices=self.devices)
         self.module = task_registry.input_module(config)
         self.dataset_info = self.module.offline_dataset_info(config.input)
@@ -273,9 +298,11 @@ def _row(name: str, r: dict[str, Any], hbm: float) -> str:
     text = (
         f"{name:8s} batch/chip {r['per_chip_batch']:4d}: args {r['arguments_gib']:.2f} + out {r['outputs_gib']:.2f}"
         f" - aliased {r['aliased_gib']:.2f} + temp {r['temporaries_gib']:.2f} = {r['total_gib']:.2f} GiB of"
-        f" {hbm:.2f} ({'fits' if r['fits'] else 'DOES NOT FIT'}); {r['tflop']:.4g} TFLOP, {r['gb_accessed']:.1f} GB"
-        f" accessed; compile {r['compile_s']:.0f} s"
+        f" {hbm:.2f} ({'fits' if r['fits'] else 'DOES NOT FIT'}); "
     )
+    if "tflop" in r:
+        text += f"{r['tflop']:.4g} TFLOP, {r['gb_accessed']:.1f} GB accessed; "
+    text += f"compile {r['compile_s']:.0f} s"
     if "roofline_step_s" in r:
         text += f"; roofline {r['roofline_step_s'] * 1e3:.0f} ms/step, schedule {r['schedule_chip_hours']:.0f} chip-h"
     return text
@@ -295,8 +322,8 @@ def run(config: Any, topology_name: str, per_chip_batch: int, hbm_gib: float, pr
             chip = accelerators.Chip(kind, hbm_gib or total, 0.0, 0.0)
         topology = accelerators.Topology("local", key or kind, "", "", (1, 1, 1), jax.device_count())
     else:
-        _use_libtpu()
         topology = accelerators.topology(topology_name)
+        _use_compiler(topology.platform)
         chip = accelerators.CHIPS[topology.chip]
     if not (hbm_gib or chip.hbm_gib):
         raise ValueError(f"no memory size known for device {chip.name!r}; pass --hbm_gib")

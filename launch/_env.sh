@@ -82,6 +82,25 @@ cf_ensure_libtpu() {
   export CLUSTERFORMER_LIBTPU_DIR
 }
 
+# jax's CUDA plugin for compiling for absent GPUs (aot.py --topology=h100-8): the plugin and PJRT library of the
+# pinned jax's version plus CUDA's compiler parts (ptxas, libdevice), without dependencies, in their own folder
+# that only the compile check puts on sys.path. ~650 MB.
+CF_CUDA_AOT_PACKAGES="jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2 nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88"
+
+cf_ensure_cuda_aot() {
+  local folder="${CLUSTERFORMER_CUDA_AOT_DIR:-${CLUSTERFORMER_VENV:-$REPO_ROOT/.venv}/cuda_aot}"
+  local stamp="$folder/.packages"
+  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$CF_CUDA_AOT_PACKAGES" ]]; then
+    echo "[launch] installing jax's CUDA plugin into $folder (GPU cross-compilation)" >&2
+    rm -rf "$folder"
+    # shellcheck disable=SC2086
+    "$PY" -m pip install --quiet --no-deps --target "$folder" $CF_CUDA_AOT_PACKAGES || return 1
+    echo "$CF_CUDA_AOT_PACKAGES" > "$stamp"
+  fi
+  CLUSTERFORMER_CUDA_AOT_DIR="$folder"
+  export CLUSTERFORMER_CUDA_AOT_DIR
+}
+
 # The exit code of a run stopped by SIGTERM/SIGINT after it committed a checkpoint of its last step
 # (clusterformer_jax/preemption.py EXIT_PREEMPTED; tests/test_launch.py checks that both agree). Running the
 # same command again resumes bit for bit; slurm.sbatch requeues the job on it, tpu_pod.sh restarts.

@@ -8,6 +8,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cf_ensure_env
 cf_ensure_libtpu  # tests/test_aot.py cross-compiles the quickstart for a TPU slice
+cf_ensure_cuda_aot  # ... and for a node of 8 H100s
 cd "$REPO_ROOT"
 if ! "$PY" -m black --check --quiet .; then
   echo "[test] files above are not formatted; run: .venv/bin/python -m black ." >&2

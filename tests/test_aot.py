@@ -1,5 +1,6 @@
-"""The ahead-of-time compile check: slice table, offline dataset facts, and a real TPU cross-compile of the
-quickstart (libtpu, installed by launch/test.sh) with its report and its one-line "does not fit" exit."""
+"""The ahead-of-time compile check: slice and node table, offline dataset facts, and real cross-compiles of the
+quickstart for a TPU slice (libtpu) and a node of absent H100s (jax's CUDA plugin), both installed by
+launch/test.sh, with their reports and the one-line "does not fit" exit."""
 
 from __future__ import annotations
 
@@ -30,8 +31,19 @@ def test_topology_table():
     assert (v4.topology_name, v4.chip_config_name, v4.num_chips) == ("v4:2x2x1", "megacore", 4)
     assert accelerators.topology("v5p-16").topology_name == "v5:2x2x2"
     assert accelerators.topology("v5e-16").chips_per_host_bounds == (2, 2, 1)
-    with pytest.raises(ValueError, match="unknown TPU topology 'v5e-7'; known: v4-8"):
-        accelerators.topology("v5e-7")
+    h100 = accelerators.topology("h100-16")  # two hosts of 8 GPUs
+    assert (h100.platform, h100.chip, h100.topology_name, h100.num_chips) == ("cuda", "h100", "1x2x8", 16)
+    assert accelerators.topology("a100-4").topology_name == "1x1x4"
+    for unknown in ("v5e-7", "h100-3"):
+        with pytest.raises(ValueError, match=f"unknown topology '{unknown}'; known: v4-8"):
+            accelerators.topology(unknown)
+
+
+def test_gpu_target_configs_carry_the_datasheet_figures():
+    h100, a100 = accelerators.gpu_target_config("h100"), accelerators.gpu_target_config("a100")
+    assert "core_count: 132" in h100 and "cuda_compute_capability { major: 9 minor: 0 }" in h100
+    assert "memory_bandwidth: 3350000000000" in h100 and f"device_memory_size: {80 * 2**30}" in h100
+    assert "core_count: 108" in a100 and "major: 8 minor: 0" in a100 and "l2_cache_size: 41943040" in a100
 
 
 def test_roofline_takes_the_binding_resource():
@@ -55,13 +67,13 @@ def test_offline_facts_equal_the_prepared_dataset(tmp_path):
     }
 
 
-def _libtpu_installed() -> bool:
-    from clusterformer_jax.aot import libtpu_dir
+def _compiler_installed(platform: str) -> bool:
+    from clusterformer_jax.aot import compiler_dir
 
-    return os.path.isfile(os.path.join(libtpu_dir(), "libtpu", "__init__.py"))
+    return os.path.exists(os.path.join(compiler_dir(platform), "libtpu" if platform == "tpu" else "jax_plugins"))
 
 
-@pytest.mark.skipif(not _libtpu_installed(), reason="libtpu not installed (launch/test.sh installs it)")
+@pytest.mark.skipif(not _compiler_installed("tpu"), reason="libtpu not installed (launch/test.sh installs it)")
 def test_quickstart_cross_compiles_for_v5e_and_a_small_chip_exits_with_one_line(tmp_path):
     """One real compile for an 8-chip v5e slice: the report's numbers are the compiler's, and checked against
     a memory cap between the predict and the train step's needs, the run exits 1 with one line."""
@@ -97,3 +109,25 @@ def test_quickstart_cross_compiles_for_v5e_and_a_small_chip_exits_with_one_line(
     assert result.returncode == 1, result.stderr[-2000:]
     assert len(errors) == 1 and errors[0].startswith("error: the train step does not fit on v5e-8: needs 0.")
     assert "0.03 GiB available" in errors[0]
+
+
+@pytest.mark.skipif(not _compiler_installed("cuda"), reason="jax's CUDA plugin not installed (launch/test.sh)")
+def test_quickstart_cross_compiles_for_an_h100_node_without_a_gpu(tmp_path):
+    """XLA's GPU compiler, given only the H100's description, compiles the quickstart's train step for 8
+    GPUs: memory per GPU from its analysis (no cost analysis without a device), all-reduced gradients, and the
+    same one-line exit under a memory cap."""
+    report_file = tmp_path / "aot.json"
+    command = [sys.executable, "-m", "clusterformer_jax.aot", "--config=configs/quickstart.py", "--topology=h100-8"]
+    command += ["--predict=false", f"--json={report_file}", "--hbm_gib=0.01"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    report = json.loads(report_file.read_text())
+    train = report["train"]
+    assert (report["chips"], report["chip"], report["topology"]) == (8, "NVIDIA H100 SXM", "h100-8")
+    assert (train["per_chip_batch"], train["global_batch"], train["fits"]) == (8, 64, False)
+    parts = train["arguments_gib"] + train["outputs_gib"] - train["aliased_gib"] + train["temporaries_gib"]
+    assert 0.01 < parts <= train["total_gib"] and "tflop" not in train and "roofline_step_s" not in train
+    assert train["collectives_gib"]["all-reduce"] > 0 and "all-gather" not in train["collectives_gib"]
+    assert train["aliased_gib"] > 0.5 * train["arguments_gib"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith("error: the train step does not fit on h100-8: needs 0.")
