@@ -12,6 +12,8 @@ model code never asks. Every setting gives the same numbers, only speed and memo
   unrolled step's larger temporaries are page-faulted in anew every step; None (all T) elsewhere.
 - ``group_chunk_bytes``: on one CPU device, cluster the (image, head, window) groups in chunks whose (K, N)
   assignments fit this many bytes (a core's L2); None elsewhere, where the group axis is the sharded batch.
+- ``norm_impl``: GroupNorm(1) as flax's ``nn.GroupNorm`` ('grouped', ~10% faster CF-T train steps on XLA
+  CPU) or without its size-1 group axis ('ungrouped', which a TPU would tile 8x in what the backward keeps).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import functools
 from collections.abc import Collection
 from typing import Any
 
-EXECUTION_FIELDS = ("depthwise_impl", "remat_impl", "em_unroll", "group_chunk_bytes")
+EXECUTION_FIELDS = ("depthwise_impl", "remat_impl", "em_unroll", "group_chunk_bytes", "norm_impl")
 GROUP_CHUNK_BYTES = 1 << 20
 TCMALLOC_HINT = (
     "apt-get install libtcmalloc-minimal4 and start through launch/*.sh, which preload it: "
@@ -41,7 +43,7 @@ def host_allocator() -> str:
 def execution_settings(
     backend: str | None = None, num_devices: int | None = None, allocator: str | None = None
 ) -> dict[str, Any]:
-    """The four execution fields for this process (or for the given backend, device count and allocator)."""
+    """The execution fields for this process (or for the given backend, device count and allocator)."""
     import jax  # only when the caller does not say
 
     backend = backend or jax.default_backend()
@@ -53,6 +55,7 @@ def execution_settings(
         "remat_impl": "tied" if cpu else "barrier",
         "em_unroll": 1 if cpu and allocator != "tcmalloc" else None,
         "group_chunk_bytes": GROUP_CHUNK_BYTES if cpu and num_devices == 1 else None,
+        "norm_impl": "grouped" if cpu else "ungrouped",
     }
 
 

@@ -34,6 +34,7 @@ COSTLIEST_FIRST = (  # CPU seconds of the file alone, December 2026; the big xdi
     "test_workdir.py",  # ~45, one unit
     "test_remat.py",  # ~170 in units of one model
     "test_export.py",  # ~60 in single tests
+    "test_aot.py",  # ~100 in single tests: a v5e-8 and an h100-8 compile
     "test_restore_mesh.py",  # ~25, one test
     "test_models.py",  # ~105 in single tests
     "test_groupmixformer.py",

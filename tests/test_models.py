@@ -278,10 +278,14 @@ def test_group_chunk_resolution():
 
 def test_execution_settings_are_resolved_from_the_machine_not_the_model():
     one_cpu = runtime.execution_settings("cpu", 1, "glibc")
-    assert one_cpu == dict(depthwise_impl="shifted", remat_impl="tied", em_unroll=1, group_chunk_bytes=1 << 20)
+    assert one_cpu == dict(
+        depthwise_impl="shifted", remat_impl="tied", em_unroll=1, group_chunk_bytes=1 << 20, norm_impl="grouped"
+    )
     assert runtime.execution_settings("cpu", 1, "tcmalloc")["em_unroll"] is None  # all T: no loop
     assert runtime.execution_settings("cpu", 8, "glibc")["group_chunk_bytes"] is None  # the group axis is sharded
-    accelerator = dict(depthwise_impl="grouped", remat_impl="barrier", em_unroll=None, group_chunk_bytes=None)
+    accelerator = dict(
+        depthwise_impl="grouped", remat_impl="barrier", em_unroll=None, group_chunk_bytes=None, norm_impl="ungrouped"
+    )
     assert runtime.execution_settings("gpu", 1, "glibc") == accelerator
     assert runtime.execution_settings("tpu", 8, "tcmalloc") == accelerator
     # only the fields a model has; what the user set wins
@@ -466,13 +470,15 @@ def test_gelu_is_the_exact_erf_form():
     np.testing.assert_allclose(layers.gelu(jnp.asarray(x)), want, rtol=1e-6, atol=1e-6)
 
 
-def test_group_norm1_equals_flax_group_norm_with_one_group():
-    """GroupNorm1's flat reduction: the parameters, values and gradients of ``nn.GroupNorm(num_groups=1)`` (the
-    PyTorch GroupNorm(1, C) the released models use), on inputs far from zero mean and unit variance."""
-    import flax.linen as nn
-
+def test_group_norm_impls_share_parameters_values_and_gradients():
+    """norm_impl 'ungrouped' (GroupNorm1) against 'grouped' (flax's ``nn.GroupNorm(num_groups=1)``, the PyTorch
+    GroupNorm(1, C) of the released models): the same parameters, values and gradients, on inputs far from
+    zero mean and unit variance."""
+    ours, flax_norm = (layers.group_norm("norm", jnp.float32, impl) for impl in ("ungrouped", "grouped"))
+    assert isinstance(ours, layers.GroupNorm1) and flax_norm.num_groups == 1 and flax_norm.epsilon == 1e-5
+    with pytest.raises(ModelConfigError, match="norm_impl='flat' is not one of"):
+        layers.group_norm("norm", jnp.float32, "flat")
     x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 5, 6, 7))
-    ours, flax_norm = layers.GroupNorm1(), nn.GroupNorm(num_groups=1, epsilon=1e-5)
     variables = flax_norm.init(jax.random.PRNGKey(1), x)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x)) == jax.tree.map(jnp.shape, variables)
     variables = jax.tree.map(lambda v: v + jax.random.normal(jax.random.PRNGKey(2), v.shape), variables)

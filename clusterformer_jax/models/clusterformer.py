@@ -33,6 +33,7 @@ class ClusterBlock(nn.Module):
     drop: float = 0.0
     layer_scale_init: float = 1e-5
     dtype: Dtype = jnp.float32
+    norm_impl: str = "ungrouped"  # layers.NORM_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> Tuple[jax.Array, jax.Array]:
@@ -40,10 +41,12 @@ class ClusterBlock(nn.Module):
         gamma1 = self.param("layer_scale_1", scale_init, (self.dim,))
         gamma2 = self.param("layer_scale_2", scale_init, (self.dim,))
         mixer = ClusteringMixer(self.dim, self.heads, self.windows, self.mixer, self.dtype, name="token_mixer")
-        mixed, centers = mixer(group_norm("norm1", self.dtype)(x))
+        mixed, centers = mixer(group_norm("norm1", self.dtype, self.norm_impl)(x))
         x = x + DropPath(self.drop_path)(gamma1 * mixed, deterministic)
         hidden = int(self.dim * self.mlp_ratio)
-        mlp = Mlp(hidden, self.drop, self.dtype, name="mlp")(group_norm("norm2", self.dtype)(x), deterministic)
+        mlp = Mlp(hidden, self.drop, self.dtype, name="mlp")(
+            group_norm("norm2", self.dtype, self.norm_impl)(x), deterministic
+        )
         x = x + DropPath(self.drop_path)(gamma2 * mlp, deterministic)
         return x, centers
 
@@ -68,6 +71,7 @@ class ClusterFormerBackbone(nn.Module):
     remat: bool = False
     remat_impl: str = "barrier"
     remat_policy: str = "nothing_saveable"  # remat.REMAT_POLICIES
+    norm_impl: str = "ungrouped"  # layers.NORM_IMPLS (an execution setting)
     dtype: Dtype = jnp.float32
 
     def _validate(self, images: jax.Array) -> None:
@@ -110,10 +114,11 @@ class ClusterFormerBackbone(nn.Module):
                     self.drop_rate,
                     self.layer_scale_init,
                     self.dtype,
+                    self.norm_impl,
                     name=f"stage_{stage}_block_{block}",
                 )(x, not train)
                 index += 1
-            stages.append(group_norm(f"norm_{stage}", self.dtype)(x))
+            stages.append(group_norm(f"norm_{stage}", self.dtype, self.norm_impl)(x))
         return {"stages": stages, "centers": centers}
 
 

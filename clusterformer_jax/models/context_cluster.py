@@ -135,6 +135,7 @@ class ContextClusterBlock(nn.Module):
     drop: float = 0.0
     layer_scale_init: float = 1e-5
     dtype: Dtype = jnp.float32
+    norm_impl: str = "ungrouped"  # layers.NORM_IMPLS
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -151,9 +152,13 @@ class ContextClusterBlock(nn.Module):
             self.dtype,
             name="token_mixer",
         )
-        x = x + DropPath(self.drop_path)(gamma1 * mixer(group_norm("norm1", self.dtype)(x)), deterministic)
+        x = x + DropPath(self.drop_path)(
+            gamma1 * mixer(group_norm("norm1", self.dtype, self.norm_impl)(x)), deterministic
+        )
         hidden = int(self.dim * self.mlp_ratio)
-        mlp = Mlp(hidden, self.drop, self.dtype, name="mlp")(group_norm("norm2", self.dtype)(x), deterministic)
+        mlp = Mlp(hidden, self.drop, self.dtype, name="mlp")(
+            group_norm("norm2", self.dtype, self.norm_impl)(x), deterministic
+        )
         return x + DropPath(self.drop_path)(gamma2 * mlp, deterministic)
 
 
@@ -174,6 +179,7 @@ class _ContextClusterFields(nn.Module):
     remat: bool = False
     remat_impl: str = "barrier"
     remat_policy: str = "nothing_saveable"  # remat.REMAT_POLICIES
+    norm_impl: str = "ungrouped"  # layers.NORM_IMPLS (an execution setting)
     dtype: Dtype = jnp.float32
 
 
@@ -229,10 +235,11 @@ class ContextClusterBackbone(_ContextClusterFields):
                     drop=self.drop_rate,
                     layer_scale_init=self.layer_scale_init,
                     dtype=self.dtype,
+                    norm_impl=self.norm_impl,
                     name=f"stage_{stage}_block_{block}",
                 )(x, not train)
                 index += 1
-            stages.append(group_norm(f"norm_{stage}", self.dtype)(x) if self.stage_norms else x)
+            stages.append(group_norm(f"norm_{stage}", self.dtype, self.norm_impl)(x) if self.stage_norms else x)
         return {"stages": stages}
 
 
@@ -245,7 +252,7 @@ class ContextClusterClassifier(_ContextClusterFields):
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         arch = {name: getattr(self, name) for name in _ARCH_FIELDS}
         feats = ContextClusterBackbone(**arch, name="backbone")(images, train)
-        x = group_norm("norm", self.dtype)(feats["stages"][-1])
+        x = group_norm("norm", self.dtype, self.norm_impl)(feats["stages"][-1])
         head = nn.Dense(
             self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.truncated_normal(0.02), name="head"
         )

@@ -185,8 +185,7 @@ class GroupNorm1(nn.Module):
     """GroupNorm(1, C): normalises NHWC ``x`` over (H, W, C) per sample (statistics in float32), then a
     per-channel scale and bias. The same parameters ('scale', 'bias') and values as ``nn.GroupNorm(1)``,
     computed without its (..., groups, C / groups) reshape, whose size-1 group axis a TPU tiles as 8 rows
-    (8x the activation's memory in what the backward pass keeps). The statistics reduce one flat (B, H*W*C)
-    axis: XLA's CPU backend runs a train step of CF-T ~10% slower when they reduce the axes (1, 2, 3)."""
+    (8x the activation's memory in what the backward pass keeps)."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -196,17 +195,25 @@ class GroupNorm1(nn.Module):
         channels = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (channels,))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
+        axes = tuple(range(1, x.ndim))
         x32 = x.astype(jnp.float32)
-        flat = x32.reshape(x.shape[0], -1)
-        mean = jnp.mean(flat, axis=1)
-        var = jnp.maximum(jnp.mean(jnp.square(flat), axis=1) - jnp.square(mean), 0.0)
-        per_sample = (x.shape[0],) + (1,) * (x.ndim - 1)
-        mul = jax.lax.rsqrt(var + self.epsilon).reshape(per_sample) * scale
-        return ((x32 - mean.reshape(per_sample)) * mul + bias).astype(self.dtype)
+        mean = jnp.mean(x32, axis=axes, keepdims=True)
+        var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) - jnp.square(mean), 0.0)
+        mul = jax.lax.rsqrt(var + self.epsilon) * scale
+        return ((x32 - mean) * mul + bias).astype(self.dtype)
 
 
-def group_norm(name: str, dtype: Dtype) -> GroupNorm1:
-    """GroupNorm(1, C) with PyTorch's epsilon: normalises over (H, W, C) per sample."""
+NORM_IMPLS = ("ungrouped", "grouped")
+
+
+def group_norm(name: str, dtype: Dtype, impl: str = "ungrouped") -> nn.Module:
+    """GroupNorm(1, C) with PyTorch's epsilon: normalises over (H, W, C) per sample. ``impl`` (an execution
+    setting, same parameters): 'ungrouped' is ``GroupNorm1`` (for TPUs); 'grouped' is flax's
+    ``nn.GroupNorm(1)``, whose train step XLA's CPU backend runs ~10% faster on CF-T."""
+    if impl == "grouped":
+        return nn.GroupNorm(num_groups=1, epsilon=1e-5, dtype=dtype, name=name)
+    if impl != "ungrouped":
+        raise ModelConfigError(f"model field norm_impl={impl!r} is not one of {NORM_IMPLS}")
     return GroupNorm1(epsilon=1e-5, dtype=dtype, name=name)
 
 
