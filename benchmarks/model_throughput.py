@@ -16,7 +16,8 @@ count against the datasheet's dense bf16 peak instead (an 8192^3 matmul is still
 benchmark needs only jax, flax, optax and numpy (torch and timm for --torch). Each timing is the median of
 --repeats runs after a warm-up call. A train step is forward + backward + AdamW update with donated
 buffers. ``--baseline REV`` checks REV out into a temporary git worktree and times the same models with that
-code in a subprocess right after this one, then prints the speed ratios. ``--torch NAME`` times NAME in
+code in a subprocess, then this code in another, and prints the speed ratios (on a shared 2-core VM two
+processes of the same code have differed by up to 15%: repeat the pair). ``--torch NAME`` times NAME in
 PyTorch (random init, CPU, all cores; needs benchmarks/requirements.txt) in the same process and reports its
 MFU against the same peak: clusterformer_{tiny,small}_official is the released model (torch_clusterformer.py,
 the issue's anchor, checked against ours by tests/test_torch_anchor.py), anything else a timm model.

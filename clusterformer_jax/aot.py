@@ -82,7 +82,7 @@ def _use_compiler(platform: str) -> None:
     folder = compiler_dir(platform)
     marker = os.path.join("libtpu", "__init__.py") if platform == "tpu" else "jax_plugins"
     if not os.path.exists(os.path.join(folder, marker)):
-        package = "libtpu==VERSION" if platform == "tpu" else "jax-cuda13-plugin jax-cuda13-pjrt (jax's version)"
+        package = "libtpu==VERSION" if platform == "tpu" else "$CF_CUDA_AOT_PACKAGES (launch/_env.sh)"
         env = LIBTPU_DIR_ENV if platform == "tpu" else CUDA_DIR_ENV
         raise FileNotFoundError(
             f"the {platform} compiler is not installed in {folder}; run the check through `bash launch/aot.sh "
