@@ -89,6 +89,10 @@ def _use_compiler(platform: str) -> None:
             f"...` (installs it), or `pip install --no-deps --target DIR {package}` and set {env}=DIR"
         )
     sys.path.insert(0, folder)
+    if platform == "cuda" and "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):
+        # without a device, XLA's GPU compiler fails to tile some of CF-T's Triton GEMMs ("Couldn't find output
+        # tile sizes", stage 0's center FFN at 64 images/GPU); with cuBLAS GEMMs the same program compiles
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
 
 
 def _abstract(tree: Any, sharding: Any) -> Any:
