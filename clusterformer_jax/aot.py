@@ -50,8 +50,13 @@ from absl import flags  # noqa: E402
 from clusterformer_jax import accelerators  # noqa: E402
 from clusterformer_jax import main as entry  # noqa: E402  # its --config flag and one-line flag errors (imports no jax)
 
-LIBTPU_DIR_ENV = "CLUSTERFORMER_LIBTPU_DIR"
-CUDA_DIR_ENV = "CLUSTERFORMER_CUDA_AOT_DIR"
+# platform: (environment variable naming its folder, the folder inside the venv, a path inside it that shows an
+# install, launch/_env.sh's package list)
+COMPILERS = {
+    "tpu": ("CLUSTERFORMER_LIBTPU_DIR", "libtpu_aot", os.path.join("libtpu", "__init__.py"), "CF_LIBTPU_PACKAGES"),
+    "cuda": ("CLUSTERFORMER_CUDA_AOT_DIR", "cuda_aot", "jax_plugins", "CF_CUDA_AOT_PACKAGES"),
+}
+
 EXIT_DOES_NOT_FIT = 1
 EXIT_USAGE = 2
 GIB = 1024**3
@@ -72,21 +77,25 @@ _JSON = flags.DEFINE_string("json", "", "Write the report to this JSON file.")
 def compiler_dir(platform: str) -> str:
     """Where launch/aot.sh installs the compiler for ``platform`` ('tpu': libtpu, 'cuda': jax's CUDA plugin):
     the folder its environment variable names, else one inside the venv."""
-    env, default = (LIBTPU_DIR_ENV, "libtpu_aot") if platform == "tpu" else (CUDA_DIR_ENV, "cuda_aot")
+    env, default, _, _ = COMPILERS[platform]
     return os.environ.get(env) or os.path.join(sys.prefix, default)
+
+
+def compiler_installed(platform: str) -> bool:
+    """Whether launch/aot.sh (or the user) has installed ``platform``'s compiler in ``compiler_dir``."""
+    return os.path.exists(os.path.join(compiler_dir(platform), COMPILERS[platform][2]))
 
 
 def _use_compiler(platform: str) -> None:
     """Puts the platform's compiler on the import path of this process only (jax finds it when the topology is
     requested)."""
     folder = compiler_dir(platform)
-    marker = os.path.join("libtpu", "__init__.py") if platform == "tpu" else "jax_plugins"
-    if not os.path.exists(os.path.join(folder, marker)):
-        package = "libtpu==VERSION" if platform == "tpu" else "$CF_CUDA_AOT_PACKAGES (launch/_env.sh)"
-        env = LIBTPU_DIR_ENV if platform == "tpu" else CUDA_DIR_ENV
+    if not compiler_installed(platform):
+        env, _, _, packages = COMPILERS[platform]
         raise FileNotFoundError(
             f"the {platform} compiler is not installed in {folder}; run the check through `bash launch/aot.sh "
-            f"...` (installs it), or `pip install --no-deps --target DIR {package}` and set {env}=DIR"
+            f"...` (installs it), or `pip install --no-deps --target DIR ${packages}` (launch/_env.sh) and set "
+            f"{env}=DIR"
         )
     sys.path.insert(0, folder)
     if platform == "cuda" and "xla_gpu_enable_triton_gemm" not in os.environ.get("XLA_FLAGS", ""):

@@ -64,41 +64,37 @@ cf_preload_tcmalloc() {
   export TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD="${TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD:-1099511627776}"
 }
 
-# libtpu for the ahead-of-time compile check (clusterformer_jax/aot.py): the version jax[tpu] pins for the pinned
-# jax, installed without dependencies into its own folder inside the venv, which only the compile check puts on
-# sys.path (with it on the default path, jax would try to open a TPU on every start). ~700 MB.
-CF_LIBTPU_VERSION="0.0.42.1"
-
-cf_ensure_libtpu() {
-  local folder="${CLUSTERFORMER_LIBTPU_DIR:-${CLUSTERFORMER_VENV:-$REPO_ROOT/.venv}/libtpu_aot}"
-  local stamp="$folder/.libtpu-version"
-  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$CF_LIBTPU_VERSION" ]]; then
-    echo "[launch] installing libtpu $CF_LIBTPU_VERSION into $folder (TPU cross-compilation)" >&2
-    rm -rf "$folder"
-    "$PY" -m pip install --quiet --no-deps --target "$folder" "libtpu==$CF_LIBTPU_VERSION" || return 1
-    echo "$CF_LIBTPU_VERSION" > "$stamp"
-  fi
-  CLUSTERFORMER_LIBTPU_DIR="$folder"
-  export CLUSTERFORMER_LIBTPU_DIR
-}
-
-# jax's CUDA plugin for compiling for absent GPUs (aot.py --topology=h100-8): the plugin and PJRT library of the
-# pinned jax's version plus CUDA's compiler parts (ptxas, libdevice), without dependencies, in their own folder
-# that only the compile check puts on sys.path. ~650 MB.
+# The compilers of the ahead-of-time compile check (clusterformer_jax/aot.py), each installed without
+# dependencies into its own folder inside the venv, which only the compile check puts on sys.path (with libtpu
+# on the default path, jax would try to open a TPU on every start). libtpu: the version jax[tpu] pins for the
+# pinned jax, ~700 MB. For absent GPUs (--topology=h100-8): jax's CUDA plugin and PJRT library of the pinned
+# jax's version plus CUDA's compiler parts (ptxas, libdevice), ~650 MB.
+CF_LIBTPU_PACKAGES="libtpu==0.0.42.1"
 CF_CUDA_AOT_PACKAGES="jax-cuda13-plugin==0.10.2 jax-cuda13-pjrt==0.10.2 nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88"
 
-cf_ensure_cuda_aot() {
-  local folder="${CLUSTERFORMER_CUDA_AOT_DIR:-${CLUSTERFORMER_VENV:-$REPO_ROOT/.venv}/cuda_aot}"
+# _cf_ensure_packages VAR SUBDIR WHAT PACKAGES: installs PACKAGES into $VAR (default: the venv's SUBDIR) unless
+# its stamp lists exactly them, then exports VAR.
+_cf_ensure_packages() {
+  local var="$1" what="$3" packages="$4"
+  local folder="${!var:-${CLUSTERFORMER_VENV:-$REPO_ROOT/.venv}/$2}"
   local stamp="$folder/.packages"
-  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$CF_CUDA_AOT_PACKAGES" ]]; then
-    echo "[launch] installing jax's CUDA plugin into $folder (GPU cross-compilation)" >&2
+  if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$packages" ]]; then
+    echo "[launch] installing $packages into $folder ($what)" >&2
     rm -rf "$folder"
     # shellcheck disable=SC2086
-    "$PY" -m pip install --quiet --no-deps --target "$folder" $CF_CUDA_AOT_PACKAGES || return 1
-    echo "$CF_CUDA_AOT_PACKAGES" > "$stamp"
+    "$PY" -m pip install --quiet --no-deps --target "$folder" $packages || return 1
+    echo "$packages" > "$stamp"
   fi
-  CLUSTERFORMER_CUDA_AOT_DIR="$folder"
-  export CLUSTERFORMER_CUDA_AOT_DIR
+  printf -v "$var" '%s' "$folder"
+  export "${var?}"
+}
+
+cf_ensure_libtpu() {
+  _cf_ensure_packages CLUSTERFORMER_LIBTPU_DIR libtpu_aot "TPU cross-compilation" "$CF_LIBTPU_PACKAGES"
+}
+
+cf_ensure_cuda_aot() {
+  _cf_ensure_packages CLUSTERFORMER_CUDA_AOT_DIR cuda_aot "GPU cross-compilation" "$CF_CUDA_AOT_PACKAGES"
 }
 
 # The exit code of a run stopped by SIGTERM/SIGINT after it committed a checkpoint of its last step

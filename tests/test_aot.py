@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from clusterformer_jax import accelerators
+from clusterformer_jax.aot import compiler_installed
 from clusterformer_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,13 +68,7 @@ def test_offline_facts_equal_the_prepared_dataset(tmp_path):
     }
 
 
-def _compiler_installed(platform: str) -> bool:
-    from clusterformer_jax.aot import compiler_dir
-
-    return os.path.exists(os.path.join(compiler_dir(platform), "libtpu" if platform == "tpu" else "jax_plugins"))
-
-
-@pytest.mark.skipif(not _compiler_installed("tpu"), reason="libtpu not installed (launch/test.sh installs it)")
+@pytest.mark.skipif(not compiler_installed("tpu"), reason="libtpu not installed (launch/test.sh installs it)")
 def test_quickstart_cross_compiles_for_v5e_and_a_small_chip_exits_with_one_line(tmp_path):
     """One real compile for an 8-chip v5e slice: the report's numbers are the compiler's, and checked against
     a memory cap between the predict and the train step's needs, the run exits 1 with one line."""
@@ -111,7 +106,7 @@ def test_quickstart_cross_compiles_for_v5e_and_a_small_chip_exits_with_one_line(
     assert "0.03 GiB available" in errors[0]
 
 
-@pytest.mark.skipif(not _compiler_installed("cuda"), reason="jax's CUDA plugin not installed (launch/test.sh)")
+@pytest.mark.skipif(not compiler_installed("cuda"), reason="jax's CUDA plugin not installed (launch/test.sh)")
 def test_quickstart_cross_compiles_for_an_h100_node_without_a_gpu(tmp_path):
     """XLA's GPU compiler, given only the H100's description, compiles the quickstart's train step for 8
     GPUs: memory per GPU from its analysis (no cost analysis without a device), all-reduced gradients, and the
