@@ -1,11 +1,13 @@
-"""Test-wide setup, before JAX is imported anywhere: eight virtual CPU devices, and XLA's LLVM backend at
-optimisation level 0. The suite is dominated by compiling small models; level 0 compiles them about 1.5x
-faster and leaves the arithmetic as it is (XLA's HLO passes and buffer assignment do not depend on it)."""
+"""Test-wide setup, before JAX is imported anywhere: eight virtual CPU devices, and XLA's CPU compiler set to
+compile fast (``tests.CPU_COMPILE_FLAGS``)."""
 
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import CPU_COMPILE_FLAGS  # noqa: E402
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_COMPILE_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if os.environ.get("CF_TEST_XLA_CACHE"):  # launch/test.sh: one persistent XLA cache for the whole run
@@ -14,7 +16,6 @@ if os.environ.get("CF_TEST_XLA_CACHE"):  # launch/test.sh: one persistent XLA ca
     # compiled by a dozen tests and their subprocesses) is read from disk after that.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["CF_TEST_XLA_CACHE"])
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 import pytest  # noqa: E402

@@ -86,7 +86,7 @@ def test_split_and_merge_keep_batch_order():
 
 @pytest.mark.slow
 def test_bfloat16_compute_follows_the_float32_loss_curve(digits_dir):
-    """100 quickstart steps (clusterformer_nano on digits, batch 16, one device) with bfloat16 compute and float32
+    """50 quickstart steps (clusterformer_nano on digits, batch 16, one device) with bfloat16 compute and float32
     parameters: the loss curve, averaged over windows of 10 steps, stays within 0.05 of the float32 one (about 3%
     of the starting loss), and the parameters and optimizer state stay float32."""
     from clusterformer_jax.data import pipeline
@@ -103,12 +103,12 @@ def test_bfloat16_compute_follows_the_float32_loss_curve(digits_dir):
         state = setup.init_state(0)
         batches = pipeline.create_train_iterator(config.input, seed=0, global_batch_size=16)
         losses = []
-        for _ in range(100):
+        for _ in range(50):
             batch = sharding.shard_batch(next(batches), setup.batch_sharding)
             state, acc = setup.train_step(state, batch, setup.empty_train_accumulator())
             losses.append(float(acc[0].compute()["loss"]))
         dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state)) if leaf.ndim}
         assert dtypes == {jnp.dtype(jnp.float32)}, dtypes
-        curves[dtype] = np.asarray(losses).reshape(10, 10).mean(axis=1)
+        curves[dtype] = np.asarray(losses).reshape(-1, 10).mean(axis=1)
     assert curves["float32"][-1] < 0.6 * curves["float32"][0]  # it learns
     np.testing.assert_allclose(curves["bfloat16"], curves["float32"], atol=0.05)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import REPO
+from tests import CPU_COMPILE_FLAGS, REPO
 
 CHILD = r"""
 import json, sys
@@ -64,7 +64,7 @@ PLAN = [
 
 def _child(directory, out, devices, mesh, save_step, restore_steps):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {CPU_COMPILE_FLAGS}"
     done = subprocess.run(
         [
             sys.executable,

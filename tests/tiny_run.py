@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tests import CPU_COMPILE_FLAGS
+
 REPO = Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 30
 EVERY = 10
@@ -91,7 +93,7 @@ def env(**extra: str) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTERFORMER_")}
     out.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_backend_optimization_level=0",  # one CPU device per process
+        XLA_FLAGS=CPU_COMPILE_FLAGS,  # one CPU device per process
         PYTHONPATH=str(REPO),
         TF_CPP_MIN_LOG_LEVEL="2",
     )
