@@ -5,19 +5,24 @@ for every recipe under configs/ and prints the markdown table of benchmarks/RESU
 
 Each row is one ``python -m clusterformer_jax.aot`` process (train step only, at the recipe's global batch
 split over the slice's chips); its JSON lands in --out and a rerun skips rows whose JSON exists, so the table
-can be filled over several sessions. ``--max_batch`` adds the largest per-chip batch that fits (aot.py's
-affine fit of two compiles, checked at the boundary: 3-5 compiles a row).
+can be filled over several sessions. The max-batch column is what the one compile bounds (aot.batch_bound:
+">= N" where the row fits, "<= batch - 1" where it does not); ``--max_batch`` finds the batch itself (aot.py's affine
+fit of two compiles, checked at the boundary: 3-5 compiles a row).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from clusterformer_jax.aot import batch_bound  # noqa: E402
 
 # (label, config argument): the paper's and the released recipes, the peers' ImageNet recipes, the dense ones.
 RECIPES = (
@@ -40,9 +45,13 @@ RECIPES = (
 )
 
 
-def compile_check(config: str, topology: str, out: str, max_batch: bool, extra: list[str]) -> dict:
-    """One aot process (train step at the recipe's batch, optionally --max_batch); its JSON report."""
-    path = os.path.join(out, f"{config.replace('/', '_').replace(':', '-')}_{topology}.json")
+def compile_check(config: str, topology: str, out: str, max_batch: bool, extra: list[str], run: bool) -> dict | None:
+    """One aot process (train step at the recipe's batch, optionally --max_batch); its JSON report, named by
+    the config, the slice and the extra flags. With ``run`` False, only a report already in ``out`` (or None)."""
+    flags = hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8]
+    path = os.path.join(out, f"{config.replace('/', '_').replace(':', '-')}_{topology}_{flags}.json")
+    if not os.path.exists(path) and not run:
+        return None
     if not os.path.exists(path):
         command = [sys.executable, "-m", "clusterformer_jax.aot", f"--config={config}", f"--topology={topology}"]
         command += ["--predict=false", f"--max_batch={max_batch}", f"--json={path}", *extra]
@@ -59,7 +68,8 @@ def main() -> None:
     parser.add_argument("--out", default="aot_results")
     parser.add_argument("--topologies", default="v5e-8")
     parser.add_argument("--only", default="", help="rows whose label or config contains this text")
-    parser.add_argument("--max_batch", action="store_true", help="also the largest per-chip batch (3-4 compiles)")
+    parser.add_argument("--max_batch", action="store_true", help="the largest per-chip batch itself (3-5 compiles)")
+    parser.add_argument("--existing", action="store_true", help="only the rows already in --out; compile nothing")
     parser.add_argument("extra", nargs="*", help="flags for every aot run, e.g. --config.model.kwargs.remat=True")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -73,17 +83,22 @@ def main() -> None:
             continue
         for topology in args.topologies.split(","):
             try:
-                report = compile_check(config, topology, args.out, args.max_batch, args.extra)
+                report = compile_check(config, topology, args.out, args.max_batch, args.extra, not args.existing)
             except RuntimeError as e:
                 print(f"| {label} | {topology} | error: {e} |")
+                continue
+            if report is None:
                 continue
             t = report["train"]
             needed = f"{t['total_gib']:.2f}" if t.get("total_gib") else "?"
             flops = f"{t['tflop']:.2f}" if "tflop" in t else "-"
             step = f"{t['roofline_step_s'] * 1e3:.0f}" if "roofline_step_s" in t else "-"
+            largest = report.get("max_per_chip_batch")
+            if largest is None:
+                largest = f"{'≥' if t['fits'] else '≤'} {batch_bound(t, report['hbm_gib'])}"
             print(
                 f"| {label} | {topology} | {t['per_chip_batch']} ({t['global_batch']}) | {needed} "
-                f"| {'yes' if t['fits'] else 'no'} | {report.get('max_per_chip_batch', '-')} | {flops} | {step} "
+                f"| {'yes' if t['fits'] else 'no'} | {largest} | {flops} | {step} "
                 f"| {t['compile_s']:.0f} |",
                 flush=True,
             )

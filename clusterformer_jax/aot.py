@@ -20,7 +20,7 @@ against the host's memory).
 
 Exit codes: 0 fits; 1 does not fit (one line: GiB needed vs available); 2 bad flags or config. ``--max_batch``
 finds the largest per-chip batch whose train step fits (an affine fit of two compiles, then checked by
-compiling the boundary).
+compiling the boundary); without it, one compile bounds that batch (``batch_bound``).
 
 The compilers are not dependencies of training: ``launch/aot.sh`` installs libtpu into ``.venv/libtpu_aot``
 (or ``$CLUSTERFORMER_LIBTPU_DIR``) and, for GPU nodes, jax's CUDA plugin with CUDA's compiler parts into
@@ -304,6 +304,23 @@ class CompileCheck:
         return guess, sorted(cache)
 
 
+def batch_bound(step: dict[str, Any], hbm_gib: float) -> int:
+    """What one compiled train step says of the largest per-chip batch that fits, without another compile.
+
+    A step that fits: its temporaries taken as all per-image and the rest (arguments, outputs, code) as fixed.
+    If memory is affine in the batch with a non-negative fixed part (gradients, optimizer scratch), that is a
+    lower bound, to within the input batch's own bytes (counted as fixed); larger batches can only do better,
+    since the TPU compiler rematerialises on its own when a program exceeds the chip (CF-T paper on v5e-8: 0.129
+    GiB of temporaries per image in float32 at 128/chip, over the chip, against 0.198 in bfloat16 at 64/chip,
+    which fits). A step that does not fit: the batch below it (for the same reason, no line extrapolates from an
+    over-budget compile)."""
+    batch = step["per_chip_batch"]
+    if not step["fits"]:
+        return batch - 1
+    per_image = step["temporaries_gib"] / batch
+    return max(batch, int((hbm_gib - (step["total_gib"] - step["temporaries_gib"])) // per_image))
+
+
 def _row(name: str, r: dict[str, Any], hbm: float) -> str:
     if "temporaries_gib" not in r:
         needed = f"{r['total_gib']:.2f}" if r.get("total_gib") else "?"
@@ -364,6 +381,10 @@ def run(config: Any, topology_name: str, per_chip_batch: int, hbm_gib: float, pr
     if max_batch:
         report["max_per_chip_batch"], report["max_batch_compiled"] = check.max_batch(report["train"])
         print(f"largest per-chip train batch that fits: {report['max_per_chip_batch']}")
+    else:
+        side = "at least" if report["train"]["fits"] else "at most"
+        bound = batch_bound(report["train"], check.hbm_gib)
+        print(f"largest per-chip train batch that fits: {side} {bound} by this compile (--max_batch finds it)")
     failed = [k for k in ("train", "predict") if k in report and not report[k]["fits"]]
     if failed:
         r = report[failed[0]]

@@ -6,10 +6,10 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # XLA's CPU compiler for tests, in this process (tests/conftest.py) and in the runs tests start: the suite is
-# dominated by compiling small models once, so compile fast and run a little slower. LLVM at optimisation level 0
-# and the classic loop emitters instead of the fusion emitters: the nano's gradient compiles in 3.1 s instead of
-# 11.4 s and runs in 42 ms instead of 34 (2-core CPU, December 2026). The arithmetic is the same IEEE float32
-# (the emitters may order a reduction differently); every comparison in the suite is within one run's flags.
+# dominated by compiling small models once, so compile fast and run a little slower: LLVM at optimisation level 0
+# (11.4 -> 6.6 s for the nano's gradient) and the loop emitters instead of the fusion emitters (-> 3.1 s; it runs
+# in 42 ms instead of 34; 2-core CPU, December 2026). The same IEEE float32 arithmetic (the emitters may order a
+# reduction differently); every comparison in the suite is within one run's flags.
 CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 

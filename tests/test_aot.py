@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from clusterformer_jax import accelerators
-from clusterformer_jax.aot import compiler_installed
+from clusterformer_jax.aot import batch_bound, compiler_installed
 from clusterformer_jax.data import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +51,23 @@ def test_roofline_takes_the_binding_resource():
     chip = accelerators.CHIPS["v5e"]
     assert accelerators.roofline_seconds(197e12, 0.0, chip) == pytest.approx(1.0)
     assert accelerators.roofline_seconds(1.0, 819e9 * 2, chip) == pytest.approx(2.0)
+
+
+def test_one_compile_bounds_the_largest_batch():
+    """A step that fits: on memory affine in the batch with a fixed part >= 0, the bound lies at or below the
+    largest batch that fits, and is that batch when the temporaries have no fixed part. One that does not fit
+    (the TPU compiler may have rematerialised to get there): the batch below it."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        args, fixed_temp, per_image = rng.uniform(0.1, 4.0), rng.uniform(0.0, 3.0), rng.uniform(0.01, 1.0)
+        largest = int((16.0 - args - fixed_temp) // per_image)
+        batch = int(rng.integers(1, largest + 1))
+        temp = fixed_temp + per_image * batch
+        step = dict(per_chip_batch=batch, total_gib=args + temp, temporaries_gib=temp, fits=True)
+        assert batch <= batch_bound(step, 16.0) <= largest
+    # 1 GiB fixed, 0.5 GiB per image
+    assert batch_bound(dict(per_chip_batch=8, total_gib=5.0, temporaries_gib=4.0, fits=True), 16.0) == 30
+    assert batch_bound(dict(per_chip_batch=128, total_gib=17.05, fits=False), 15.75) == 127
 
 
 def test_offline_facts_equal_the_prepared_dataset(tmp_path):
