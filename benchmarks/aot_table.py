@@ -5,9 +5,9 @@ for every recipe under configs/ and prints the markdown table of benchmarks/RESU
 
 Each row is one ``python -m clusterformer_jax.aot`` process (train step only, at the recipe's global batch
 split over the slice's chips); its JSON lands in --out and a rerun skips rows whose JSON exists, so the table
-can be filled over several sessions. The max-batch column is what the one compile bounds (aot.batch_bound:
-">= N" where the row fits, "<= batch - 1" where it does not); ``--max_batch`` finds the batch itself (aot.py's affine
-fit of two compiles, checked at the boundary: 3-5 compiles a row).
+can be filled over several sessions (files are named by config, slice and a hash of the extra flags). The
+max-batch column is what the one compile bounds (aot.batch_bound: ">= N" where the row fits, "<= batch - 1"
+where it does not); ``--max_batch`` finds the batch itself (3-5 compiles a row).
 """
 
 from __future__ import annotations
