@@ -86,12 +86,12 @@ def test_split_and_merge_keep_batch_order():
 
 @pytest.mark.slow
 def test_bfloat16_compute_follows_the_float32_loss_curve(digits_dir):
-    """50 quickstart steps (clusterformer_nano on digits, batch 16, one device) with bfloat16 compute and float32
-    parameters: the loss curve, averaged over windows of 10 steps, stays within 0.05 of the float32 one (about 3%
-    of the starting loss), and the parameters and optimizer state stay float32."""
+    """30 quickstart steps (clusterformer_nano on digits, batch 16, one device) with bfloat16 compute and float32
+    parameters, from the same initial state: the loss curve, averaged over windows of 10 steps, stays within 0.05
+    of the float32 one (about 3% of the starting loss), and the parameters and optimizer state stay float32."""
     from clusterformer_jax.data import pipeline
 
-    curves = {}
+    curves, initial = {}, None
     for dtype in ("float32", "bfloat16"):
         config = load_config("quickstart.py")
         config.input.data_dir = digits_dir
@@ -100,10 +100,12 @@ def test_bfloat16_compute_follows_the_float32_loss_curve(digits_dir):
         info = pipeline.get_dataset_info(config.input)
         mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
         setup = setup_lib.build(config, mesh, info, total_steps=600, steps_per_epoch=info["num_train"] / 16)
-        state = setup.init_state(0)
+        if initial is None:  # parameters are float32 in both; the steps donate their state, so keep a host copy
+            initial = jax.device_get(setup.init_state(0))
+        state = jax.device_put(initial, setup.state_shardings)
         batches = pipeline.create_train_iterator(config.input, seed=0, global_batch_size=16)
         losses = []
-        for _ in range(50):
+        for _ in range(30):
             batch = sharding.shard_batch(next(batches), setup.batch_sharding)
             state, acc = setup.train_step(state, batch, setup.empty_train_accumulator())
             losses.append(float(acc[0].compute()["loss"]))
