@@ -47,8 +47,9 @@ RECIPES = (
 
 def compile_check(config: str, topology: str, out: str, max_batch: bool, extra: list[str], run: bool) -> dict | None:
     """One aot process (train step at the recipe's batch, optionally --max_batch); its JSON report, named by
-    the config, the slice and the extra flags. With ``run`` False, only a report already in ``out`` (or None)."""
-    flags = hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8]
+    the config, the slice and the flags (the extra ones and --max_batch). With ``run`` False, only a report
+    already in ``out`` (or None)."""
+    flags = hashlib.sha1(" ".join(extra + ["--max_batch"] * max_batch).encode()).hexdigest()[:8]
     path = os.path.join(out, f"{config.replace('/', '_').replace(':', '-')}_{topology}_{flags}.json")
     if not os.path.exists(path) and not run:
         return None
