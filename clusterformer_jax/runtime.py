@@ -14,6 +14,8 @@ model code never asks. Every setting gives the same numbers, only speed and memo
   assignments fit this many bytes (a core's L2); None elsewhere, where the group axis is the sharded batch.
 - ``norm_impl``: GroupNorm(1) as flax's ``nn.GroupNorm`` ('grouped', ~10% faster CF-T train steps on XLA
   CPU) or without its size-1 group axis ('ungrouped', which a TPU would tile 8x in what the backward keeps).
+- ``dispatch_impl``: the released hard dispatch through gathers and scatters ('scatter'), or as one-hot
+  matmuls ('onehot') on the TPU, whose scatters cost bytes growing faster than the batch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import functools
 from collections.abc import Collection
 from typing import Any
 
-EXECUTION_FIELDS = ("depthwise_impl", "remat_impl", "em_unroll", "group_chunk_bytes", "norm_impl")
+EXECUTION_FIELDS = ("depthwise_impl", "remat_impl", "em_unroll", "group_chunk_bytes", "norm_impl", "dispatch_impl")
 GROUP_CHUNK_BYTES = 1 << 20
 TCMALLOC_HINT = (
     "apt-get install libtcmalloc-minimal4 and start through launch/*.sh, which preload it: "
@@ -56,6 +58,7 @@ def execution_settings(
         "em_unroll": 1 if cpu and allocator != "tcmalloc" else None,
         "group_chunk_bytes": GROUP_CHUNK_BYTES if cpu and num_devices == 1 else None,
         "norm_impl": "grouped" if cpu else "ungrouped",
+        "dispatch_impl": "onehot" if backend == "tpu" else "scatter",
     }
 
 

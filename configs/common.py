@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.kwargs.depthwise_impl = placeholder(str)  # 'shifted' (fast on XLA CPU) | 'grouped' (cuDNN, TPU)
     config.model.kwargs.remat_impl = placeholder(str)  # 'tied' (XLA CPU) | 'barrier' (nn.remat); with remat=True
     config.model.kwargs.norm_impl = placeholder(str)  # GroupNorm(1): 'grouped' (fast on XLA CPU) | 'ungrouped' (TPU)
+    config.model.kwargs.dispatch_impl = placeholder(str)  # hard dispatch: 'scatter' (CPU, GPU) | 'onehot' (TPU)
     # What a rematerialised block keeps for its backward pass (models/remat.py REMAT_POLICIES), with remat=True.
     config.model.kwargs.remat_policy = placeholder(str)
 

@@ -171,7 +171,8 @@ def test_first_argmax_equals_argmax_with_ties():
         np.testing.assert_array_equal(layers.first_argmax(x, axis), jnp.argmax(x, axis=axis))
 
 
-def test_gather_dispatch_equals_dense_form_with_gradients():
+@pytest.mark.parametrize("impl", ["scatter", "onehot"])
+def test_gather_dispatch_equals_dense_form_with_gradients(impl):
     rng = np.random.RandomState(7)
     g, k, n, e = 4, 9, 13, 5
     dirs = [layers.l2_normalize(jnp.asarray(rng.randn(g, m, e), jnp.float32)) for m in (n, k)]
@@ -179,7 +180,7 @@ def test_gather_dispatch_equals_dense_form_with_gradients():
     values, center_values = (jnp.asarray(rng.randn(g, m, e), jnp.float32) for m in (n, k))
     args = (*dirs, jnp.array([2.5]), jnp.array([-0.4]), values, center_values)
     # ours takes the token directions channel-first
-    ours = lambda t, *rest: dispatch.hard_dispatch(jnp.swapaxes(t, 1, 2), *rest)  # noqa: E731
+    ours = lambda t, *rest: dispatch.hard_dispatch(jnp.swapaxes(t, 1, 2), *rest, impl=impl)  # noqa: E731
     np.testing.assert_allclose(ours(*args), _dense_dispatch(*args), rtol=1e-5, atol=1e-6)
     probe = jnp.asarray(rng.randn(g, n, e), jnp.float32)
     grads = [
@@ -279,15 +280,20 @@ def test_group_chunk_resolution():
 def test_execution_settings_are_resolved_from_the_machine_not_the_model():
     one_cpu = runtime.execution_settings("cpu", 1, "glibc")
     assert one_cpu == dict(
-        depthwise_impl="shifted", remat_impl="tied", em_unroll=1, group_chunk_bytes=1 << 20, norm_impl="grouped"
+        depthwise_impl="shifted",
+        remat_impl="tied",
+        em_unroll=1,
+        group_chunk_bytes=1 << 20,
+        norm_impl="grouped",
+        dispatch_impl="scatter",
     )
     assert runtime.execution_settings("cpu", 1, "tcmalloc")["em_unroll"] is None  # all T: no loop
     assert runtime.execution_settings("cpu", 8, "glibc")["group_chunk_bytes"] is None  # the group axis is sharded
     accelerator = dict(
         depthwise_impl="grouped", remat_impl="barrier", em_unroll=None, group_chunk_bytes=None, norm_impl="ungrouped"
     )
-    assert runtime.execution_settings("gpu", 1, "glibc") == accelerator
-    assert runtime.execution_settings("tpu", 8, "tcmalloc") == accelerator
+    assert runtime.execution_settings("gpu", 1, "glibc") == dict(accelerator, dispatch_impl="scatter")
+    assert runtime.execution_settings("tpu", 8, "tcmalloc") == dict(accelerator, dispatch_impl="onehot")
     # only the fields a model has; what the user set wins
     resolved = runtime.with_execution_settings(
         {"remat_impl", "em_unroll", "num_iters"}, {"em_unroll": 2, "num_iters": None}, backend="cpu", num_devices=1

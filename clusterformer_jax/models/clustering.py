@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clusterformer_jax.errors import ModelConfigError
-from clusterformer_jax.models.dispatch import confidence_dispatch, hard_dispatch, similarity_dispatch
+from clusterformer_jax.models.dispatch import DISPATCH_IMPLS, confidence_dispatch, hard_dispatch, similarity_dispatch
 from clusterformer_jax.models.em import ESTEP_AXES, e_step, em_scan, m_step
 from clusterformer_jax.models.kernels import assignment_logits, soft_assign_sum
 from clusterformer_jax.models.layers import (
@@ -170,7 +170,8 @@ class MixerConfig:
     per machine): em_remat recomputes the EM steps in the backward pass, keeping only their input centers;
     em_unroll: EM steps per scan-loop iteration (None: all T, no loop); group_chunk: groups (image x head x
     window) per iteration of a loop over the clustering, or None; group_chunk_bytes: when group_chunk is
-    None, chunks whose (K, N) float32 assignments fit this many bytes, or None for all groups at once.
+    None, chunks whose (K, N) float32 assignments fit this many bytes, or None for all groups at once;
+    dispatch_impl: the hard dispatch's form ('scatter' or 'onehot', ``dispatch.hard_dispatch``).
     """
 
     head_dim: int = 32
@@ -187,6 +188,7 @@ class MixerConfig:
     em_unroll: Optional[int] = None
     group_chunk: Optional[int] = None
     group_chunk_bytes: Optional[int] = None
+    dispatch_impl: str = "scatter"
 
     def validate(self) -> None:
         for field, value, allowed in (
@@ -195,6 +197,7 @@ class MixerConfig:
             ("dispatch", self.dispatch, DISPATCHES),
             ("center_update", self.center_update, CENTER_UPDATES),
             ("partition", self.partition, PARTITIONS),
+            ("dispatch_impl", self.dispatch_impl, DISPATCH_IMPLS),
         ):
             if value not in allowed:
                 raise ModelConfigError(f"model field {field}={value!r} is not one of {allowed}")
@@ -279,14 +282,19 @@ class ClusteringMixer(nn.Module):
         center_dirs = l2_normalize(centers.astype(jnp.float32))
         if cfg.dispatch == "official":
             token_dirs = l2_normalize(dispatch_queries.astype(jnp.float32), axis=1)  # channel-first (G, e, N)
-            out = hard_dispatch(token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32))
+            out = hard_dispatch(
+                token_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32), cfg.dispatch_impl
+            )
             return (unscramble(out) if raw else out), centers
         token_dirs = l2_normalize(dispatch_queries.astype(jnp.float32))
         if cfg.dispatch == "paper":
             return similarity_dispatch(token_dirs, center_dirs, centers, alpha, beta), centers
         if cfg.dispatch == "fc_similarity":  # Context Cluster: aggregate values at the most similar center
             cf_dirs = jnp.swapaxes(token_dirs, 1, 2)
-            return hard_dispatch(cf_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32)), centers
+            out = hard_dispatch(
+                cf_dirs, center_dirs, alpha, beta, values, center_values.astype(jnp.float32), cfg.dispatch_impl
+            )
+            return out, centers
         if cfg.dispatch == "confidence":
             return confidence_dispatch(token_dirs, center_dirs, centers.astype(jnp.float32), alpha), centers
         out = values.astype(jnp.float32)  # 'none': the tokens keep their values

@@ -5,9 +5,9 @@ place that collects them, so model modules never import the registry. Overrides 
 model's fields, so a typo in ``config.model.kwargs`` fails with one line naming the field.
 
 ``create_model`` and ``create_backbone`` fill the execution fields the model has (``runtime.EXECUTION_FIELDS``:
-depthwise_impl, remat_impl, em_unroll, group_chunk_bytes, norm_impl; same numbers, different speed) with this
-machine's settings unless the caller passes them (None included), so ``create_model(name)`` in a notebook runs
-as fast as through the trainer; the module classes themselves never read the machine.
+depthwise_impl, remat_impl, em_unroll, group_chunk_bytes, norm_impl, dispatch_impl; same numbers, different speed)
+with this machine's settings unless the caller passes them (None included), so ``create_model(name)`` in a
+notebook runs as fast as through the trainer; the module classes themselves never read the machine.
 """
 
 from __future__ import annotations
