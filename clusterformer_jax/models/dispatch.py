@@ -50,7 +50,7 @@ def hard_dispatch(
     scatters, so only the argmax needs a (G, K, N) array; 'onehot' is the released dense form (a one-hot
     (G, K, N) mask in three matmuls), for the TPU, whose scatters cost bytes growing faster than the batch
     (one CF-T stage-1 dispatch with its gradient for a v5e chip: 9.3 GB accessed at 16 images, 183 GB at 32;
-    one-hot: 2.0 and 4.1 GB).
+    one-hot: 2.5 and 5.1 GB; benchmarks/dispatch_forms.py).
     """
     g, k = center_dirs.shape[:2]
     cos = jnp.einsum("gke,gen->gkn", jax.lax.stop_gradient(center_dirs), jax.lax.stop_gradient(token_dirs))
