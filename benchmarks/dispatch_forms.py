@@ -24,23 +24,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="16,32", help="images per chip")
     args = parser.parse_args()
-    aot._use_compiler("tpu")
+    aot.use_compiler("tpu")
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+    from clusterformer_jax import accelerators
     from clusterformer_jax.models.dispatch import DISPATCH_IMPLS, hard_dispatch
 
-    described = topologies.get_topology_desc(
-        platform="tpu",
-        topology_name="v5e:1x1",
-        chip_config_name="default",
-        chips_per_host_bounds=(1, 1, 1),
-        num_slices=1,
-    )  # one v5e chip
-    replicated = NamedSharding(Mesh(np.array(described.devices[:1]), ("x",)), PartitionSpec())
+    devices = aot.topology_devices(accelerators.topology("v5e-1"))
+    replicated = NamedSharding(Mesh(np.array(devices), ("x",)), PartitionSpec())
     print(
         "| form | images/chip | groups | GB accessed | GFLOP | temporaries GiB | compile s |\n|---|---|---|---|---|---|---|"
     )

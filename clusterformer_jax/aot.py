@@ -86,7 +86,7 @@ def compiler_installed(platform: str) -> bool:
     return os.path.exists(os.path.join(compiler_dir(platform), COMPILERS[platform][2]))
 
 
-def _use_compiler(platform: str) -> None:
+def use_compiler(platform: str) -> None:
     """Puts the platform's compiler on the import path of this process only (jax finds it when the topology is
     requested)."""
     folder = compiler_dir(platform)
@@ -190,12 +190,33 @@ def compile_program(jitted: Any, args: Sequence[Any], hbm_gib: float) -> dict[st
     return report
 
 
+def topology_devices(topology: accelerators.Topology) -> list[Any]:
+    """The devices of a TPU slice or GPU node as its compiler describes them, with no hardware present (the
+    compiler must be on the import path: ``use_compiler``)."""
+    from jax.experimental import topologies
+
+    if topology.platform == "cuda":
+        described = topologies.get_topology_desc(
+            platform="cuda",
+            target_config=accelerators.gpu_target_config(topology.chip),
+            topology=topology.topology_name,
+        )
+    else:
+        described = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topology.topology_name,
+            chip_config_name=topology.chip_config_name,
+            chips_per_host_bounds=topology.chips_per_host_bounds,
+            num_slices=1,
+        )
+    return described.devices
+
+
 class CompileCheck:
     """One config on one slice: ``train(per_chip_batch)`` and ``predict()`` compile reports."""
 
     def __init__(self, config: Any, topology: accelerators.Topology, chip: accelerators.Chip, hbm_gib: float):
         import jax
-        from jax.experimental import topologies
 
         from clusterformer_jax import sharding
         from clusterformer_jax.tasks import registry as task_registry
@@ -205,21 +226,7 @@ class CompileCheck:
         if topology.name == "local":  # this process's own devices (a lent GPU, or the CPU), its own settings
             self.devices, self.machine = jax.devices(), None
         else:
-            if topology.platform == "cuda":
-                described = topologies.get_topology_desc(
-                    platform="cuda",
-                    target_config=accelerators.gpu_target_config(topology.chip),
-                    topology=topology.topology_name,
-                )
-            else:
-                described = topologies.get_topology_desc(
-                    platform="tpu",
-                    topology_name=topology.topology_name,
-                    chip_config_name=topology.chip_config_name,
-                    chips_per_host_bounds=topology.chips_per_host_bounds,
-                    num_slices=1,
-                )
-            self.devices = described.devices
+            self.devices = topology_devices(topology)
             backend = "gpu" if topology.platform == "cuda" else "tpu"
             self.machine = {"backend": backend, "num_devices": len(self.devices), "allocator": "none"}
         self.mesh = sharding.create_mesh(config.mesh, devices=self.devices)
@@ -358,7 +365,7 @@ def run(config: Any, topology_name: str, per_chip_batch: int, hbm_gib: float, pr
         topology = accelerators.Topology("local", key or kind, "", "", (1, 1, 1), jax.device_count())
     else:
         topology = accelerators.topology(topology_name)
-        _use_compiler(topology.platform)
+        use_compiler(topology.platform)
         chip = accelerators.CHIPS[topology.chip]
     if not (hbm_gib or chip.hbm_gib):
         raise ValueError(f"no memory size known for device {chip.name!r}; pass --hbm_gib")

@@ -57,7 +57,7 @@ def hard_dispatch(
     choice = first_argmax(jax.nn.sigmoid(beta + alpha * cos), axis=1)  # (G, N)
     if impl == "onehot":
         mask = jax.nn.one_hot(choice, k, axis=1, dtype=jnp.float32)  # (G, K, N)
-        chosen_dirs = jnp.einsum("gke,gkn->gen", center_dirs.astype(jnp.float32), mask)
+        chosen_dirs = jnp.einsum("gke,gkn->gen", center_dirs, mask)
     else:
         chosen_dirs = jnp.take_along_axis(jnp.swapaxes(center_dirs, 1, 2), choice[:, None, :], axis=2)
     # the chosen similarity, recomputed from the chosen center: its gradient stays (G, N, e)-sized
