@@ -163,7 +163,7 @@ def test_an_asynchronous_save_that_fails_is_one_error_naming_its_step(tmp_path, 
 
 
 def test_a_summary_writer_failure_is_one_error_and_then_quiet(tmp_path):
-    from clusterformer_jax.trainers import trainer
+    from clusterformer_jax.trainers.summaries import WorkdirWriter
 
     class Full:
         def write_scalars(self, step, values):
@@ -180,7 +180,7 @@ def test_a_summary_writer_failure_is_one_error_and_then_quiet(tmp_path):
     ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), max_to_keep=None, async_save=False)
     ckpt.save(10, _toy_state(10), force=True)
     full = Full()
-    writer = trainer.WorkdirWriter(full, str(tmp_path), ckpt)
+    writer = WorkdirWriter(full, str(tmp_path), ckpt)
     with pytest.raises(checkpointing.WorkdirWriteError) as error:
         writer.write_scalars(12, {"loss": 1.0})
     message = str(error.value)

@@ -27,7 +27,7 @@ TOTAL_STEPS = 30
 EVERY = 10
 
 CHILD = """
-import json, sys, time
+import atexit, json, sys, time
 import flax.linen as nn
 from clusterformer_jax.data import pipeline
 from clusterformer_jax.models import registry
@@ -60,6 +60,7 @@ class Slowed:
             self._inner.close()
 
 registry.register_model("tiny_test_net", TinyNet)
+atexit.register(lambda: print("imported tensorflow:", "tensorflow" in sys.modules, flush=True))
 create, seconds = pipeline.create_train_iterator, float(sys.argv.pop(1))
 pipeline.create_train_iterator = lambda *a, **k: Slowed(create(*a, **k), seconds)
 from clusterformer_jax import main

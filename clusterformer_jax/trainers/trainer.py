@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -19,9 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from clu import parameter_overview
-from clu import periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
@@ -32,11 +29,12 @@ from clusterformer_jax import preemption
 from clusterformer_jax import runtime
 from clusterformer_jax import sharding
 from clusterformer_jax import workdir_lock
-from clusterformer_jax.errors import ConfigError, one_line
+from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.tasks import registry as task_registry
 from clusterformer_jax.trainers import progress
 from clusterformer_jax.trainers.progress import StepClock
 from clusterformer_jax.trainers.restore import restore_or_init
+from clusterformer_jax.trainers.summaries import EventWriter, WorkdirWriter
 from clusterformer_jax.trainers.setup import Setup, TrainState, build, execution_fields
 
 DATASET_INFO_FILE = "dataset_info.json"  # the dataset's description, beside config.json
@@ -77,47 +75,6 @@ def _validate(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 def _shard(batch: Mapping[str, np.ndarray], setup: Setup) -> dict[str, jax.Array]:
     return sharding.shard_batch(batch, setup.batch_sharding)
-
-
-class WorkdirWriter:
-    """The run's metric writer. Its first failure to write the event files (no space left, permission lost)
-    ends the run with one line (``checkpointing.WorkdirWriteError``: step, cause, last good checkpoint);
-    after it every call does nothing."""
-
-    def __init__(self, writer: metric_writers.MetricWriter, workdir: str, ckpt: checkpointing.Checkpointer):
-        self._writer, self._workdir, self._ckpt = writer, workdir, ckpt
-        self._step: int | None = None
-        self._failed = False
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._writer, name)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self._failed:
-                if name == "close":
-                    try:
-                        method()
-                    except Exception:  # pylint: disable=broad-except  # reported already
-                        pass
-                return None
-            if args and isinstance(args[0], (int, np.integer)):
-                self._step = int(args[0])
-            try:
-                return method(*args, **kwargs)
-            except (AttributeError, TypeError, NameError):
-                raise
-            except Exception as e:  # pylint: disable=broad-except
-                self._failed = True
-                good = self._ckpt.last_good_step()
-                last = f"the last good checkpoint is step {good}" if good is not None else "there is no checkpoint"
-                cause = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", one_line(e.__cause__ or e))
-                raise checkpointing.WorkdirWriteError(
-                    f"writing the summaries (TensorBoard event file) in {self._workdir} failed after step "
-                    f"{self._step} ({type(e.__cause__ or e).__name__}: {cause}); {last} (a rerun resumes from it): "
-                    "free space, fix permissions or quota there, then rerun the same command"
-                ) from None
-
-        return call
 
 
 def evaluate(setup: Setup, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, Any]:
@@ -199,8 +156,7 @@ def _prepare_and_run(
         save_interval_steps=config.checkpoint.every_steps,
         async_save=config.checkpoint.async_save,
     )
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_primary, asynchronous=True)
-    writer = WorkdirWriter(writer, workdir, ckpt)
+    writer = WorkdirWriter(EventWriter(workdir if is_primary else None), workdir, ckpt)
     clock = StepClock()
     try:
         return _run(
@@ -230,7 +186,7 @@ def _run(
     workdir: epath.Path,
     setup: Setup,
     ckpt: checkpointing.Checkpointer,
-    writer: metric_writers.MetricWriter,
+    writer: WorkdirWriter,
     train_iter: Iterator[Mapping[str, np.ndarray]],
     clock: StepClock,
     total_steps: int,
@@ -259,7 +215,6 @@ def _run(
     def eval_batches():
         return task_registry.input_module(config).create_eval_iterator(config.input, global_batch_size=eval_batch)
 
-    report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     acc = setup.empty_train_accumulator()
     train_step = None
     last_good = ckpt.latest_step()
@@ -288,7 +243,6 @@ def _run(
         state, acc = train_step(state, batch, acc)
         step += 1
         clock.dispatched(step, jnp.copy(state.step))  # state itself is donated to the next step
-        report_progress(step, time.time())
 
         preempted = guard.should_stop(step, ckpt.reached_preemption)
         if step % config.log_every_steps == 0 or step == total_steps or preempted:
@@ -298,8 +252,8 @@ def _run(
             window = max(now - log_time, 1e-9)
             values["train_data_wait_fraction"] = data_wait / window
             values["train_input_stall_fraction"] = input_stall / window
+            rate = values["train_steps_per_second"] = (step - log_step) / window
             writer.write_scalars(step, values)
-            rate = (step - log_step) / window
             eta = (total_steps - step) / rate if rate > 0 else float("inf")
             logging.info(
                 "step %d/%d  loss %.4f  lr %.3g  %.2f steps/s  input stall %.1f%% (waited %.1f%%)  ETA %s",
@@ -339,15 +293,13 @@ def _run(
 
         if eval_every > 0 and step % eval_every == 0 and step < total_steps:
             eval_start = time.time()
-            with report_progress.timed("eval"):
-                metrics = evaluate(setup, state, eval_batches())
+            metrics = evaluate(setup, state, eval_batches())
             log_time += time.time() - eval_start  # keep eval time out of the train steps/s
             writer.write_scalars(step, {f"eval_{k}": v for k, v in metrics.items()})
             logging.info("eval at step %d: %s", step, progress.format_metrics(metrics))
 
     ckpt.wait()
-    with report_progress.timed("eval"):
-        metrics = evaluate(setup, state, eval_batches())
+    metrics = evaluate(setup, state, eval_batches())
     writer.write_scalars(step, {f"eval_{k}": v for k, v in metrics.items()})
     seconds = time.time() - start_time
     results = {
