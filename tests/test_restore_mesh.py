@@ -1,4 +1,4 @@
-"""A checkpoint saved on one device count restores on another (8 -> 4 -> 1 -> 8 virtual CPU devices).
+"""A checkpoint saved on one device count restores on another (8 -> 1 -> 8 virtual CPU devices).
 
 The device count is fixed per process (XLA_FLAGS), so each mesh runs in its own subprocess: it restores the
 steps the others saved onto its own shardings, writes what it got, and saves a state of its own.
@@ -53,12 +53,11 @@ ckpt.close()
 print("REPORT " + json.dumps(report))
 """
 
-# (devices, mesh, step saved, steps restored): 8 -> 4, 8 -> 1, 4 -> 1, 1 -> 8, 4 -> 8
+# (devices, mesh, step saved, steps restored): 8 -> 1, 1 -> 8, and leaves split 4 ways re-split 8 ways
 PLAN = [
     (8, {"data": 2, "fsdp": 4}, 1, []),
-    (4, {"data": 1, "fsdp": 4}, 2, [1]),
-    (1, {"data": 1, "fsdp": 1}, 3, [1, 2]),
-    (8, {"data": 1, "fsdp": 8}, 0, [2, 3]),
+    (1, {"data": 1, "fsdp": 1}, 2, [1]),
+    (8, {"data": 1, "fsdp": 8}, 0, [1, 2]),
 ]
 
 
@@ -91,10 +90,10 @@ def _child(directory, out, devices, mesh, save_step, restore_steps):
 def test_checkpoint_restores_onto_other_device_counts_bitwise(tmp_path):
     directory = str(tmp_path / "checkpoints")
     reports = [_child(directory, str(tmp_path), *entry) for entry in PLAN]
-    assert [r["devices"] for r in reports] == [8, 4, 1, 8]
-    assert reports[0]["saved_sharded"] > 20 and reports[1]["saved_sharded"] > 20  # fsdp-split leaves
-    assert reports[2]["saved_sharded"] == 0  # one device
-    assert reports[3]["restored"]["3"] > 20  # the 1-device checkpoint split over 8 devices
+    assert [r["devices"] for r in reports] == [8, 1, 8]
+    assert reports[0]["saved_sharded"] > 20  # fsdp-split leaves
+    assert reports[1]["saved_sharded"] == 0  # one device
+    assert reports[2]["restored"]["2"] > 20  # the 1-device checkpoint split over 8 devices
     for devices, _, _, restored in PLAN:
         for step in restored:
             saved = np.load(tmp_path / f"saved_{step}.npz")

@@ -1,12 +1,13 @@
 """The shared trainer on 8 virtual CPU devices: sharding invariance, checkpoints, exact resume, NaN stop, CLI.
 
-Compiled programs go to a per-session persistent compilation cache, so the three runs of the resume test
-compile the nano model once.
+Compiled programs go to a per-session persistent compilation cache, so the whole runs compile the nano model
+once.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -323,20 +324,21 @@ def test_quickstart_smoke_run_writes_results(uninterrupted):
 
 
 @pytest.mark.slow
-def test_resume_after_preemption_is_bitwise_identical(uninterrupted, tmp_path, monkeypatch):
+def test_resume_from_a_checkpoint_is_bitwise_identical(uninterrupted, tmp_path):
+    """A run that starts from the uninterrupted run's step-10 checkpoint (train state and input position) ends
+    bitwise equal to it: parameters, optimizer state and eval metrics. (The preemption paths that write such a
+    checkpoint and exit, SIGTERM and the multi-host preemption service, are test_preemption's.)"""
     config, reference_dir, reference = uninterrupted
     workdir = tmp_path / "resumed"
-    with monkeypatch.context() as patch:
-        patch.setattr(checkpointing.Checkpointer, "reached_preemption", lambda self, step: step == 10)
-        first = trainer.train_and_evaluate(config, str(workdir))
-    assert first == {"preempted": True, "steps": 10}
-    assert not (workdir / "results.json").exists()
-    second = trainer.train_and_evaluate(config, str(workdir))
-    assert second["steps"] == 20 and second["train_steps_this_run"] == 10
-    assert (second["top1"], second["top5"], second["loss"]) == (reference["top1"], reference["top5"], reference["loss"])
-    resumed = _restore_final(config, workdir, 20)
-    uninterrupted_state = _restore_final(config, reference_dir, 20)
-    for got, want in _tree_pairs(resumed, uninterrupted_state):
+    shutil.copytree(reference_dir / "checkpoints" / "10", workdir / "checkpoints" / "10")
+    resumed = trainer.train_and_evaluate(config, str(workdir))
+    assert resumed["steps"] == 20 and resumed["train_steps_this_run"] == 10
+    assert (resumed["top1"], resumed["top5"], resumed["loss"]) == (
+        reference["top1"],
+        reference["top5"],
+        reference["loss"],
+    )
+    for got, want in _tree_pairs(_restore_final(config, workdir, 20), _restore_final(config, reference_dir, 20)):
         np.testing.assert_array_equal(got, want)
 
 
