@@ -150,14 +150,12 @@ class RunPredictor:
 
         from clusterformer_jax import export, sharding
         from clusterformer_jax.serving.inference import serving_apply
-        from clusterformer_jax.trainers.restore import init_params_from
         from clusterformer_jax.trainers.setup import build
 
         self.config, self.dataset_info = export.load_run(workdir)
         mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
         self.setup = build(self.config, mesh, self.dataset_info, total_steps=1, steps_per_epoch=1.0)
-        state = init_params_from(workdir, self.setup, self.setup.init_state(0))
-        self.variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        self.variables, _ = export.load_variables(workdir, self.setup)  # restored into their shapes: no init
         self.serving = self.setup.task.serving(self.config, self.dataset_info)
         self.serving.score_threshold = score_threshold
         self.transform = self.serving.preprocess.host_transform(self.config.input)

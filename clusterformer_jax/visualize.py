@@ -151,17 +151,13 @@ def load(workdir: str | None, init_from: str | None, name: str, size: int | None
     A workdir's dataset facts come from its dataset_info.json when it has one (no dataset needed)."""
     if workdir:
         from clusterformer_jax import sharding
-        from clusterformer_jax.export import load_run
-        from clusterformer_jax.trainers.restore import init_params_from
+        from clusterformer_jax.export import load_run, load_variables
         from clusterformer_jax.trainers.setup import build
 
         config, info = load_run(workdir)
         mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
         setup = build(config, mesh, info, total_steps=1, steps_per_epoch=1.0)
-        state = init_params_from(workdir, setup, setup.init_state(0))
-        variables = {"params": state.params}
-        if getattr(state, "batch_stats", None):
-            variables["batch_stats"] = state.batch_stats
+        variables, _ = load_variables(workdir, setup)  # restored into their shapes: no init
         return setup.model, variables, size or int(config.input.get("image_size") or info["image_size"]), config.input
     size = size or (32 if name == "clusterformer_nano" else 224)
     if init_from:

@@ -1,9 +1,8 @@
 """The tiny configs the test files share: one dense, one classification.
 
 Every test that compiles a dense model or a classifier through the trainer starts from one of these, so the
-programs it compiles (the init, the train step on a mesh, the one-device init that ``predict`` and
-``visualize`` restore into) are the same programs another file compiled, and the run-wide persistent XLA
-cache (launch/test.sh, tests/conftest.py) serves them. Change a preset and every file that uses it changes.
+programs it compiles (the init, the train step on a mesh, the one-device predict step) are the same programs
+another file compiled, and the run-wide persistent XLA cache (launch/test.sh, tests/conftest.py) serves them. Change a preset and every file that uses it changes.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import ml_collections
 
 from tests import load_config
 
+DIGITS_INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}  # the prepared digits
 DENSE_BATCH = 8
 DENSE_STEPS = 6  # the whole dense run's length
 

@@ -21,9 +21,9 @@ from clusterformer_jax.data import shapes as shapes_lib
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.models import registry
 from clusterformer_jax.trainers.setup import build
-from tests import REPO, load_config
+from tests import REPO, load_config, presets
 
-DIGITS_INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}
+DIGITS_INFO = presets.DIGITS_INFO
 
 
 class _BatchNormNet(nn.Module):

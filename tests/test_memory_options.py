@@ -13,7 +13,7 @@ from clusterformer_jax import sharding
 from clusterformer_jax.errors import ConfigError
 from clusterformer_jax.models import registry
 from clusterformer_jax.trainers import setup as setup_lib
-from tests import load_config
+from tests import load_config, presets
 
 INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 16}
 
@@ -86,31 +86,30 @@ def test_split_and_merge_keep_batch_order():
 
 @pytest.mark.slow
 def test_bfloat16_compute_follows_the_float32_loss_curve(digits_dir):
-    """30 quickstart steps (clusterformer_nano on digits, batch 16, one device) with bfloat16 compute and float32
-    parameters, from the same initial state: the loss curve, averaged over windows of 10 steps, stays within 0.05
-    of the float32 one (about 3% of the starting loss), and the parameters and optimizer state stay float32."""
+    """20 steps of the tiny classification preset (tests/presets.py: clusterformer_nano on digits, batch 16, every
+    random op on) on one device with bfloat16 compute and float32 parameters, from the same initial state: the
+    loss curve, averaged over windows of 10 steps, stays within 0.05 of the float32 one (about 2% of the starting
+    loss), and the parameters and optimizer state stay float32. The float32 step is test_trainer's one-device
+    reference program, which the run-wide compilation cache serves."""
     from clusterformer_jax.data import pipeline
 
     curves, initial = {}, None
     for dtype in ("float32", "bfloat16"):
-        config = load_config("quickstart.py")
-        config.input.data_dir = digits_dir
-        config.batch_size = 16
+        config = presets.tiny_classification_config(digits_dir)
         config.model.kwargs.dtype = dtype
-        info = pipeline.get_dataset_info(config.input)
         mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
-        setup = setup_lib.build(config, mesh, info, total_steps=600, steps_per_epoch=info["num_train"] / 16)
+        setup = setup_lib.build(config, mesh, presets.DIGITS_INFO, total_steps=20, steps_per_epoch=1.0)
         if initial is None:  # parameters are float32 in both; the steps donate their state, so keep a host copy
             initial = jax.device_get(setup.init_state(0))
         state = jax.device_put(initial, setup.state_shardings)
         batches = pipeline.create_train_iterator(config.input, seed=0, global_batch_size=16)
         losses = []
-        for _ in range(30):
+        for _ in range(20):
             batch = sharding.shard_batch(next(batches), setup.batch_sharding)
             state, acc = setup.train_step(state, batch, setup.empty_train_accumulator())
             losses.append(float(acc[0].compute()["loss"]))
         dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state)) if leaf.ndim}
         assert dtypes == {jnp.dtype(jnp.float32)}, dtypes
         curves[dtype] = np.asarray(losses).reshape(-1, 10).mean(axis=1)
-    assert curves["float32"][-1] < 0.6 * curves["float32"][0]  # it learns
+    assert curves["float32"][-1] < 0.75 * curves["float32"][0]  # it learns (2.17 -> 1.51)
     np.testing.assert_allclose(curves["bfloat16"], curves["float32"], atol=0.05)

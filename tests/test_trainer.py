@@ -36,7 +36,7 @@ from tests import entry_point, load_config, presets
 pytestmark = [pytest.mark.xdist_group("trainer"), pytest.mark.usefixtures("persistent_compilation_cache")]
 
 REPO = Path(__file__).resolve().parents[1]
-DIGITS_INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}
+DIGITS_INFO = presets.DIGITS_INFO
 
 
 def _tree_pairs(a, b):

@@ -1,7 +1,6 @@
 """Cluster maps: the right shape, every pixel labelled, equal to the argmax of the model's sown assignment
 (encoder blocks, and the cluster decoder's layers of a dense run)."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,13 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from clusterformer_jax import checkpointing, sharding, visualize
+from clusterformer_jax import visualize
 from clusterformer_jax.data import dense_pipeline
 from clusterformer_jax.models import registry
 from clusterformer_jax.models.context_cluster import stage_sizes
-from clusterformer_jax.trainers.setup import build
-from clusterformer_jax.trainers.trainer import DATASET_INFO_FILE, _jsonable
 from tests import presets
+from tests.test_export import _trained_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,19 +90,12 @@ def test_visualize_writes_a_strip(tmp_path, nano):
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory, shapes_dir, persistent_compilation_cache):
     """A tiny instance-segmentation workdir as the trainer leaves one (config.json, dataset_info.json, a
-    checkpoint), its checkpoint the fresh init: the maps need the run's model and weights, not training.
+    checkpoint) with random weights (test_export's): the maps need the run's model and weights, not training.
     The shared tiny dense preset (tests/presets.py: ClusterFormer nano on the 64 px small shapes; decoder: 2
-    layers (strides 32, 16), 8 queries, 2 heads), whose one-device init ``predict`` compiles too."""
-    workdir = tmp_path_factory.mktemp("dense_run")
+    layers (strides 32, 16), 8 queries, 2 heads)."""
+    workdir = tmp_path_factory.mktemp("dense_run") / "run"
     config = presets.tiny_dense_config(shapes_dir)
-    info = dense_pipeline.get_dataset_info(config.input)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    (workdir / DATASET_INFO_FILE).write_text(json.dumps(dict(info), default=_jsonable))
-    mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    state = build(config, mesh, info, total_steps=1, steps_per_epoch=1.0).init_state(0)
-    ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(str(workdir)), async_save=False)
-    ckpt.save(0, state, force=True)
-    ckpt.close()
+    _trained_run(str(workdir), config.model.name, config, dense_pipeline.get_dataset_info(config.input))
     return workdir
 
 
