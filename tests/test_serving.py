@@ -22,7 +22,6 @@ from PIL import Image
 from clusterformer_jax import export, predict
 from clusterformer_jax.data import dense_pipeline, pipeline
 from clusterformer_jax.evaluation import coco
-from clusterformer_jax.serving import preprocess
 from clusterformer_jax.trainers import trainer
 from tests import REPO, presets
 from tests.test_export import _trained_run
@@ -121,6 +120,8 @@ def served(tmp_path_factory, digits_dir, shapes_dir):
 
 
 def test_classifier_saved_model_matches_the_trainer_without_jax(served):
+    from clusterformer_jax.serving import preprocess  # TensorFlow: imported when run, not collected
+
     run, loaded = served["runs"]["classifier"], served["loaded"]
     setup, state = run["setup"], run["state"]
     images = run["requests"]["pre_images"]
@@ -136,7 +137,7 @@ def test_classifier_saved_model_matches_the_trainer_without_jax(served):
     assert loaded["classifier/bytes3/top_k_names"][0].tolist() == [str(c).encode() for c in top[0]]
     np.testing.assert_allclose(loaded["classifier/bytes3/top_k_scores"].sum(axis=1) <= 1.0 + 1e-6, True)
     assert str(loaded["classifier/bad"]) == "InvalidArgumentError"  # a TF error; the loader carried on
-    from tensorflow.python.tools import saved_model_cli  # here: collecting this file imports no TensorFlow
+    from tensorflow.python.tools import saved_model_cli
 
     listing = io.StringIO()
     with contextlib.redirect_stdout(listing):  # what `saved_model_cli show --all --dir DIR` prints
@@ -151,6 +152,8 @@ def test_classifier_saved_model_matches_the_trainer_without_jax(served):
 def test_instance_saved_model_matches_the_evaluator_mapping(served):
     """Boxes / scores to 1e-4 and masks on >= 99.9% of pixels against predict_step + the COCO evaluator's
     mapping to source pixels, through both signatures and batch sizes 1 and 3."""
+    from clusterformer_jax.serving import preprocess  # TensorFlow: imported when run, not collected
+
     run, loaded = served["runs"]["instance"], served["loaded"]
     req = run["requests"]
     task = run["setup"].task
@@ -213,6 +216,7 @@ def test_predict_images_reproduces_the_evaluator_top1_and_skips_a_corrupt_file(s
 def test_dense_postprocessing_matches_the_evaluators_at_other_image_sizes(tmp_path):
     """The TF mapping back to source pixels against the evaluators' numpy (evaluation/coco.py, semantic.py) for
     images that the eval transform shrank or grew (the shapes runs above keep their 64 px); no model needed."""
+    from clusterformer_jax.serving import preprocess  # TensorFlow: imported when run, not collected
     import tensorflow as tf
 
     from clusterformer_jax.evaluation.semantic import map_prediction
