@@ -142,16 +142,16 @@ def test_opening_removes_a_partial_save_before_it_returns(saved):
 @pytest.mark.slow
 @pytest.mark.xdist_group("tiny_run")  # beside the other users of the session's reference run
 def test_run_with_truncated_latest_checkpoint_falls_back_and_finishes(tiny_reference, tiny_run_shared, tmp_path):
-    """A whole run: its step-30 checkpoint truncated, the rerun restores 20, trains to 30 and ends bitwise
+    """A whole run: its step-20 checkpoint truncated, the rerun restores 10, trains to 20 and ends bitwise
     where the undamaged run ended (the session's reference run, tests/conftest.py: one process, two devices)."""
     reference, shared = tiny_reference, tiny_run_shared
     workdir = tmp_path / "damaged"
     shutil.copytree(reference / "checkpoints", workdir / "checkpoints")
-    _truncate_array_file(workdir / "checkpoints" / "30")
+    _truncate_array_file(workdir / "checkpoints" / "20")
     code, out = tiny_run.run(tiny_run.args(workdir, *shared), JAX_NUM_CPU_DEVICES="2")
     assert code == 0, out[-3000:]
-    assert "Checkpoint step 30 is unreadable (" in out
-    assert "Train state from workdir checkpoint (step 20)" in out
-    assert (workdir / "checkpoints" / "30.corrupt-1").is_dir()
+    assert "Checkpoint step 20 is unreadable (" in out
+    assert "Train state from workdir checkpoint (step 10)" in out
+    assert (workdir / "checkpoints" / "20.corrupt-1").is_dir()
     final = tiny_run.stored_state(workdir, tiny_run.TOTAL_STEPS)
     tiny_run.assert_states_equal(final, tiny_run.stored_state(reference, tiny_run.TOTAL_STEPS))

@@ -81,7 +81,7 @@ def test_local_rows_replace_unreadable_elements_alike_for_every_process_count():
 @pytest.mark.slow
 @pytest.mark.xdist_group("tiny_run")  # beside the other users of the session's reference runs
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_reference, tiny_reference_two_processes):
-    """2 processes x 1 device vs 1 process x 2 devices: same mesh, same global batches, 30 steps + final eval
+    """2 processes x 1 device vs 1 process x 2 devices: same mesh, same global batches, 20 steps + final eval
     (the session's two uninterrupted reference runs, tests/conftest.py; test_preemption resumes against them).
 
     Bitwise equal: the programs are the same and the only cross-device reduction (the gradient and metric

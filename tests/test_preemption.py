@@ -26,7 +26,7 @@ def shared(tiny_run_shared):
 
 @pytest.fixture(scope="module")
 def reference(tiny_reference):
-    """The session's uninterrupted 30-step run, one process with two CPU devices (tests/conftest.py)."""
+    """The session's uninterrupted 20-step run, one process with two CPU devices (tests/conftest.py)."""
     return tiny_reference
 
 

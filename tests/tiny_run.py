@@ -23,8 +23,9 @@ import orbax.checkpoint as ocp
 from tests import CPU_COMPILE_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
-TOTAL_STEPS = 30
+TOTAL_STEPS = 20
 EVERY = 10
+SAVED = list(range(EVERY, TOTAL_STEPS + 1, EVERY))  # the steps an uninterrupted run checkpoints
 
 CHILD = """
 import atexit, json, sys, time
