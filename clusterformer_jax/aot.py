@@ -70,6 +70,7 @@ _TOPOLOGY = flags.DEFINE_string(
 _PER_CHIP_BATCH = flags.DEFINE_integer("per_chip_batch", 0, "Train batch per chip (0: the config's batch_size).")
 _MAX_BATCH = flags.DEFINE_boolean("max_batch", False, "Also find the largest per-chip train batch that fits.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip to check against (0: the chip's published HBM).")
+_TRAIN = flags.DEFINE_boolean("train", True, "Compile the train step (false: the predict step alone).")
 _PREDICT = flags.DEFINE_boolean("predict", True, "Also compile the predict (eval) step.")
 _JSON = flags.DEFINE_string("json", "", "Write the report to this JSON file.")
 
@@ -350,8 +351,18 @@ def _row(name: str, r: dict[str, Any], hbm: float) -> str:
     return text
 
 
-def run(config: Any, topology_name: str, per_chip_batch: int, hbm_gib: float, predict: bool, max_batch: bool):
+def run(
+    config: Any,
+    topology_name: str,
+    per_chip_batch: int,
+    hbm_gib: float,
+    predict: bool,
+    max_batch: bool,
+    train: bool = True,
+):
     """The whole check; returns (report dict, exit code)."""
+    if not (train or predict):
+        raise ValueError("nothing to compile: --train=false needs --predict=true")
     if topology_name == "local":
         import jax
 
@@ -383,17 +394,18 @@ def run(config: Any, topology_name: str, per_chip_batch: int, hbm_gib: float, pr
         "chips": chips,
         "hbm_gib": check.hbm_gib,
         "dtype": config.model.kwargs.get("dtype"),
-        "train": check.train(per_chip_batch),
     }
     print(f"{topology.name} ({chips} x {check.chip.name}), model {config.model.name}, task {config.task}")
-    print(_row("train", report["train"], check.hbm_gib))
+    if train:
+        report["train"] = check.train(per_chip_batch)
+        print(_row("train", report["train"], check.hbm_gib))
     if predict:
         report["predict"] = check.predict()
         print(_row("predict", report["predict"], check.hbm_gib))
-    if max_batch:
+    if train and max_batch:
         report["max_per_chip_batch"], report["max_batch_compiled"] = check.max_batch(report["train"])
         print(f"largest per-chip train batch that fits: {report['max_per_chip_batch']}")
-    else:
+    elif train:
         side = "at least" if report["train"]["fits"] else "at most"
         bound = batch_bound(report["train"], check.hbm_gib)
         print(f"largest per-chip train batch that fits: {side} {bound} by this compile (--max_batch finds it)")
@@ -431,7 +443,13 @@ def main(argv: Sequence[str]) -> None:
     del argv
     try:
         report, code = run(
-            _CONFIG.value, _TOPOLOGY.value, _PER_CHIP_BATCH.value, _HBM_GIB.value, _PREDICT.value, _MAX_BATCH.value
+            _CONFIG.value,
+            _TOPOLOGY.value,
+            _PER_CHIP_BATCH.value,
+            _HBM_GIB.value,
+            _PREDICT.value,
+            _MAX_BATCH.value,
+            _TRAIN.value,
         )
     except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
