@@ -12,7 +12,6 @@ session start. The protos and the record framing are TensorBoard's own (``tensor
 from __future__ import annotations
 
 import os
-import re
 import socket
 import time
 from collections.abc import Mapping
@@ -110,7 +109,7 @@ class WorkdirWriter:
                 self._failed = True
                 good = self._ckpt.last_good_step()
                 last = f"the last good checkpoint is step {good}" if good is not None else "there is no checkpoint"
-                cause = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", one_line(e.__cause__ or e))
+                cause = one_line(e.__cause__ or e)
                 raise checkpointing.WorkdirWriteError(
                     f"writing the summaries (TensorBoard event file) in {self._workdir} failed after step "
                     f"{self._step} ({type(e.__cause__ or e).__name__}: {cause}); {last} (a rerun resumes from it): "
