@@ -1,11 +1,11 @@
 """The shared trainer on the dense tasks (instance segmentation on the small synthetic shapes, 8 virtual CPU
-devices): sharding invariance over several steps, a whole run with COCO eval and the predict command,
-init_from a classifier, images without objects, per-group learning-rate multipliers.
+devices): steps on the 2x4 data x fsdp mesh, a whole run with COCO eval and the predict command, init_from a
+classifier, images without objects, per-group learning-rate multipliers.
 
-Compiling the dense train step dominates this file, so it compiles each program once: the train steps of one
-device and of the 8-device 2x4 data x fsdp mesh in the module fixture (the latter is exactly the program the
-whole run compiles, served to it by the persistent compilation cache, as is its init), and the other tests
-reuse them or need no step.
+Compiling the dense train step dominates this file, so it compiles it once: the module fixture's step on the
+2x4 mesh is exactly the program the whole run compiles (served to it by the persistent compilation cache, as
+is its init), and the other tests reuse it or need no step. (Sharding invariance, one device against the 2x4
+mesh, is test_trainer's, on the classifier with every random op on.)
 """
 
 from __future__ import annotations
@@ -54,13 +54,6 @@ def _tree_pairs(a, b):
     return [(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b)]
 
 
-def _tree_pairs_with_paths(a, b):
-    leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
-    leaves_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
-    assert tree_a == tree_b
-    return [(jax.tree_util.keystr(p), np.asarray(x), np.asarray(y)) for (p, x), (_, y) in zip(leaves_a, leaves_b)]
-
-
 def _config(data_dir: str):
     """The shared tiny dense preset (tests/presets.py): a ClusterFormer-nano instance segmenter on the 64 px
     shapes, on the 2x4 data x fsdp mesh.
@@ -84,17 +77,14 @@ def _metrics(acc) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------------------
 # Several steps on different meshes.
 
-MESHES = {
-    "one_device": ({"data": 1, "fsdp": 1}, 1),
-    "data2_fsdp4": ({"data": 2, "fsdp": 4}, 8),
-}
+MESHES = {"data2_fsdp4": ({"data": 2, "fsdp": 4}, 8)}
 SHARDED_STEPS = 5
 
 
 @pytest.fixture(scope="module")
 def stepped(data_dir):
-    """{mesh name: (setup, compiled train step, final state, per-step metrics)} from the same initial state
-    and the same real train batches, plus 'initial' (host state), 'batches' and 'config'."""
+    """{mesh name: (setup, compiled train step, final state, per-step metrics)} on real train batches, plus
+    'initial' (host state), 'batches' and 'config'."""
     config = _config(data_dir)
     iterator = dense_pipeline.create_train_iterator(config.input, seed=config.seed, global_batch_size=BATCH)
     batches = [dict(b) for b in itertools.islice(iterator, SHARDED_STEPS)]
@@ -132,28 +122,25 @@ def test_real_batches_have_instances_and_fsdp_splits_decoder_kernels(stepped):
     assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 4}
 
 
-def test_eight_devices_data_and_fsdp_steps_match_single_device(stepped):
-    _, _, ref_state, ref_steps = stepped["one_device"]
+def test_sharded_steps_train_on_real_batches(stepped):
     _, _, state, steps = stepped["data2_fsdp4"]
     assert int(state.step) == SHARDED_STEPS
-    for got, want in zip(steps, ref_steps):
-        assert np.isfinite(got["loss"]) and got["num_targets"] == want["num_targets"] > 0
-        for key in ("loss", "loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
-        # The gradient norm sums ~10^5 squares in a mesh-dependent order; seen 7e-5 apart (74.0288 / 74.0234).
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=2e-4)
-    assert len({round(s["loss"], 3) for s in ref_steps}) > 1  # the steps really trained on different batches
-    for path, got, want in _tree_pairs_with_paths(state.params, ref_state.params):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg=path)
+    for metrics in steps:
+        assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]) and metrics["num_targets"] > 0
+        for key in ("loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
+            assert np.isfinite(metrics[key]) and metrics[key] > 0, key
+    assert len({round(s["loss"], 3) for s in steps}) > 1  # the steps really trained on different batches
+    moved = [not np.array_equal(got, want) for got, want in _tree_pairs(state.params, stepped["initial"].params)]
+    assert sum(moved) > 0.9 * len(moved)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Images without objects (the compiled one-device step, no new compile).
+# Images without objects (the fixture's compiled step, no new compile).
 
 
 @pytest.mark.parametrize("empty_rows", ["all", "first"])
 def test_images_without_objects_give_finite_loss_and_gradients(stepped, empty_rows):
-    setup, step_fn, _, _ = stepped["one_device"]
+    setup, step_fn, _, _ = stepped["data2_fsdp4"]
     batch = dict(stepped["batches"][0])
     valid = batch["instance_valid"].copy()
     if empty_rows == "all":
@@ -228,7 +215,7 @@ def _first_update(tx, grads, params):
 def unscaled_update(stepped):
     """(gradients, the reference optimizer's first update of them) for the multiplier cases: random gradients,
     but none for one backbone leaf, which then moves by weight decay alone (the multiplier scales that too)."""
-    reference_setup, _, _, _ = stepped["one_device"]
+    reference_setup, _, _, _ = stepped["data2_fsdp4"]
     params = stepped["initial"].params
     rng = np.random.default_rng(3)
     grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(p.dtype), params)
@@ -238,7 +225,7 @@ def unscaled_update(stepped):
 
 @pytest.mark.parametrize("factor", [0.1, 0.0])
 def test_backbone_lr_multiplier_scales_its_updates_and_weight_decay(stepped, unscaled_update, factor):
-    reference_setup, _, _, _ = stepped["one_device"]
+    reference_setup, _, _, _ = stepped["data2_fsdp4"]
     initial = stepped["initial"]
     config = stepped["config"].copy_and_resolve_references()
     assert config.optim.lr_multipliers.backbone == 1.0  # the reference has no multiplier stage
@@ -263,7 +250,7 @@ def test_backbone_lr_multiplier_scales_its_updates_and_weight_decay(stepped, uns
 def test_unknown_lr_multiplier_group_is_a_one_line_config_error(stepped):
     config = stepped["config"].copy_and_resolve_references()
     config.optim.lr_multipliers.neck = 0.5
-    mesh = stepped["one_device"][0].mesh
+    mesh = stepped["data2_fsdp4"][0].mesh
     with pytest.raises(ConfigError) as error:
         _build(config, mesh)
     message = str(error.value)

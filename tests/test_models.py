@@ -223,7 +223,7 @@ def test_affine_sigmoid_vjp_equals_autodiff():
 def test_em_remat_and_unroll_change_no_number():
     x = jnp.asarray(np.random.RandomState(9).randn(2, 8, 8, 12), jnp.float32)
     results = []
-    for remat, unroll in ((False, 1), (True, 1), (True, 2), (True, 3), (False, 3)):
+    for remat, unroll in ((False, 1), (True, 1), (True, 3)):  # rolled, rematted rolled and unrolled
         mixer = _mixer(12, 2, 2, head_dim=6, centers=(3, 3), em_remat=remat, em_unroll=unroll)
         params = mixer.init(jax.random.PRNGKey(0), x)
         loss = lambda p: jnp.sum(jnp.sin(mixer.apply(p, x)[0]))  # noqa: E731

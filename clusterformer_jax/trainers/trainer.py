@@ -34,8 +34,8 @@ from clusterformer_jax.tasks import registry as task_registry
 from clusterformer_jax.trainers import progress
 from clusterformer_jax.trainers.progress import StepClock
 from clusterformer_jax.trainers.restore import restore_or_init
-from clusterformer_jax.trainers.summaries import EventWriter, WorkdirWriter
 from clusterformer_jax.trainers.setup import Setup, TrainState, build, execution_fields
+from clusterformer_jax.trainers.summaries import EventWriter, WorkdirWriter
 
 DATASET_INFO_FILE = "dataset_info.json"  # the dataset's description, beside config.json
 RESULT_KEYS = ("steps", "seconds")  # plus the task's headline numbers (Task.summary)
