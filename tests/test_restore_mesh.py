@@ -15,9 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests import CPU_COMPILE_FLAGS, REPO, load_config
-
-INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}
+from tests import CPU_COMPILE_FLAGS, REPO, load_config, presets
 
 
 def restore_and_save(directory: str, out: str, mesh: dict, save_step: int, restore_steps: list[int]) -> dict:
@@ -31,7 +29,7 @@ def restore_and_save(directory: str, out: str, mesh: dict, save_step: int, resto
     config = load_config("quickstart.py")
     config.batch_size = 16
     config.sharding.fsdp_min_size = 1024
-    setup = build(config, sharding.create_mesh(mesh), INFO, total_steps=10, steps_per_epoch=1.0)
+    setup = build(config, sharding.create_mesh(mesh), presets.DIGITS_INFO, total_steps=10, steps_per_epoch=1.0)
     ckpt = checkpointing.Checkpointer(directory, async_save=False, max_to_keep=None)
     report = {"devices": jax.device_count(), "restored": {}}
     for step in restore_steps:
