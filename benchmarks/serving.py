@@ -40,11 +40,9 @@ def _size(path: str) -> int:
 
 def _make_run(root: str) -> str:
     """A quickstart workdir with freshly initialised weights, as training leaves it (config + a checkpoint)."""
-    import jax
-
-    from clusterformer_jax import checkpointing, sharding
+    from clusterformer_jax import checkpointing
     from clusterformer_jax.data import pipeline
-    from clusterformer_jax.trainers.setup import build
+    from clusterformer_jax.export import one_device_setup
     from tests import load_config
 
     config = load_config("quickstart.py")
@@ -56,8 +54,7 @@ def _make_run(root: str) -> str:
         f.write(config.to_json_best_effort(indent=2))
     with open(os.path.join(workdir, "dataset_info.json"), "w") as f:
         json.dump(info, f)
-    mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    setup = build(config, mesh, info, total_steps=1, steps_per_epoch=1.0)
+    setup = one_device_setup(config, info)
     ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir), async_save=False)
     ckpt.save(0, setup.init_state(0), force=True)
     ckpt.close()

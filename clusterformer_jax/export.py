@@ -107,6 +107,26 @@ def load_run(workdir: str) -> tuple[Any, dict[str, Any]]:
     return config, dict(task_registry.input_module(config).get_dataset_info(config.input))
 
 
+def one_device_setup(config: Any, dataset_info: dict[str, Any]) -> Any:
+    """The ``Setup`` a run's model is served and inspected in: one device, no schedule to speak of."""
+    import jax
+
+    from clusterformer_jax import sharding
+    from clusterformer_jax.trainers.setup import build
+
+    mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
+    return build(config, mesh, dataset_info, total_steps=1, steps_per_epoch=1.0)
+
+
+def restore_run(workdir: str) -> tuple[Any, dict[str, Any], Any, dict[str, Any]]:
+    """(config, dataset_info, one-device ``Setup``, variables of the latest checkpoint) of a training run's
+    workdir; the variables are restored into their shapes, the model is never initialised."""
+    config, dataset_info = load_run(workdir)
+    setup = one_device_setup(config, dataset_info)
+    variables, _ = load_variables(workdir, setup)
+    return config, dataset_info, setup, variables
+
+
 def load_variables(workdir: str, setup: Any) -> tuple[dict[str, Any], int]:
     """({'params'[, 'batch_stats']} of the run's latest checkpoint, its step)."""
     from clusterformer_jax import checkpointing
@@ -193,15 +213,12 @@ def export(
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from clusterformer_jax import sharding
     from clusterformer_jax.errors import ConfigError
-    from clusterformer_jax.trainers.setup import build
 
     config, dataset_info = load_run(workdir)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"--out {out!r} exists and is not an empty directory; pass a new directory")
-    mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-    setup = build(config, mesh, dataset_info, total_steps=1, steps_per_epoch=1.0)
+    setup = one_device_setup(config, dataset_info)
     if format not in FORMATS:
         raise ConfigError(f"--format={format!r} is not one of {', '.join(FORMATS)}")
     variables, step = load_variables(workdir, setup)

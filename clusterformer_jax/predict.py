@@ -148,14 +148,10 @@ class RunPredictor:
     def __init__(self, workdir: str, score_threshold: float = 0.3):
         import jax
 
-        from clusterformer_jax import export, sharding
+        from clusterformer_jax import export
         from clusterformer_jax.serving.inference import serving_apply
-        from clusterformer_jax.trainers.setup import build
 
-        self.config, self.dataset_info = export.load_run(workdir)
-        mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-        self.setup = build(self.config, mesh, self.dataset_info, total_steps=1, steps_per_epoch=1.0)
-        self.variables, _ = export.load_variables(workdir, self.setup)  # restored into their shapes: no init
+        self.config, self.dataset_info, self.setup, self.variables = export.restore_run(workdir)
         self.serving = self.setup.task.serving(self.config, self.dataset_info)
         self.serving.score_threshold = score_threshold
         self.transform = self.serving.preprocess.host_transform(self.config.input)

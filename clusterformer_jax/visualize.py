@@ -150,14 +150,9 @@ def load(workdir: str | None, init_from: str | None, name: str, size: int | None
     """(model, variables, image size, input config or None) from a workdir, a converted file, or a fresh init.
     A workdir's dataset facts come from its dataset_info.json when it has one (no dataset needed)."""
     if workdir:
-        from clusterformer_jax import sharding
-        from clusterformer_jax.export import load_run, load_variables
-        from clusterformer_jax.trainers.setup import build
+        from clusterformer_jax.export import restore_run
 
-        config, info = load_run(workdir)
-        mesh = sharding.create_mesh({"data": 1, "fsdp": 1}, jax.devices()[:1])
-        setup = build(config, mesh, info, total_steps=1, steps_per_epoch=1.0)
-        variables, _ = load_variables(workdir, setup)  # restored into their shapes: no init
+        config, info, setup, variables = restore_run(workdir)
         return setup.model, variables, size or int(config.input.get("image_size") or info["image_size"]), config.input
     size = size or (32 if name == "clusterformer_nano" else 224)
     if init_from:
