@@ -11,6 +11,10 @@ import ml_collections
 
 from tests import load_config
 
+# clusterformer_nano cut to one block per stage at width 8 and T = 2 EM iterations: every remat boundary, the
+# rolled EM scan and the group-chunk loop of the nano, compiling several times faster (the model tests whose
+# properties hold for any width and depth use it)
+NANO_CUT = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_heads=(1, 1, 1, 1), head_dim=4, num_iters=2)
 DIGITS_INFO = {"num_classes": 10, "num_train": 1437, "num_eval": 360, "image_size": 32}  # the prepared digits
 DENSE_BATCH = 8
 DENSE_STEPS = 6  # the whole dense run's length

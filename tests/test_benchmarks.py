@@ -14,12 +14,11 @@ import pytest
 
 from clusterformer_jax import runtime
 from clusterformer_jax.models.registry import create_model
-from tests import load_benchmark
+from tests import load_benchmark, presets
 
-# clusterformer_nano cut to one block per stage at width 8 and T = 2 EM iterations (compiles ~3x faster): still
-# a rolled EM scan whose body XLA counts once, and a stage 1 whose 4 KiB chunks (one group: 16 centers x 64
-# tokens x 4 bytes) make a loop, whatever the widths
-SMALL_NANO = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_heads=(1, 1, 1, 1), head_dim=4, num_iters=2)
+# the cut nano (tests/presets.py, compiles ~3x faster): still a rolled EM scan whose body XLA counts once, and a
+# stage 1 whose 4 KiB chunks (one group: 16 centers x 64 tokens x 4 bytes) make a loop, whatever the widths
+SMALL_NANO = presets.NANO_CUT
 
 
 @pytest.mark.slow

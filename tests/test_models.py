@@ -11,6 +11,7 @@ from clusterformer_jax.models import clustering, dispatch, em, kernels, layers, 
 from clusterformer_jax.models.clustering import MixerConfig
 from clusterformer_jax.models.clusterformer import ClusterFormerBackbone
 from clusterformer_jax.models.registry import create_backbone, create_model, list_models
+from tests import presets
 from tests import reference_numpy as ref
 
 
@@ -437,13 +438,8 @@ def test_registry_rejects_unknown_names_and_fields():
     } <= set(list_models())
 
 
-# clusterformer_nano cut to one block per stage at width 8, T = 2 (test_remat's and test_benchmarks' cut): the
-# properties below hold for any width and depth, and it compiles several times faster
-NANO_CUT = dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_heads=(1, 1, 1, 1), head_dim=4, num_iters=2)
-
-
 def test_drop_path_is_identity_in_eval_and_stochastic_in_train():
-    model = create_model("clusterformer_nano", drop_path_rate=0.5, layer_scale_init=1.0, **NANO_CUT)
+    model = create_model("clusterformer_nano", drop_path_rate=0.5, layer_scale_init=1.0, **presets.NANO_CUT)
     images = jnp.asarray(np.random.RandomState(0).rand(4, 32, 32, 3).astype(np.float32))
     variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)}, images)
     apply = jax.jit(lambda key: model.apply(variables, images, train=True, rngs={"dropout": key}))
@@ -455,8 +451,8 @@ def test_drop_path_is_identity_in_eval_and_stochastic_in_train():
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
     images = jnp.asarray(np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32))
-    f32 = create_model("clusterformer_nano", **NANO_CUT)
-    bf16 = create_model("clusterformer_nano", dtype="bfloat16", **NANO_CUT)
+    f32 = create_model("clusterformer_nano", **presets.NANO_CUT)
+    bf16 = create_model("clusterformer_nano", dtype="bfloat16", **presets.NANO_CUT)
     variables = jax.jit(f32.init)({"params": jax.random.PRNGKey(0)}, images)
     bf16_params = jax.eval_shape(bf16.init, {"params": jax.random.PRNGKey(0)}, images)
     assert {x.dtype for x in jax.tree_util.tree_leaves(bf16_params)} == {jnp.dtype(jnp.float32)}

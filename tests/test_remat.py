@@ -14,11 +14,12 @@ import pytest
 from clusterformer_jax import runtime
 from clusterformer_jax.models.registry import create_model, model_fields
 from clusterformer_jax.models.remat import remat
+from tests import presets
 
 SMALL = {  # every backbone family at a few thousand parameters; GroupMixFormer updates BatchNorm statistics
     # one block per stage (the nano's stage 3 has two), T = 2 EM iterations: each remat boundary and the EM
     # scan (rolled on the CPU, unrolled on accelerators) as in the nano, with ~20% less to trace and compile
-    "clusterformer_nano": dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_heads=(1, 1, 1, 1), head_dim=4, num_iters=2),
+    "clusterformer_nano": presets.NANO_CUT,
     "coc_tiny": dict(depths=(1, 1, 1, 1), dims=(8, 8, 8, 8), num_heads=(1, 1, 1, 1), head_dim=4),
     "paca_tiny": dict(
         depths=(1, 1, 2, 1),
